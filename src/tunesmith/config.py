@@ -1,0 +1,188 @@
+"""Typed run configuration: YAML file + `a.b=c` overrides, validated strictly at load.
+
+Every field carries a description; `tunesmith init` prints them as comments, so the schema is
+the documentation. Unknown keys are errors that name the closest valid key (a typo must never be
+silently ignored and leave a default in force).
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tunesmith.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Alias (see `tunesmith models list`), local HF directory, .gguf file or hub id.",
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the weights.")
+
+
+class DataSection(_Section):
+    train: str = Field("data/train.jsonl", description="Training file (JSONL or JSON).")
+    validation: str | None = Field(None, description="Validation file; None skips validation loss.")
+    format: Literal["auto", "messages", "alpaca"] = Field(
+        "auto", description="Record format; auto detects it from the first record's keys."
+    )
+    system_prompt: str | None = Field(
+        None, description="System message added to records that have none (None: template default)."
+    )
+    max_length: int = Field(512, gt=8, description="Longest tokenised example; longer ones are truncated.")
+
+
+class MethodSection(_Section):
+    name: Literal["lora"] = Field("lora", description="Fine-tuning method.")
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get adapters: 'all-linear' or a list of names."
+    )
+
+
+class TrainSection(_Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps > 0).")
+    max_steps: int = Field(0, ge=0, description="Optimizer steps to run; 0 derives them from epochs.")
+    batch_size: int = Field(4, gt=0, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables it.")
+    seed: int = Field(0, description="Seed for data order and adapter initialisation.")
+    log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
+    eval_every: int = Field(0, ge=0, description="Validation loss every N steps; 0: only at the end.")
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default.")
+
+
+class RunSection(_Section):
+    name: str | None = Field(None, description="Run directory name; None generates one from time.")
+    output_dir: str = Field("runs", description="Parent directory of run directories.")
+
+
+class Config(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    method: MethodSection = Field(default_factory=MethodSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    run: RunSection = Field(default_factory=RunSection)
+
+
+def _fields_at(path: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _type_name(err: dict) -> str:
+    kind = err["type"]
+    names = {"int_parsing": "an integer", "int_type": "an integer", "float_parsing": "a number",
+             "float_type": "a number", "bool_parsing": "true or false", "bool_type": "true or false",
+             "string_type": "a string", "literal_error": "one of the allowed values",
+             "greater_than": "a larger value", "dict_type": "a mapping", "list_type": "a list"}
+    return names.get(kind, kind)
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            valid = _fields_at(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else (
+                f"valid keys here: {', '.join(valid)}")
+            lines.append(f"  unknown key '{dotted}': {hint}")
+        else:
+            lines.append(f"  field '{dotted}': expected {_type_name(err)}, got {err.get('input')!r} ({err['msg']})")
+    return "\n".join(lines)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value (e.g. train.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML reads 1e-4 as a string (YAML 1.1 wants a dot); numbers typed on a command line are numbers.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def parse_config(data: dict | None, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or nothing: all defaults), apply overrides, validate."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (create one with `tunesmith init {path}`)")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections (model, data, ...)")
+    if overrides:
+        source += " + overrides"
+    return parse_config(apply_overrides(data, list(overrides or [])), source)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def commented_template(cfg: Config | None = None) -> str:
+    """YAML of every field with its description as a comment: the starter config."""
+    cfg = cfg or Config()
+    out = ["# tunesmith run config. Every key is optional; shown values are the defaults.",
+           "# Override any key on the command line: tunesmith train CONFIG train.lr=1e-4", ""]
+    for section_name, section_field in Config.model_fields.items():
+        section = getattr(cfg, section_name)
+        out.append(f"{section_name}:")
+        for name, field in type(section).model_fields.items():
+            value = yaml.safe_dump({name: getattr(section, name)}, default_flow_style=True).strip()[1:-1]
+            out.append(f"  # {field.description}")
+            out.append(f"  {value}")
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,42 @@
+"""Batches of encoded examples: length-grouped to waste little padding, seeded for reproducibility."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from tunesmith.data.tokenize import IGNORE, Encoded
+
+
+def epoch_batches(examples: list[Encoded], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Index lists for one epoch. Shuffled, then sorted by length within windows of 32 batches
+    so each batch holds similar lengths (little padding) while the order stays random."""
+    rng = random.Random(seed * 100003 + epoch)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    window = batch_size * 32
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: len(examples[i].input_ids))
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors; padding is excluded from attention and from the loss."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def trained_targets(labels: torch.Tensor) -> int:
+    """Number of tokens a batch trains on (targets are labels shifted left by one)."""
+    return int((labels[:, 1:] != IGNORE).sum())

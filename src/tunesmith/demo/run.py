@@ -1,0 +1,85 @@
+"""The demo (main job): generate the order->JSON task, evaluate the base model, fine-tune with
+LoRA, evaluate the tuned model, print and save the before -> after table."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from tunesmith.config import parse_config
+from tunesmith.demo.orders import FIELDS, SYSTEM, make_splits, write_splits
+from tunesmith.eval.json_fields import json_metrics
+from tunesmith.generation import generate, load_for_inference
+from tunesmith.models.registry import DEFAULT_MODEL
+from tunesmith.recipes.sft import run_sft
+from tunesmith.training.rundir import run_name
+
+METRICS = ("exact_match", "json_valid", "field_accuracy")
+
+
+def demo_config(model: str, data: dict[str, Path], output_dir: str, name: str, epochs: float) -> dict:
+    return {
+        "model": {"name": model},
+        "data": {"train": str(data["train"]), "validation": str(data["validation"]), "max_length": 256},
+        "method": {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
+        "train": {"epochs": epochs, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "schedule": "cosine",
+                  "seed": 0, "eval_every": 10},
+        "run": {"name": name, "output_dir": output_dir},
+    }
+
+
+def evaluate_json_task(spec, test_rows: list[dict], adapter: bool = True) -> tuple[dict, list[str]]:
+    im = load_for_inference(spec, adapter=adapter)
+    prompts = [row["messages"][:-1] for row in test_rows]
+    refs = [json.loads(row["messages"][-1]["content"]) for row in test_rows]
+    preds = generate(im, prompts, max_new_tokens=64, batch_size=20)
+    return json_metrics(preds, refs, FIELDS), preds
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'metric':<16}{'base':>8}{'tuned':>8}{'change':>9}"]
+    for m in METRICS:
+        b, t = result["base"][m], result["tuned"][m]
+        lines.append(f"{m:<16}{b:>8.1%}{t:>8.1%}{(t - b) * 100:>+8.1f}p")
+    return "\n".join(lines)
+
+
+def run_demo(model: str = DEFAULT_MODEL, output_dir: str = "runs", name: str | None = None,
+             train_size: int = 240, test_size: int = 60, epochs: float = 1.0) -> Path:
+    t0 = time.perf_counter()
+    name = run_name(name, prefix="demo")
+    data_dir = Path(output_dir) / f"{name}-data"
+    paths = write_splits(data_dir, make_splits(0, {"train": train_size, "validation": 24, "test": test_size}))
+    test_rows = [json.loads(line) for line in paths["test"].read_text().splitlines()]
+    cfg = parse_config(demo_config(model, paths, output_dir, name, epochs), "demo")
+    print(f"demo: order notes -> JSON, {train_size} train / 24 validation / {test_size} test rows in {data_dir}",
+          flush=True)
+
+    print("\n[1/3] evaluating the base model on the test split", flush=True)
+    base, base_preds = evaluate_json_task(model, test_rows)
+    print(f"      base: {base}", flush=True)
+
+    print("\n[2/3] fine-tuning with LoRA", flush=True)
+    run = run_sft(cfg)
+
+    print("\n[3/3] evaluating the tuned model on the test split", flush=True)
+    tuned, tuned_preds = evaluate_json_task(run, test_rows)
+    result = {"base": base, "tuned": tuned}
+
+    eval_dir = run / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    tmp = eval_dir / "compare.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, eval_dir / "compare.json")
+    with open(eval_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for row, b, t in zip(test_rows, base_preds, tuned_preds):
+            f.write(json.dumps({"note": row["messages"][1]["content"], "expected": row["messages"][-1]["content"],
+                                "base": b, "tuned": t}) + "\n")
+    print("\n" + format_table(result))
+    print(f"\nexample: {test_rows[0]['messages'][1]['content']}\n  base : {base_preds[0][:160]}\n"
+          f"  tuned: {tuned_preds[0]}")
+    print(f"\nsaved {eval_dir / 'compare.json'}; demo took {time.perf_counter() - t0:.0f} s")
+    print(f'try it: tunesmith generate {run} --system "{SYSTEM}" '
+          '--prompt "Order for Ana Diaz in Oslo: 2 x mug, color red. Send it express."')
+    return run

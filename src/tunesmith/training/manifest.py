@@ -1,0 +1,28 @@
+"""manifest.json: what is needed to reproduce a run and to trust where its numbers came from."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None
+
+
+def versions() -> dict:
+    return {pkg: _version(pkg) for pkg in ("tunesmith", "torch", "transformers", "peft")} | {
+        "python": platform.python_version()}
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
