@@ -1,7 +1,9 @@
 import pytest
 
 from conftest import build_tokenizer
-from tunesmith.data.formats import load_conversations, to_messages
+from tunesmith.data.dataset import load_examples
+from tunesmith.data.formats import normalise
+from tunesmith.data.records import Example
 from tunesmith.data.tokenize import IGNORE, encode_conversation, encode_dataset, render
 from tunesmith.errors import DataError
 
@@ -51,9 +53,10 @@ def test_template_without_eos_gets_one_trained(tiny_tokenizer):
 
 
 def test_alpaca_becomes_user_assistant(tiny_tokenizer):
-    msgs = to_messages({"instruction": "Sum", "input": "1 2", "output": "3"}, "alpaca", "f:1")
-    assert msgs == [{"role": "user", "content": "Sum\n\n1 2"}, {"role": "assistant", "content": "3"}]
-    msgs = to_messages({"instruction": "Hi", "output": "Hello"}, "alpaca", "f:1", system_prompt="S")
+    (ex,) = normalise({"instruction": "Sum", "input": "1 2", "output": "3"}, "alpaca", "f:1")
+    assert ex.messages == [{"role": "user", "content": "Sum\n\n1 2"}, {"role": "assistant", "content": "3"}]
+    (ex,) = normalise({"instruction": "Hi", "output": "Hello"}, "alpaca", "f:1", system_prompt="S")
+    msgs = ex.messages
     assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
     (run,) = trained_runs(encode_conversation(tiny_tokenizer, msgs, 512))
     assert tiny_tokenizer.decode(run) == "Hello" + tiny_tokenizer.eos_token
@@ -64,27 +67,28 @@ def test_truncation_keeps_prompt_and_drops_rows_with_nothing_left(tiny_tokenizer
     long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
     enc = encode_conversation(tiny_tokenizer, long_prompt, max_length=50)
     assert len(enc.input_ids) == 50 and enc.trained_tokens == 0
+    short, long_prompt = (Example("chat", "f:1", "messages", messages=m) for m in (short, long_prompt))
     kept = encode_dataset(tiny_tokenizer, [short, short, long_prompt], max_length=50)
     assert len(kept) == 2 and "dropped 1 rows" in capsys.readouterr().out
     with pytest.raises(DataError, match="no trained tokens left"):
         encode_dataset(tiny_tokenizer, [short, long_prompt, long_prompt], max_length=50)
 
 
-def test_load_conversations_detects_format_and_reports_line(tmp_path):
+def test_load_examples_detects_format_and_reports_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": "d"}\n')
-    convs, fmt = load_conversations(p)
-    assert fmt == "alpaca" and len(convs) == 2
+    res = load_examples(p)
+    assert dict(res.formats) == {"alpaca": 2} and len(res.examples) == 2
     p.write_text('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'
                  '{"messages": [{"role": "user", "content": "x"}\n')
     with pytest.raises(DataError, match=r"d.jsonl:2: malformed JSON"):
-        load_conversations(p)
+        load_examples(p)
     p.write_text('{"messages": [{"role": "user", "content": "x"}]}\n')
     with pytest.raises(DataError, match=r"d.jsonl:1: no assistant message"):
-        load_conversations(p)
-    p.write_text('{"text": "x"}\n')
+        load_examples(p)
+    p.write_text('{"body": "x"}\n')
     with pytest.raises(DataError, match=r"d.jsonl:1: cannot tell the format"):
-        load_conversations(p)
+        load_examples(p)
     p.write_bytes(b'{"instruction": "\xff", "output": "b"}\n')
     with pytest.raises(DataError, match=r"d.jsonl:1: not UTF-8"):
-        load_conversations(p)
+        load_examples(p)

@@ -11,7 +11,7 @@ import yaml
 from conftest import tiny_llama
 from tunesmith.config import load_config, parse_config
 from tunesmith.data.batching import collate
-from tunesmith.data.formats import load_conversations
+from tunesmith.data.dataset import load_examples
 from tunesmith.data.tokenize import encode_dataset
 from tunesmith.recipes.sft import run_sft
 from tunesmith.training.logging import read_metrics
@@ -27,8 +27,8 @@ def tiny_cfg(model_dir, data, out, **train):
 
 def test_loss_on_trained_positions_equals_transformers_loss(tiny_tokenizer, order_data):
     model = tiny_llama(len(tiny_tokenizer))
-    convs, _ = load_conversations(order_data["train"])
-    batch = collate(encode_dataset(tiny_tokenizer, convs[:5], 256), tiny_tokenizer.pad_token_id)
+    examples = load_examples(order_data["train"]).examples
+    batch = collate(encode_dataset(tiny_tokenizer, examples[:5], 256), tiny_tokenizer.pad_token_id)
     assert (batch["attention_mask"] == 0).any()  # lengths differ: padding is exercised
     loss_sum, n = sft_loss_sum(model, batch)
     assert n == int((batch["labels"][:, 1:] != -100).sum())

@@ -28,16 +28,36 @@ class ModelSection(_Section):
     trust_remote_code: bool = Field(False, description="Run model code shipped with the weights.")
 
 
+FormatName = Literal["auto", "messages", "sharegpt", "alpaca", "self_instruct", "prompt_completion", "text",
+                     "preference", "oasst"]
+
+
+class SourceSection(_Section):
+    path: str = Field(description="File, glob (data/*.jsonl.gz) or `datasets` save_to_disk directory.")
+    weight: float = Field(1.0, gt=0, description="Relative share of this source in the training mix.")
+    format: FormatName = Field("auto", description="Record format; auto detects it per record.")
+    columns: dict[str, str] = Field(default_factory=dict,
+                                    description="Canonical field -> column, e.g. {instruction: text, output: label}.")
+
+
 class DataSection(_Section):
-    train: str = Field("data/train.jsonl", description="Training file (JSONL or JSON).")
+    train: str | None = Field("data/train.jsonl", description="Training file, glob or directory (one source).")
+    sources: list[SourceSection] = Field(
+        default_factory=list, description="Several training sources mixed by weight (replaces data.train).")
     validation: str | None = Field(None, description="Validation file; None skips validation loss.")
-    format: Literal["auto", "messages", "alpaca"] = Field(
-        "auto", description="Record format; auto detects it from the first record's keys."
-    )
+    format: FormatName = Field("auto", description="Record format of data.train/validation; auto detects it.")
+    columns: dict[str, str] = Field(default_factory=dict,
+                                    description="Canonical field -> column for data.train/validation.")
+    template: Literal["chatml", "llama-3", "alpaca"] | None = Field(
+        None, description="Named chat template; None uses the tokenizer's own (chatml if it has none).")
+    train_on: Literal["all_assistant", "last_assistant", "all"] = Field(
+        "all_assistant", description="Trained tokens: every assistant turn, the last one, or all (prompts too).")
     system_prompt: str | None = Field(
         None, description="System message added to records that have none (None: template default)."
     )
     max_length: int = Field(512, gt=8, description="Longest tokenised example; longer ones are truncated.")
+    packing: bool = Field(False, description="Pack short examples into max_length sequences (no cross-attention).")
+    skip_invalid: bool = Field(False, description="Quarantine invalid rows (file.quarantine.jsonl) instead of stopping.")
 
 
 class MethodSection(_Section):

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from tunesmith.config import Config, dump_config
-from tunesmith.data.formats import load_conversations
-from tunesmith.data.tokenize import encode_dataset, ensure_chat_template
+from tunesmith.data.dataset import load_examples
+from tunesmith.data.templates import apply_template
+from tunesmith.data.tokenize import encode_dataset
 from tunesmith.methods import apply_method, count_parameters
 from tunesmith.models.load import load_model, load_tokenizer
 from tunesmith.models.registry import resolve_model, sha256_file
@@ -20,6 +21,25 @@ from tunesmith.training.loop import total_steps, train
 from tunesmith.training.losses import sft_loss_sum
 from tunesmith.training.manifest import now_iso, versions, write_json
 from tunesmith.training.rundir import run_name, staged_run_dir
+
+
+def load_split(cfg: Config, spec: str):
+    return load_examples(spec, cfg.data.format, cfg.data.columns, cfg.data.system_prompt, cfg.data.skip_invalid)
+
+
+def load_training_examples(cfg: Config):
+    if not cfg.data.sources:
+        return load_split(cfg, cfg.data.train)
+    from tunesmith.data.mix import load_mixture
+
+    return load_mixture(cfg.data.sources, cfg.data.system_prompt, cfg.data.skip_invalid, cfg.train.seed)
+
+
+def data_files_of(cfg: Config) -> list[Path]:
+    from tunesmith.data.sources import expand_source
+
+    specs = [s.path for s in cfg.data.sources] or [cfg.data.train]
+    return [f for spec in [*specs, cfg.data.validation] if spec for f in expand_source(spec)]
 
 
 def run_sft(cfg: Config) -> Path:
@@ -32,15 +52,17 @@ def run_sft(cfg: Config) -> Path:
     # --- setup: model, tokenizer, data -----------------------------------------------------
     resolved = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(resolved.path)
-    ensure_chat_template(tokenizer)
-    train_convs, fmt = load_conversations(cfg.data.train, cfg.data.format, cfg.data.system_prompt)
-    train_set = encode_dataset(tokenizer, train_convs, cfg.data.max_length, cfg.data.train)
+    template = apply_template(tokenizer, cfg.data.template)
+    train_data = load_training_examples(cfg)
+    train_set = encode_dataset(tokenizer, train_data.examples, cfg.data.max_length, "training data",
+                               cfg.data.train_on)
     val_set = None
     if cfg.data.validation:
-        val_convs, _ = load_conversations(cfg.data.validation, cfg.data.format, cfg.data.system_prompt)
-        val_set = encode_dataset(tokenizer, val_convs, cfg.data.max_length, cfg.data.validation)
-    print(f"data: {len(train_set)} training examples ({fmt} format)"
-          + (f", {len(val_set)} validation" if val_set else ""), flush=True)
+        val_data = load_split(cfg, cfg.data.validation)
+        val_set = encode_dataset(tokenizer, val_data.examples, cfg.data.max_length, cfg.data.validation,
+                                 cfg.data.train_on)
+    print(f"data: training {train_data.describe()}" + (f"; validation {len(val_set)}" if val_set else "")
+          + f"; chat template: {template}", flush=True)
 
     model = load_model(resolved.path, trust_remote_code=cfg.model.trust_remote_code)
     model = apply_method(model, cfg.method)
@@ -64,12 +86,13 @@ def run_sft(cfg: Config) -> Path:
         model.save_pretrained(tmp / "adapter")
         tokenizer.save_pretrained(tmp / "tokenizer")  # includes the chat template used in training
         plot_loss(tmp / "metrics.jsonl", tmp / "loss.png")
-        data_files = {p: sha256_file(Path(p)) for p in (cfg.data.train, cfg.data.validation) if p}
+        data_files = {str(p): sha256_file(p) for p in data_files_of(cfg)}
         write_json(tmp / "manifest.json", {
             "kind": "sft", "run_name": name, "versions": versions(),
             "model": {"id": resolved.id, "source": resolved.source, "path": str(resolved.path),
                       "sha256": resolved.sha256},
-            "data": {"format": fmt, "files_sha256": data_files, "train_examples": len(train_set),
+            "data": {"formats": dict(train_data.formats), "chat_template": template,
+                     "invalid_rows": len(train_data.invalid), "files_sha256": data_files, "train_examples": len(train_set),
                      "validation_examples": len(val_set or [])},
             "method": cfg.method.name, "parameters": {"trainable": trainable, "total": total},
             "seed": tcfg.seed, "started": started, "finished": now_iso(),
