@@ -55,3 +55,23 @@ def test_chat_keeps_history_and_quits_on_empty_line(tiny_run, monkeypatch, capsy
 def test_generate_on_missing_run_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "not a model directory" in capsys.readouterr().err
+
+
+def test_named_template_and_eos_travel_with_the_run(tiny_model_dir, tmp_path):
+    from conftest import write_jsonl
+    from tunesmith.data.templates import ALPACA
+    from tunesmith.demo.orders import make_splits
+
+    train = write_jsonl(tmp_path / "train.jsonl", make_splits(8, {"train": 4})["train"])
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"data.train={train}", f"run.output_dir={tmp_path}",
+                             "run.name=alp", "train.max_steps=1", "data.template=alpaca"])
+    run = run_sft(cfg)
+    assert (run / "tokenizer" / "chat_template.jinja").read_text() == ALPACA
+    im = load_for_inference(run)
+    assert im.tokenizer.chat_template == ALPACA
+    text = im.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                            add_generation_prompt=True)
+    assert text == "### Instruction:\nhi\n\n### Response:\n"
+    import json
+
+    assert json.loads((run / "manifest.json").read_text())["data"]["chat_template"] == "alpaca"

@@ -24,11 +24,32 @@ def cmd_init(path: str, template: str, force: bool) -> int:
     return 0
 
 
-def cmd_train(config: str, overrides: list[str]) -> int:
+def cmd_train(config: str, overrides: list[str], skip_invalid: bool = False) -> int:
     from tunesmith.config import load_config
     from tunesmith.recipes.sft import run_sft
 
-    run_sft(load_config(config, overrides))
+    run_sft(load_config(config, [*overrides, *(["data.skip_invalid=true"] if skip_invalid else [])]))
+    return 0
+
+
+def cmd_runs_list(dir: str) -> int:
+    from tunesmith.runs import list_runs
+
+    print(list_runs(Path(dir)))
+    return 0
+
+
+def cmd_runs_show(run: str) -> int:
+    from tunesmith.runs import show_run
+
+    print(show_run(Path(run)))
+    return 0
+
+
+def cmd_runs_compare(runs: list[str], plot: str | None) -> int:
+    from tunesmith.runs import compare_runs
+
+    print(compare_runs([Path(r) for r in runs], Path(plot) if plot else None))
     return 0
 
 
@@ -85,6 +106,64 @@ def cmd_demo(model: str, output_dir: str, name: str | None, train_size: int, epo
     return 0
 
 
+def cmd_data_inspect(path: str, model: str, max_length: int, format: str, columns: list[str],
+                     near_dup_threshold: float, eval: list[str], ngram: int, train_on: str, template: str | None,
+                     skip_invalid: bool, json: str | None, plot: str | None, workers: int) -> int:
+    from tunesmith.data.inspect import InspectOptions, parse_columns, run_inspect
+
+    opts = InspectOptions(model=model, max_length=max_length, format=format, columns=parse_columns(columns),
+                          train_on=train_on, template=template, near_dup_threshold=near_dup_threshold,
+                          eval_files=eval, ngram=ngram, skip_invalid=skip_invalid, workers=workers)
+    run_inspect(path, opts, json_out=json, plot_out=plot)
+    return 0
+
+
+def cmd_data_prepare(config: str, overrides: list[str]) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.data.prepare import run_prepare
+
+    run_prepare(load_config(config, overrides))
+    return 0
+
+
+def _data_commands(sub) -> None:
+    from typing import get_args
+
+    from tunesmith.config import DataSection, FormatName, PrepareSection
+    from tunesmith.models.registry import DEFAULT_MODEL
+
+    dsub = sub.add_parser("data", help="data: inspect a data file, prepare clean splits").add_subparsers(
+        dest="data_command", required=True)
+    s = dsub.add_parser("inspect", help="report formats, invalid rows, duplicates, token lengths, PII, contamination")
+    s.add_argument("path", help="data file or glob")
+    s.add_argument("--model", default=DEFAULT_MODEL, help="model whose tokenizer and chat template measure lengths")
+    s.add_argument("--max-length", type=int, default=DataSection.model_fields["max_length"].default,
+                   help="tokens kept per example in training; longer rows are reported as truncated")
+    s.add_argument("--format", default="auto", choices=get_args(FormatName))
+    s.add_argument("--columns", nargs="+", action="extend", default=[], metavar="FIELD=COLUMN",
+                   help="map columns to a format's fields, e.g. instruction=question output=answer")
+    prepare = PrepareSection.model_fields
+    s.add_argument("--near-dup-threshold", type=float, default=prepare["near_dup_threshold"].default,
+                   help="MinHash Jaccard similarity above which two rows are near-duplicates")
+    s.add_argument("--eval", nargs="+", action="extend", default=[], metavar="FILE",
+                   help="eval files to check for contamination (word n-gram overlap)")
+    s.add_argument("--ngram", type=int, default=prepare["contamination_ngram"].default,
+                   help="words per n-gram for the contamination check")
+    s.add_argument("--train-on", default="all_assistant", choices=["all_assistant", "last_assistant", "all"])
+    s.add_argument("--template", default=None, choices=["chatml", "llama-3", "alpaca"],
+                   help="named chat template (default: the tokenizer's own)")
+    s.add_argument("--skip-invalid", action="store_true", help="list invalid rows and go on instead of stopping")
+    s.add_argument("--json", default=None, metavar="OUT", help="write the full report as JSON")
+    s.add_argument("--plot", default=None, metavar="OUT.png", help="write a token-length histogram")
+    s.add_argument("--workers", type=int, default=0, help="processes for tokenising and hashing (0: all cores)")
+    s.set_defaults(fn=cmd_data_inspect)
+
+    s = dsub.add_parser("prepare", help="split, clean and write train/validation/test: tunesmith data prepare CONFIG")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", help="e.g. prepare.seed=1 prepare.dedup=exact")
+    s.set_defaults(fn=cmd_data_prepare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tunesmith import __version__
     from tunesmith.models.registry import DEFAULT_MODEL
@@ -102,7 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train from a config: tunesmith train CONFIG [key.sub=value ...]")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", help="e.g. train.lr=1e-4 method.r=8")
+    s.add_argument("--skip-invalid", action="store_true",
+                   help="quarantine invalid data rows (DATA.quarantine.jsonl) instead of stopping at the first")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("runs", help="runs: list, show and compare run directories")
+    rsub = s.add_subparsers(dest="runs_command", required=True)
+    r = rsub.add_parser("list", help="finished runs under a directory")
+    r.add_argument("--dir", default="runs")
+    r.set_defaults(fn=cmd_runs_list)
+    r = rsub.add_parser("show", help="one run: summary, data, versions, eval results")
+    r.add_argument("run")
+    r.set_defaults(fn=cmd_runs_show)
+    r = rsub.add_parser("compare", help="runs side by side, config differences, overlaid loss curves")
+    r.add_argument("runs", nargs="+")
+    r.add_argument("--plot", default=None, help="write overlaid loss curves to this PNG")
+    r.set_defaults(fn=cmd_runs_compare)
 
     s = sub.add_parser("models", help="models: list aliases and the conversion cache")
     msub = s.add_subparsers(dest="models_command", required=True)
@@ -127,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-size", type=int, default=240)
     s.add_argument("--epochs", type=float, default=1.0)
     s.set_defaults(fn=cmd_demo)
+
+    _data_commands(sub)
     return p
 
 
@@ -148,11 +244,23 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: staged run folders are removed
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # argparse ends a nargs="*" positional at the first flag, so in `train C --skip-invalid a.b=1`
+    # the override after the flag comes back unparsed; it is still an override.
+    if rest and isinstance(getattr(args, "overrides", None), list) and not any(r.startswith("-") for r in rest):
+        args.overrides += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     quiet_upstream()
     signal.signal(signal.SIGTERM, _interrupt)
-    kwargs = {k: v for k, v in vars(args).items() if k not in {"fn", "command", "models_command"}}
+    kwargs = {k: v for k, v in vars(args).items() if k != "fn" and k != "command" and not k.endswith("_command")}
     try:
         return args.fn(**kwargs)
     except TunesmithError as exc:

@@ -56,18 +56,28 @@ class DataSection(_Section):
         None, description="System message added to records that have none (None: template default)."
     )
     max_length: int = Field(512, gt=8, description="Longest tokenised example; longer ones are truncated.")
-    packing: bool = Field(False, description="Pack short examples into max_length sequences (no cross-attention).")
+    packing: bool = Field(False, description="Pack short examples into max_length sequences (no cross-attention); "
+                                             "train.batch_size then counts packed sequences.")
     skip_invalid: bool = Field(False, description="Quarantine invalid rows (file.quarantine.jsonl) instead of stopping.")
 
 
 class MethodSection(_Section):
-    name: Literal["lora"] = Field("lora", description="Fine-tuning method.")
-    r: int = Field(16, gt=0, description="LoRA rank.")
+    name: Literal["full", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "selective"] = Field(
+        "lora", description="Fine-tuning method (see `tunesmith methods`).")
+    r: int = Field(16, gt=0, description="LoRA/DoRA/QLoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
     target_modules: str | list[str] = Field(
         "all-linear", description="Modules that get adapters: 'all-linear' or a list of names."
     )
+    num_virtual_tokens: int = Field(16, gt=0, description="Virtual tokens for prefix and prompt tuning.")
+    trainable: list[str] = Field(
+        default_factory=lambda: ["norm", "bias"],
+        description="selective: parameters to train, by name fragment ('norm', 'bias', 'layers.29.').")
+    quant_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="qlora: compute dtype of the 4-bit layers (auto: bf16 on GPU, fp32 on CPU).")
+    double_quant: bool = Field(True, description="qlora: also quantize the quantization constants.")
 
 
 class TrainSection(_Section):
@@ -84,11 +94,38 @@ class TrainSection(_Section):
     log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps; 0: only at the end.")
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default.")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Also log to these (written inside the run directory, offline).")
 
 
 class RunSection(_Section):
     name: str | None = Field(None, description="Run directory name; None generates one from time.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
+
+
+class PrepareSection(_Section):
+    """`tunesmith data prepare`: split data.train, clean each split, write train/validation/test."""
+
+    output_dir: str = Field("data/prepared", description="Directory for train/validation/test.jsonl and the report.")
+    validation_fraction: float = Field(0.05, ge=0, lt=1, description="Share of rows held out for validation.")
+    test_fraction: float = Field(0.05, ge=0, lt=1, description="Share of rows held out for test.")
+    seed: int = Field(0, description="Seed of the split (made before any cleaning, so cleaning cannot move rows).")
+    dedup: Literal["near", "exact", "none"] = Field(
+        "near", description="exact: drop copies (case/whitespace folded); near: also MinHash near-duplicates; "
+                            "none. Across splits the train copy is the one dropped.")
+    near_dup_threshold: float = Field(0.85, gt=0, le=1, description="Jaccard similarity of word shingles "
+                                                                    "at which two rows are near-duplicates.")
+    shingle_words: int = Field(3, gt=0, description="Words per shingle for near-duplicate detection.")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations: more is more accurate and slower.")
+    pii: Literal["keep", "redact", "drop"] = Field(
+        "redact", description="Rows with emails, phones, card numbers or secrets: keep, redact the spans, or drop.")
+    min_tokens: int | None = Field(None, gt=0, description="Drop rows shorter than this many tokens (None: no limit).")
+    max_tokens: int | None = Field(None, gt=0, description="Drop rows longer than this many tokens instead of "
+                                                           "truncating them (None: no limit).")
+    contamination_eval: list[str] = Field(
+        default_factory=list, description="Eval files: training rows sharing a word n-gram with them are removed.")
+    contamination_ngram: int = Field(13, gt=0, description="Words per n-gram for the contamination check.")
+    workers: int = Field(0, ge=0, description="Processes for tokenising and hashing; 0 uses every core.")
 
 
 class Config(_Section):
@@ -97,6 +134,7 @@ class Config(_Section):
     method: MethodSection = Field(default_factory=MethodSection)
     train: TrainSection = Field(default_factory=TrainSection)
     run: RunSection = Field(default_factory=RunSection)
+    prepare: PrepareSection = Field(default_factory=PrepareSection)
 
 
 def _fields_at(path: tuple[Any, ...]) -> list[str]:

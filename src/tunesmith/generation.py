@@ -22,24 +22,38 @@ class InferenceModel:
 
 def is_run_dir(path: str | Path) -> bool:
     p = Path(path)
-    return (p / "manifest.json").is_file() and (p / "adapter" / "adapter_config.json").is_file()
+    return (p / "manifest.json").is_file() and (
+        (p / "adapter" / "adapter_config.json").is_file() or (p / "model" / "config.json").is_file())
+
+
+def _load_run(run: Path, adapter: bool):
+    """Base model loaded the way it was trained (QLoRA: 4-bit) plus the run's adapter, or the run's
+    whole model for methods that train the weights themselves."""
+    import yaml
+
+    from tunesmith.config import parse_config
+    from tunesmith.methods import get_method
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    cfg = parse_config(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
+    base = manifest["model"]
+    tokenizer = load_tokenizer(run / "tokenizer")
+    if adapter and (run / "model" / "config.json").is_file():
+        return load_model(run / "model"), tokenizer, run.name
+    path = Path(base["path"]) if Path(base["path"]).is_dir() else resolve_model(base["id"]).path
+    model = load_model(path, **get_method(cfg.method.name).load_kwargs(cfg.method))
+    if adapter:
+        return attach_adapter(model, run / "adapter"), tokenizer, run.name
+    return model, tokenizer, f"{base['id']} (base of {run.name})"
 
 
 def load_for_inference(spec: str | Path, adapter: bool = True) -> InferenceModel:
     """A run directory (base model + its adapter + the tokenizer/template it trained with), or a
     model spec (alias, directory, GGUF, hub id). adapter=False loads a run's base model only."""
     if is_run_dir(spec):
-        run = Path(spec)
-        manifest = json.loads((run / "manifest.json").read_text())
-        base = manifest["model"]
-        path = Path(base["path"]) if Path(base["path"]).is_dir() else resolve_model(base["id"]).path
-        tokenizer = load_tokenizer(run / "tokenizer")
-        model = load_model(path)
-        if adapter:
-            model = attach_adapter(model, run / "adapter")
-        label = f"{run.name}" if adapter else f"{base['id']} (base of {run.name})"
-    elif Path(spec).exists() and Path(spec).is_dir() and (Path(spec) / "manifest.json").is_file():
-        raise ModelError(f"{spec} looks like a run directory but has no adapter/ (was the run finished?)")
+        model, tokenizer, label = _load_run(Path(spec), adapter)
+    elif Path(spec).is_dir() and (Path(spec) / "manifest.json").is_file():
+        raise ModelError(f"{spec} looks like a run directory but holds no adapter/ or model/ (did the run finish?)")
     else:
         resolved = resolve_model(str(spec))
         tokenizer, model, label = load_tokenizer(resolved.path), load_model(resolved.path), resolved.id

@@ -1,14 +1,17 @@
-"""Batches of encoded examples: length-grouped to waste little padding, seeded for reproducibility."""
+"""Batches of encoded examples or packed rows: length-grouped to waste little padding, seeded for
+reproducibility."""
 from __future__ import annotations
 
 import random
 
 import torch
 
+from tunesmith.data.pack import PackedRow, collate_packed
 from tunesmith.data.tokenize import IGNORE, Encoded
 
 
-def epoch_batches(examples: list[Encoded], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(examples: list[Encoded] | list[PackedRow], batch_size: int, seed: int,
+                  epoch: int) -> list[list[int]]:
     """Index lists for one epoch. Shuffled, then sorted by length within windows of 32 batches
     so each batch holds similar lengths (little padding) while the order stays random."""
     rng = random.Random(seed * 100003 + epoch)
@@ -23,8 +26,10 @@ def epoch_batches(examples: list[Encoded], batch_size: int, seed: int, epoch: in
     return batches
 
 
-def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list[Encoded] | list[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded tensors; padding is excluded from attention and from the loss."""
+    if isinstance(examples[0], PackedRow):
+        return collate_packed(examples, pad_id)
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -38,5 +43,6 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def trained_targets(labels: torch.Tensor) -> int:
-    """Number of tokens a batch trains on (targets are labels shifted left by one)."""
+    """Number of tokens a batch trains on (targets are labels shifted left by one). Packed rows
+    count right too: the label at each example boundary is IGNORE (data/pack.py)."""
     return int((labels[:, 1:] != IGNORE).sum())

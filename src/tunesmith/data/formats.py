@@ -78,8 +78,9 @@ def _alpaca_messages(instruction: str, extra: str, output: str, system: str | No
 
 
 def from_alpaca(r: dict, where: str) -> list[Example]:
+    system = _text(r["system"], where, "system") if r.get("system") is not None else None
     msgs = _alpaca_messages(_text(r["instruction"], where, "instruction"), _text(r.get("input") or "", where, "input"),
-                            _text(r["output"], where, "output"), r.get("system"))
+                            _text(r["output"], where, "output"), system)
     return [Example("chat", where, "alpaca", messages=msgs)]
 
 
@@ -182,8 +183,8 @@ def map_columns(record: dict, columns: dict[str, str], where: str) -> dict:
         return record
     missing = [src for src in columns.values() if src not in record]
     if missing:
-        raise DataError(f"{where}: column(s) {missing} named in data.columns are missing; "
-                        f"the record has {sorted(record)}")
+        raise DataError(f"{where}: column(s) {missing} named in data.columns are missing; the record has "
+                        f"columns {sorted(record)}; fix data.columns (canonical field -> column in the file)")
     mapped = {k: v for k, v in record.items() if k not in columns.values()}
     mapped.update({canon: record[src] for canon, src in columns.items()})
     return mapped
@@ -228,6 +229,20 @@ def normalise(record: dict, fmt: str, where: str, columns: dict[str, str] | None
     return examples
 
 
+def check_tree_row(r: dict, where: str) -> None:
+    """An OpenAssistant row fit to link into a tree (ids that can be looked up, a comparable rank)."""
+    missing = [k for k in ("message_id", "parent_id", "role", "text") if k not in r]
+    if missing:
+        raise DataError(f"{where}: an oasst row needs message_id, parent_id, role and text; {missing} missing")
+    _text(r["message_id"], where, "message_id")
+    if r["parent_id"] is not None:
+        _text(r["parent_id"], where, "parent_id")
+    _text(r["role"], where, "role")
+    _text(r["text"], where, "text")
+    if r.get("rank") is not None and (isinstance(r["rank"], bool) or not isinstance(r["rank"], (int, float))):
+        raise DataError(f"{where}: field 'rank' must be a number or null, got {type(r['rank']).__name__}")
+
+
 def oasst_conversations(rows: list[tuple[str, dict]], best_only: bool = True) -> list[Example]:
     """Rebuild OpenAssistant trees (message_id/parent_id/role/rank) into conversations: one per
     path from a root prompt to a leaf, following the best-ranked replies when best_only."""
@@ -245,8 +260,12 @@ def oasst_conversations(rows: list[tuple[str, dict]], best_only: bool = True) ->
         kids = sorted(children.get(mid, []), key=lambda k: (by_id[k][1].get("rank") is None, by_id[k][1].get("rank") or 0))
         if best_only:
             kids = kids[:1]
-        if not kids and path[-1]["role"] == "assistant":
-            out.append(Example("chat", where, "oasst", messages=path))
+        if not kids:
+            # A path that ends on an unanswered prompt still teaches every reply before it.
+            while path and path[-1]["role"] != "assistant":
+                path = path[:-1]
+            if path:
+                out.append(Example("chat", where, "oasst", messages=path))
         for k in kids:
             walk(k, path, where)
 

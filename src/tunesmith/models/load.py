@@ -19,11 +19,12 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **kwargs):
+    """kwargs go to from_pretrained (e.g. quantization_config from a method's load_kwargs)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs)
     model.config.use_cache = False
     return model
 
@@ -42,3 +43,29 @@ def decoder_and_head(model):
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
+
+
+@torch.no_grad()
+def check_packing_isolates(model) -> None:
+    """Packed rows (data/pack.py) rely on transformers turning position_ids that restart at 0 into
+    a per-example causal mask (masking_utils.find_packed_sequence_indices), which it does only with
+    attention_mask=None and no KV cache, and only in models built on masking_utils. Check it on
+    the model about to be trained: a path that skips it would let examples attend to each other
+    without any error, so run two examples packed and the second alone and compare."""
+    decoder, _ = decoder_and_head(model)
+    param = next(decoder.parameters())
+    ids = torch.arange(3, 12, device=param.device) % decoder.get_input_embeddings().num_embeddings
+    positions = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4], device=param.device)
+    was_training = model.training
+    model.eval()  # dropout would make the two passes differ for no reason
+    try:
+        packed = decoder(input_ids=ids[None], position_ids=positions[None], use_cache=False).last_hidden_state
+        alone = decoder(input_ids=ids[None, 4:], use_cache=False).last_hidden_state
+    finally:
+        model.train(was_training)
+    diff = float((packed[0, 4:] - alone[0]).abs().max())
+    tolerance = (1e-3 if param.dtype == torch.float32 else 3e-2) * float(alone.abs().max())
+    if not diff <= tolerance:
+        impl = getattr(decoder.config, "_attn_implementation", "?")
+        raise ModelError(f"data.packing: this model (attention implementation '{impl}') lets packed examples "
+                         f"attend to each other (hidden states differ by {diff:.3g}); set data.packing=false")

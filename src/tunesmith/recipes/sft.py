@@ -11,14 +11,16 @@ import torch
 
 from tunesmith.config import Config, dump_config
 from tunesmith.data.dataset import load_examples
+from tunesmith.data.pack import describe_packing, pack_examples
 from tunesmith.data.templates import apply_template
 from tunesmith.data.tokenize import encode_dataset
-from tunesmith.methods import apply_method, count_parameters
-from tunesmith.models.load import load_model, load_tokenizer
+from tunesmith.methods import count_parameters, get_method, save_trained
+from tunesmith.models.load import check_packing_isolates, load_model, load_tokenizer
 from tunesmith.models.registry import resolve_model, sha256_file
 from tunesmith.training.logging import MetricsLogger, plot_loss
 from tunesmith.training.loop import total_steps, train
 from tunesmith.training.losses import sft_loss_sum
+from tunesmith.training.trackers import Trackers
 from tunesmith.training.manifest import now_iso, versions, write_json
 from tunesmith.training.rundir import run_name, staged_run_dir
 
@@ -40,6 +42,16 @@ def data_files_of(cfg: Config) -> list[Path]:
 
     specs = [s.path for s in cfg.data.sources] or [cfg.data.train]
     return [f for spec in [*specs, cfg.data.validation] if spec for f in expand_source(spec)]
+
+
+def packed_if_asked(cfg: Config, model, train_set, val_set):
+    """What the loop batches: the encoded examples, or with data.packing rows packed from them."""
+    if not cfg.data.packing:
+        return train_set, val_set
+    check_packing_isolates(model)
+    rows = pack_examples(train_set, cfg.data.max_length)
+    print(describe_packing(train_set, rows, cfg.data.max_length), flush=True)
+    return rows, val_set and pack_examples(val_set, cfg.data.max_length)
 
 
 def run_sft(cfg: Config) -> Path:
@@ -64,11 +76,13 @@ def run_sft(cfg: Config) -> Path:
     print(f"data: training {train_data.describe()}" + (f"; validation {len(val_set)}" if val_set else "")
           + f"; chat template: {template}", flush=True)
 
-    model = load_model(resolved.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = apply_method(model, cfg.method)
+    method = get_method(cfg.method.name)
+    model = load_model(resolved.path, trust_remote_code=cfg.model.trust_remote_code, **method.load_kwargs(cfg.method))
+    model = method.build(model, cfg.method)
     trainable, total = count_parameters(model)
     print(f"model: {resolved.id}  method: {cfg.method.name}  trainable {trainable:,} of {total:,} "
           f"parameters ({100 * trainable / total:.2f}%)", flush=True)
+    train_items, val_items = packed_if_asked(cfg, model, train_set, val_set)
 
     name = run_name(cfg.run.name)
     resolved_cfg = cfg.model_copy(deep=True)
@@ -76,14 +90,15 @@ def run_sft(cfg: Config) -> Path:
     with staged_run_dir(cfg.run.output_dir, name) as tmp:
         (tmp / "config.yaml").write_text(dump_config(resolved_cfg), encoding="utf-8")
         # --- train ---------------------------------------------------------------------------
-        steps = total_steps(len(train_set), tcfg)
-        logger = MetricsLogger(tmp / "metrics.jsonl", steps)
+        steps = total_steps(len(train_items), tcfg)
+        trackers = Trackers(tcfg.trackers, tmp, name, resolved_cfg.model_dump(mode="json")) if tcfg.trackers else None
+        logger = MetricsLogger(tmp / "metrics.jsonl", steps, trackers=trackers)
         try:
-            result = train(model, train_set, tcfg, sft_loss_sum, tokenizer.pad_token_id, logger, val_set)
+            result = train(model, train_items, tcfg, sft_loss_sum, tokenizer.pad_token_id, logger, val_items)
         finally:
             logger.close()
         # --- save ----------------------------------------------------------------------------
-        model.save_pretrained(tmp / "adapter")
+        save_trained(model, cfg.method, tmp)
         tokenizer.save_pretrained(tmp / "tokenizer")  # includes the chat template used in training
         plot_loss(tmp / "metrics.jsonl", tmp / "loss.png")
         data_files = {str(p): sha256_file(p) for p in data_files_of(cfg)}
@@ -93,7 +108,8 @@ def run_sft(cfg: Config) -> Path:
                       "sha256": resolved.sha256},
             "data": {"formats": dict(train_data.formats), "chat_template": template,
                      "invalid_rows": len(train_data.invalid), "files_sha256": data_files, "train_examples": len(train_set),
-                     "validation_examples": len(val_set or [])},
+                     "validation_examples": len(val_set or []), "packing": cfg.data.packing,
+                     "train_sequences": len(train_items)},
             "method": cfg.method.name, "parameters": {"trainable": trainable, "total": total},
             "seed": tcfg.seed, "started": started, "finished": now_iso(),
             "steps": result.steps, "tokens": result.tokens, "trained_tokens": result.trained_tokens,

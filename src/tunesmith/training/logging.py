@@ -15,8 +15,9 @@ def _fmt_eta(seconds: float) -> str:
 class MetricsLogger:
     """One JSON object per logged step in metrics.jsonl, plus a one-line progress report."""
 
-    def __init__(self, path: Path, total_steps: int, stream=None):
+    def __init__(self, path: Path, total_steps: int, stream=None, trackers=None):
         self.path = Path(path)
+        self.trackers = trackers  # optional fan-out (TensorBoard, MLflow, W&B), see trackers.py
         self.total_steps = total_steps
         self.stream = stream or sys.stdout
         self.start = time.perf_counter()
@@ -29,6 +30,8 @@ class MetricsLogger:
         record = {"step": step, "elapsed_s": round(elapsed, 3), **metrics}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self.trackers is not None:
+            self.trackers.log(step, record)
         return record
 
     def count(self, tokens: int, trained: int) -> None:
@@ -47,6 +50,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         self._file.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -9,10 +9,12 @@ from typing import Callable, Iterator
 import torch
 
 from tunesmith.data.batching import collate, epoch_batches, trained_targets
+from tunesmith.data.pack import PackedRow
 from tunesmith.data.tokenize import Encoded
 from tunesmith.training.logging import MetricsLogger
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
+Items = list[Encoded] | list[PackedRow]  # examples, or packed rows of examples (data.packing)
 
 
 @dataclass
@@ -47,7 +49,7 @@ def make_scheduler(optimizer, tcfg, steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=steps)
 
 
-def micro_batches(examples: list[Encoded], tcfg) -> Iterator[list[Encoded]]:
+def micro_batches(examples: Items, tcfg) -> Iterator[Items]:
     """Endless stream of micro-batches, epoch after epoch, each epoch reshuffled by seed."""
     epoch = 0
     while True:
@@ -57,7 +59,7 @@ def micro_batches(examples: list[Encoded], tcfg) -> Iterator[list[Encoded]]:
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples: list[Encoded], loss_fn: LossFn, pad_id: int, batch_size: int) -> float:
+def evaluate_loss(model, examples: Items, loss_fn: LossFn, pad_id: int, batch_size: int) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -68,8 +70,8 @@ def evaluate_loss(model, examples: list[Encoded], loss_fn: LossFn, pad_id: int, 
     return total / max(count, 1)
 
 
-def train(model, examples: list[Encoded], tcfg, loss_fn: LossFn, pad_id: int, logger: MetricsLogger,
-          val_examples: list[Encoded] | None = None) -> TrainResult:
+def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: MetricsLogger,
+          val_examples: Items | None = None) -> TrainResult:
     steps = logger.total_steps
     optimizer = make_optimizer(model, tcfg)
     scheduler = make_scheduler(optimizer, tcfg, steps)
@@ -78,7 +80,8 @@ def train(model, examples: list[Encoded], tcfg, loss_fn: LossFn, pad_id: int, lo
     model.train()
     loss_value, val_loss = float("nan"), None
     for step in range(1, steps + 1):
-        batches = [collate(next(stream), pad_id) for _ in range(tcfg.grad_accum)]
+        groups = [next(stream) for _ in range(tcfg.grad_accum)]
+        batches = [collate(group, pad_id) for group in groups]
         # The step's loss is the mean over all its trained tokens: each micro-batch's summed loss
         # is divided by the step total, so accumulation never re-weights short vs long batches.
         n_step = sum(trained_targets(b["labels"]) for b in batches)
@@ -94,7 +97,7 @@ def train(model, examples: list[Encoded], tcfg, loss_fn: LossFn, pad_id: int, lo
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = step_loss / n_step
-        logger.count(sum(int(b["attention_mask"].sum()) for b in batches), n_step)
+        logger.count(sum(len(e.input_ids) for group in groups for e in group), n_step)  # no padding
         if step % tcfg.log_every == 0 or step == steps:
             logger.progress(step, loss_value, lr)
         if val_examples and (step == steps or (tcfg.eval_every and step % tcfg.eval_every == 0)):

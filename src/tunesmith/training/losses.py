@@ -13,7 +13,10 @@ from tunesmith.models.load import decoder_and_head
 def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies over trained targets, number of trained targets)."""
     decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # Packed batches carry position_ids and no attention_mask (data/pack.py). use_cache=False:
+    # with a KV cache transformers ignores restarting positions and packed examples would leak.
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                     position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     keep = targets != IGNORE
     logits = head(hidden[:, :-1][keep]).float()
@@ -23,4 +26,5 @@ def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, i
 
 def reference_sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean CE the plain transformers way (full logits, labels=...): used by tests as a cross-check."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                 position_ids=batch.get("position_ids"), labels=batch["labels"], use_cache=False).loss

@@ -1,0 +1,89 @@
+"""Adapter methods through PEFT; adapters are saved in PEFT's own format (PEFT, vLLM, TGI load them)."""
+from __future__ import annotations
+
+import torch
+
+from tunesmith.errors import ConfigError
+from tunesmith.methods import register_method
+
+
+def _lora_config(cfg, use_dora: bool):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
+                      use_dora=use_dora, target_modules=cfg.target_modules, task_type="CAUSAL_LM", bias="none")
+
+
+def _wrap(model, peft_cfg):
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_cfg)
+
+
+@register_method("lora")
+def build_lora(model, cfg):
+    """LoRA: low-rank updates on the target linear layers."""
+    return _wrap(model, _lora_config(cfg, use_dora=False))
+
+
+@register_method("dora")
+def build_dora(model, cfg):
+    """DoRA: LoRA with a learned magnitude per output feature."""
+    return _wrap(model, _lora_config(cfg, use_dora=True))
+
+
+def compute_dtype(cfg) -> torch.dtype:
+    if cfg.quant_compute_dtype != "auto":
+        return getattr(torch, cfg.quant_compute_dtype)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32  # CPUs without native bf16 run it 8-13x slower than fp32
+
+
+def qlora_load_kwargs(cfg) -> dict:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("method qlora needs bitsandbytes: pip install 'tunesmith[qlora]' "
+                          "(or pip install bitsandbytes)") from None
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(cfg))}
+
+
+@register_method("qlora", load_kwargs=qlora_load_kwargs)
+def build_qlora(model, cfg):
+    """QLoRA: LoRA over a base model quantized to 4-bit NF4 (bitsandbytes; CPU and CUDA)."""
+    from peft import prepare_model_for_kbit_training
+
+    # Gradient checkpointing stays a training option, not a side effect of choosing QLoRA.
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return _wrap(model, _lora_config(cfg, use_dora=False))
+
+
+@register_method("ia3")
+def build_ia3(model, cfg):
+    """IA3: learned rescaling of attention keys/values and feed-forward activations."""
+    from peft import IA3Config
+
+    targets = None if cfg.target_modules == "all-linear" else cfg.target_modules  # PEFT's per-model defaults
+    ff = None if targets is None else [t for t in targets if any(k in t for k in ("down", "fc2", "mlp", "ffn"))]
+    return _wrap(model, IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=ff))
+
+
+@register_method("prefix")
+def build_prefix(model, cfg):
+    """Prefix tuning: learned key/value prefixes in every attention layer."""
+    from peft import PrefixTuningConfig
+
+    return _wrap(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens))
+
+
+@register_method("prompt")
+def build_prompt(model, cfg):
+    """Prompt tuning: learned virtual token embeddings before the input."""
+    from peft import PromptTuningConfig
+
+    return _wrap(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens))

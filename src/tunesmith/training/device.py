@@ -1,0 +1,65 @@
+"""Where and in what precision training runs, decided once and said out loud.
+
+CPUs without native bf16 emulate it 8-13x slower than fp32 (measured on this project's 2-core
+machines), so "auto" trains in fp32 there; on GPUs "auto" is bf16 autocast where supported.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from tunesmith.errors import ConfigError
+
+
+def cpu_has_native_bf16() -> bool:
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, c, lambda: False)() for c in checks)
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    reason: str
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def choose_placement(precision: str = "auto") -> Placement:
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return Placement(dev, precision, f"GPU {torch.cuda.get_device_name()}: {precision} autocast")
+        return Placement(dev, precision, f"GPU {torch.cuda.get_device_name()}: {precision} as configured")
+    dev = torch.device("cpu")
+    native = cpu_has_native_bf16()
+    if precision == "auto":
+        why = "CPU with native bf16, fp32 kept for exactness" if native else "CPU without native bf16 (it would be emulated, 8-13x slower)"
+        return Placement(dev, "fp32", f"{why}: training in fp32")
+    if precision == "fp16":
+        raise ConfigError("train.precision=fp16 needs a GPU; on CPU use fp32 (or bf16 where the CPU supports it)")
+    if precision == "bf16" and not native:
+        print("warning: this CPU has no native bf16; bf16 will be emulated and much slower than fp32", flush=True)
+    return Placement(dev, precision, f"CPU: {precision} as configured")
+
+
+def make_optimizer(params, name: str, lr: float, weight_decay: float, device: torch.device):
+    """AdamW (fused where the build supports it), or bitsandbytes' 8-bit / paged AdamW on CUDA."""
+    if name == "adamw":
+        try:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    if device.type != "cuda":
+        raise ConfigError(f"train.optimizer={name} needs CUDA (bitsandbytes); on CPU use adamw")
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(params, lr=lr, weight_decay=weight_decay)
