@@ -24,11 +24,11 @@ def cmd_init(path: str, template: str, force: bool) -> int:
     return 0
 
 
-def cmd_train(config: str, overrides: list[str], skip_invalid: bool = False) -> int:
+def cmd_train(config: str, overrides: list[str], skip_invalid: bool = False, resume: bool = False) -> int:
     from tunesmith.config import load_config
     from tunesmith.recipes.sft import run_sft
 
-    run_sft(load_config(config, [*overrides, *(["data.skip_invalid=true"] if skip_invalid else [])]))
+    run_sft(load_config(config, [*overrides, *(["data.skip_invalid=true"] if skip_invalid else [])]), resume=resume)
     return 0
 
 
@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="e.g. train.lr=1e-4 method.r=8")
     s.add_argument("--skip-invalid", action="store_true",
                    help="quarantine invalid data rows (DATA.quarantine.jsonl) instead of stopping at the first")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run of this config from its last checkpoint")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("runs", help="runs: list, show and compare run directories")

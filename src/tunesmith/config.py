@@ -93,6 +93,16 @@ class TrainSection(_Section):
     seed: int = Field(0, description="Seed for data order and adapter initialisation.")
     log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps; 0: only at the end.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (for --resume); 0: no checkpoints.")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept (plus the best one).")
+    patience: int = Field(0, ge=0, description="Stop after N evaluations without improvement; 0: never.")
+    restore_best: bool = Field(False, description="Save the best-validation weights instead of the last.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs that support it, fp32 on CPUs.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="AdamW (fused where available); 8-bit and paged variants need CUDA.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    spike_factor: float = Field(3.0, gt=1, description="Warn when a step's loss exceeds this x the recent mean.")
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default.")
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="Also log to these (written inside the run directory, offline).")

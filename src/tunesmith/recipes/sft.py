@@ -5,9 +5,11 @@ Reads a Config, writes a run directory:
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+import yaml
 
 from tunesmith.config import Config, dump_config
 from tunesmith.data.dataset import load_examples
@@ -17,12 +19,15 @@ from tunesmith.data.tokenize import encode_dataset
 from tunesmith.methods import count_parameters, get_method, save_trained
 from tunesmith.models.load import check_packing_isolates, load_model, load_tokenizer
 from tunesmith.models.registry import resolve_model, sha256_file
-from tunesmith.training.logging import MetricsLogger, plot_loss
+from tunesmith.errors import ConfigError
+from tunesmith.training.logging import MetricsLogger, plot_loss, read_metrics
 from tunesmith.training.loop import total_steps, train
 from tunesmith.training.losses import sft_loss_sum
 from tunesmith.training.trackers import Trackers
 from tunesmith.training.manifest import now_iso, versions, write_json
-from tunesmith.training.rundir import run_name, staged_run_dir
+from tunesmith.training.checkpoint import checkpoint_dirs
+from tunesmith.training.device import choose_placement
+from tunesmith.training.rundir import resumable, run_name, staged_name, staged_run_dir
 
 
 def load_split(cfg: Config, spec: str):
@@ -54,7 +59,39 @@ def packed_if_asked(cfg: Config, model, train_set, val_set):
     return rows, val_set and pack_examples(val_set, cfg.data.max_length)
 
 
-def run_sft(cfg: Config) -> Path:
+def prepare_model(model, cfg: Config, placement):
+    """Device, precision and memory options, applied the same way for every method."""
+    if not getattr(model, "is_loaded_in_4bit", False):  # bitsandbytes places 4-bit weights itself
+        model.to(placement.device)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def resume_target(cfg: Config) -> tuple[str, Path, Path]:
+    """(run name, staging folder, last checkpoint) of the interrupted run to continue; its saved
+    config must match this one, or the resumed run would not be the run that was started."""
+    staging = resumable(Path(cfg.run.output_dir), cfg.run.name)
+    name = staged_name(staging)
+    saved = yaml.safe_load((staging / "config.yaml").read_text())
+    now = cfg.model_copy(deep=True)
+    now.run.name = name
+    if saved != now.model_dump(mode="json"):
+        diff = sorted(f"{sec}.{k}" for sec, vals in saved.items() if isinstance(vals, dict)
+                      for k, v in vals.items() if now.model_dump(mode="json").get(sec, {}).get(k) != v)
+        raise ConfigError(f"--resume: the config differs from the interrupted run's ({', '.join(diff)}); "
+                          f"resume with the same config ({staging / 'config.yaml'})")
+    return name, staging, checkpoint_dirs(staging / "checkpoints")[-1]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after the checkpoint: those steps are trained again."""
+    rows = [r for r in read_metrics(path) if r["step"] <= step] if path.is_file() else []
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def run_sft(cfg: Config, resume: bool = False) -> Path:
     started = now_iso()
     tcfg = cfg.train
     if tcfg.threads:
@@ -76,25 +113,35 @@ def run_sft(cfg: Config) -> Path:
     print(f"data: training {train_data.describe()}" + (f"; validation {len(val_set)}" if val_set else "")
           + f"; chat template: {template}", flush=True)
 
+    placement = choose_placement(tcfg.precision)
+    print(f"device: {placement.reason}", flush=True)
     method = get_method(cfg.method.name)
     model = load_model(resolved.path, trust_remote_code=cfg.model.trust_remote_code, **method.load_kwargs(cfg.method))
-    model = method.build(model, cfg.method)
+    model = prepare_model(method.build(model, cfg.method), cfg, placement)
     trainable, total = count_parameters(model)
     print(f"model: {resolved.id}  method: {cfg.method.name}  trainable {trainable:,} of {total:,} "
           f"parameters ({100 * trainable / total:.2f}%)", flush=True)
     train_items, val_items = packed_if_asked(cfg, model, train_set, val_set)
 
-    name = run_name(cfg.run.name)
+    adopt = checkpoint = None
+    if resume:
+        name, adopt, checkpoint = resume_target(cfg)
+    else:
+        name = run_name(cfg.run.name)
     resolved_cfg = cfg.model_copy(deep=True)
     resolved_cfg.run.name = name
-    with staged_run_dir(cfg.run.output_dir, name) as tmp:
+    with staged_run_dir(cfg.run.output_dir, name, adopt=adopt) as tmp:
         (tmp / "config.yaml").write_text(dump_config(resolved_cfg), encoding="utf-8")
+        if checkpoint is not None:
+            checkpoint = tmp / "checkpoints" / checkpoint.name  # the staging folder was renamed to this process
+            truncate_metrics(tmp / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
         # --- train ---------------------------------------------------------------------------
         steps = total_steps(len(train_items), tcfg)
         trackers = Trackers(tcfg.trackers, tmp, name, resolved_cfg.model_dump(mode="json")) if tcfg.trackers else None
         logger = MetricsLogger(tmp / "metrics.jsonl", steps, trackers=trackers)
         try:
-            result = train(model, train_items, tcfg, sft_loss_sum, tokenizer.pad_token_id, logger, val_items)
+            result = train(model, train_items, tcfg, sft_loss_sum, tokenizer.pad_token_id, logger, val_items,
+                           run_dir=tmp, resume=checkpoint, placement=placement)
         finally:
             logger.close()
         # --- save ----------------------------------------------------------------------------
@@ -115,7 +162,9 @@ def run_sft(cfg: Config) -> Path:
             "steps": result.steps, "tokens": result.tokens, "trained_tokens": result.trained_tokens,
             "train_seconds": round(result.seconds, 2),
             "tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 2),
-            "final_loss": result.final_loss, "val_loss": result.val_loss,
+            "final_loss": result.final_loss, "val_loss": result.val_loss, "best_step": result.best_step,
+            "stopped_early": result.stopped_early, "resumed_from_step": result.resumed_from,
+            "precision": placement.precision, "device": str(placement.device),
         })
     final = Path(cfg.run.output_dir) / name
     print(f"run saved: {final}", flush=True)

@@ -69,6 +69,12 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, state: TrainState, 
         (tmp / "state.json").write_text(json.dumps(asdict(state)))  # written last: marks completeness
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        done = checkpoint_dirs(root)
+        kept = f"the previous checkpoint {done[-1].name} is intact" if done else "no earlier checkpoint exists"
+        raise TunesmithError(f"could not write checkpoint step-{state.step} in {root} ({exc.strerror or exc}); "
+                             f"{kept}. Free disk space, then resume with --resume") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

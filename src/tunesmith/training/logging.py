@@ -38,12 +38,19 @@ class MetricsLogger:
         self.tokens += tokens
         self.trained_tokens += trained
 
-    def progress(self, step: int, loss: float, lr: float) -> dict:
+    def resume_at(self, step: int, tokens: int, trained_tokens: int) -> None:
+        """Continue counts from a checkpoint; speed and ETA count only this process's work."""
+        self.tokens, self.trained_tokens = tokens, trained_tokens
+        self._base_step, self._base_tokens = step, tokens
+
+    def progress(self, step: int, loss: float, lr: float, **extra) -> dict:
         elapsed = time.perf_counter() - self.start
-        tps = self.tokens / elapsed if elapsed > 0 else 0.0
-        eta = elapsed / step * (self.total_steps - step) if step else 0.0
+        base_step, base_tokens = getattr(self, "_base_step", 0), getattr(self, "_base_tokens", 0)
+        tps = (self.tokens - base_tokens) / elapsed if elapsed > 0 else 0.0
+        done = step - base_step
+        eta = elapsed / done * (self.total_steps - step) if done else 0.0
         record = self.log(step, loss=round(loss, 6), lr=lr, tokens=self.tokens,
-                          trained_tokens=self.trained_tokens, tokens_per_s=round(tps, 2))
+                          trained_tokens=self.trained_tokens, tokens_per_s=round(tps, 2), **extra)
         print(f"step {step:>5}/{self.total_steps}  loss {loss:7.4f}  lr {lr:.2e}  "
               f"{tps:7.1f} tok/s  ETA {_fmt_eta(eta)}", file=self.stream, flush=True)
         return record
@@ -60,24 +67,33 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss(metrics_path: Path, out_png: Path) -> None:
+    """Loss (train and validation), learning rate and gradient norm against the step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy per trained token")
-    ax.set_title("tunesmith training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+
+    def series(key):
+        return [(r["step"], r[key]) for r in rows if key in r]
+
+    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    panels = [(axes[0], [("loss", "train loss", "-"), ("val_loss", "validation loss", "o-")],
+               "cross-entropy per trained token"),
+              (axes[1], [("lr", "learning rate", "-")], "learning rate"),
+              (axes[2], [("grad_norm", "gradient norm (before clipping)", "-")], "gradient norm")]
+    for ax, keys, ylabel in panels:
+        for key, label, style in keys:
+            pts = series(key)
+            if pts:
+                ax.plot(*zip(*pts), style, label=label)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    axes[0].set_title("tunesmith training")
+    axes[-1].set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

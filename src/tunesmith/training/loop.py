@@ -1,9 +1,11 @@
-"""The optimisation loop shared by recipes: accumulation, normalisation, clipping, schedule, logging."""
+"""The optimisation loop shared by recipes: accumulation, normalisation, clipping, schedule,
+evaluation, early stopping, checkpoints and exact resume, guards, logging."""
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -11,10 +13,17 @@ import torch
 from tunesmith.data.batching import collate, epoch_batches, trained_targets
 from tunesmith.data.pack import PackedRow
 from tunesmith.data.tokenize import Encoded
+from tunesmith.errors import TunesmithError
+from tunesmith.training.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
+from tunesmith.training.device import Placement, choose_placement, make_optimizer
 from tunesmith.training.logging import MetricsLogger
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
 Items = list[Encoded] | list[PackedRow]  # examples, or packed rows of examples (data.packing)
+
+
+class TrainingDiverged(TunesmithError):
+    pass
 
 
 @dataclass
@@ -25,6 +34,9 @@ class TrainResult:
     final_loss: float
     val_loss: float | None
     seconds: float
+    best_step: int | None = None
+    stopped_early: bool = False
+    resumed_from: int | None = None
 
 
 def total_steps(n_examples: int, tcfg) -> int:
@@ -34,14 +46,6 @@ def total_steps(n_examples: int, tcfg) -> int:
     return max(1, math.ceil(tcfg.epochs * per_epoch / tcfg.grad_accum))
 
 
-def make_optimizer(model, tcfg) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]  # frozen weights get no state
-    try:
-        return torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, foreach=True)
-
-
 def make_scheduler(optimizer, tcfg, steps: int):
     from transformers import get_scheduler
 
@@ -49,60 +53,152 @@ def make_scheduler(optimizer, tcfg, steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=steps)
 
 
-def micro_batches(examples: Items, tcfg) -> Iterator[Items]:
-    """Endless stream of micro-batches, epoch after epoch, each epoch reshuffled by seed."""
-    epoch = 0
+def micro_batches(examples: Items, tcfg, skip: int = 0) -> Iterator[Items]:
+    """Endless stream of micro-batches, epoch after epoch, each epoch reshuffled by seed. `skip`
+    resumes at a data position: the order is a pure function of (seed, epoch), so skipping
+    reproduces exactly the batches an uninterrupted run would see next."""
+    epoch, n = 0, 0
     while True:
         for idx in epoch_batches(examples, tcfg.batch_size, tcfg.seed, epoch):
-            yield [examples[i] for i in idx]
+            if n >= skip:
+                yield [examples[i] for i in idx]
+            n += 1
         epoch += 1
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()} if device.type != "cpu" else batch
+
+
+def accumulate(model, batches: list[dict], loss_fn: LossFn, placement: Placement) -> tuple[float, int]:
+    """Backward over one optimizer step's micro-batches; returns (mean loss, trained targets).
+
+    The step's loss is the mean over all its trained tokens: each micro-batch's summed loss is
+    divided by the step total, so accumulation never re-weights short vs long batches."""
+    n_step = sum(trained_targets(b["labels"]) for b in batches)
+    total = 0.0
+    for batch in batches:
+        with placement.autocast():
+            loss_sum, _ = loss_fn(model, to_device(batch, placement.device))
+        (loss_sum / max(n_step, 1)).backward()
+        total += loss_sum.item()
+    return total / max(n_step, 1), n_step
+
+
 @torch.no_grad()
-def evaluate_loss(model, examples: Items, loss_fn: LossFn, pad_id: int, batch_size: int) -> float:
+def evaluate_loss(model, examples: Items, loss_fn: LossFn, pad_id: int, batch_size: int,
+                  placement: Placement | None = None) -> float:
+    placement = placement or choose_placement("fp32")
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        loss_sum, n = loss_fn(model, collate(examples[start:start + batch_size], pad_id))
+        with placement.autocast():
+            loss_sum, n = loss_fn(model, to_device(collate(examples[start:start + batch_size], pad_id),
+                                                   placement.device))
         total, count = total + float(loss_sum), count + n
     model.train(was_training)
     return total / max(count, 1)
 
 
+class LossWatch:
+    """Stops on a non-finite loss; warns on a spike above `factor` x the recent mean."""
+
+    def __init__(self, factor: float, window: int = 20):
+        self.factor, self.window, self.recent = factor, window, []
+
+    def check(self, step: int, loss: float, last_good: Callable[[], Path | None]) -> bool:
+        if not math.isfinite(loss):
+            last_good = last_good()
+            where = f"the last good checkpoint is {last_good}; resume from it with --resume after lowering " \
+                    "train.lr" if last_good else "no checkpoint was saved (set train.save_every)"
+            raise TrainingDiverged(f"step {step}: the loss is {loss}; training stopped ({where})")
+        spike = len(self.recent) >= 5 and loss > self.factor * (sum(self.recent) / len(self.recent))
+        if spike:
+            print(f"warning: step {step}: loss {loss:.4f} is over {self.factor:g}x the recent mean "
+                  f"{sum(self.recent) / len(self.recent):.4f}", flush=True)
+        self.recent = (self.recent + [loss])[-self.window:]
+        return spike
+
+
+class EarlyStopping:
+    def __init__(self, patience: int, best: float | None = None, best_step: int | None = None):
+        self.patience, self.best, self.best_step, self.bad = patience, best, best_step, 0
+
+    def update(self, step: int, value: float) -> bool:
+        """Record an evaluation; True when it is a new best."""
+        if self.best is None or value < self.best:
+            self.best, self.best_step, self.bad = value, step, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+
 def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: MetricsLogger,
-          val_examples: Items | None = None) -> TrainResult:
+          val_examples: Items | None = None, run_dir: Path | None = None, resume: Path | None = None,
+          placement: Placement | None = None) -> TrainResult:
     steps = logger.total_steps
-    optimizer = make_optimizer(model, tcfg)
+    placement = placement or choose_placement(tcfg.precision)
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen weights get no optimizer state
+    optimizer = make_optimizer(params, tcfg.optimizer, tcfg.lr, tcfg.weight_decay, placement.device)
     scheduler = make_scheduler(optimizer, tcfg, steps)
-    stream = micro_batches(examples, tcfg)
-    params = [p for p in model.parameters() if p.requires_grad]
+    state = TrainState(0, 0, 0, 0)
+    if resume is not None:
+        state = load_checkpoint(resume, model, optimizer, scheduler)
+        logger.resume_at(state.step, state.tokens, state.trained_tokens)
+        print(f"resumed from {resume} (step {state.step})", flush=True)
+    ckpt_root = run_dir / "checkpoints" if run_dir is not None and tcfg.save_every else None
+    stream = micro_batches(examples, tcfg, skip=state.micro_batches)
+    watch, stopper = LossWatch(tcfg.spike_factor), EarlyStopping(tcfg.patience, state.best_metric, state.best_step)
+    loss_value, val_loss, stopped = float("nan"), None, False
     model.train()
-    loss_value, val_loss = float("nan"), None
-    for step in range(1, steps + 1):
+    for step in range(state.step + 1, steps + 1):
         groups = [next(stream) for _ in range(tcfg.grad_accum)]
-        batches = [collate(group, pad_id) for group in groups]
-        # The step's loss is the mean over all its trained tokens: each micro-batch's summed loss
-        # is divided by the step total, so accumulation never re-weights short vs long batches.
-        n_step = sum(trained_targets(b["labels"]) for b in batches)
-        step_loss = 0.0
-        for batch in batches:
-            loss_sum, _ = loss_fn(model, batch)
-            (loss_sum / n_step).backward()
-            step_loss += loss_sum.item()
-        if tcfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+        loss_value, n_step = accumulate(model, [collate(g, pad_id) for g in groups], loss_fn, placement)
+        spike = watch.check(step, loss_value, lambda: (checkpoint_dirs(ckpt_root) or [None])[-1] if ckpt_root else None)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else math.inf)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = step_loss / n_step
-        logger.count(sum(len(e.input_ids) for group in groups for e in group), n_step)  # no padding
+        logger.count(sum(len(e.input_ids) for g in groups for e in g), n_step)  # real tokens, no padding
+        state = TrainState(step, state.micro_batches + tcfg.grad_accum, logger.tokens, logger.trained_tokens,
+                           stopper.best, stopper.best_step)
         if step % tcfg.log_every == 0 or step == steps:
-            logger.progress(step, loss_value, lr)
+            logger.progress(step, loss_value, lr, grad_norm=round(float(grad_norm), 6), **({"spike": 1} if spike else {}))
+        is_best = False
         if val_examples and (step == steps or (tcfg.eval_every and step % tcfg.eval_every == 0)):
-            val_loss = evaluate_loss(model, val_examples, loss_fn, pad_id, tcfg.batch_size)
+            val_loss = evaluate_loss(model, val_examples, loss_fn, pad_id, tcfg.batch_size, placement)
+            is_best = stopper.update(step, val_loss)
+            state.best_metric, state.best_step = stopper.best, stopper.best_step
             logger.log(step, val_loss=round(val_loss, 6))
-            print(f"step {step:>5}/{steps}  validation loss {val_loss:.4f}", flush=True)
+            print(f"step {step:>5}/{steps}  validation loss {val_loss:.4f}" + ("  (best)" if is_best else ""), flush=True)
+        stopped = stopper.should_stop
+        if ckpt_root and (step % tcfg.save_every == 0 or is_best or stopped or step == steps):
+            save_checkpoint(ckpt_root, model, optimizer, scheduler, state, tcfg.keep_last)
+        if stopped:
+            print(f"early stop at step {step}: no improvement in {tcfg.patience} evaluations "
+                  f"(best {stopper.best:.4f} at step {stopper.best_step})", flush=True)
+            break
+    if tcfg.restore_best and stopper.best_step is not None and stopper.best_step != state.step:
+        _restore_weights(model, ckpt_root, stopper.best_step)
     seconds = time.perf_counter() - logger.start
-    return TrainResult(steps, logger.tokens, logger.trained_tokens, loss_value, val_loss, seconds)
+    return TrainResult(state.step, logger.tokens, logger.trained_tokens, loss_value, val_loss, seconds,
+                       stopper.best_step, stopped, None if resume is None else int(resume.name.split("-")[1]))
+
+
+def _restore_weights(model, ckpt_root: Path | None, step: int) -> None:
+    from safetensors.torch import load_file
+
+    path = ckpt_root / f"step-{step}" / "trainable.safetensors" if ckpt_root else None
+    if path is None or not path.is_file():
+        raise TunesmithError(f"train.restore_best: no checkpoint of step {step} (set train.save_every)")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(str(path)).items():
+            params[name].copy_(value)
+    print(f"restored the best weights (step {step})", flush=True)
