@@ -16,6 +16,7 @@ from tunesmith.data.tokenize import Encoded
 from tunesmith.errors import TunesmithError
 from tunesmith.training.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
 from tunesmith.training.device import Placement, choose_placement, make_optimizer
+from tunesmith.training.distributed import global_count, sum_gradients, sum_scalar, world
 from tunesmith.training.logging import MetricsLogger
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
@@ -71,18 +72,21 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def accumulate(model, batches: list[dict], loss_fn: LossFn, placement: Placement) -> tuple[float, int]:
-    """Backward over one optimizer step's micro-batches; returns (mean loss, trained targets).
+    """Backward over one optimizer step's micro-batches (this rank's share); returns
+    (mean loss, trained targets) of the whole step, all ranks together.
 
     The step's loss is the mean over all its trained tokens: each micro-batch's summed loss is
-    divided by the step total, so accumulation never re-weights short vs long batches."""
-    n_step = sum(trained_targets(b["labels"]) for b in batches)
+    divided by the step total (counted across ranks), so neither accumulation nor data
+    parallelism re-weights short vs long batches; ranks then sum their gradients."""
+    n_step = global_count(sum(trained_targets(b["labels"]) for b in batches))
     total = 0.0
     for batch in batches:
         with placement.autocast():
             loss_sum, _ = loss_fn(model, to_device(batch, placement.device))
         (loss_sum / max(n_step, 1)).backward()
         total += loss_sum.item()
-    return total / max(n_step, 1), n_step
+    sum_gradients([p for p in model.parameters() if p.requires_grad])
+    return sum_scalar(total) / max(n_step, 1), n_step
 
 
 @torch.no_grad()
@@ -157,7 +161,9 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
     loss_value, val_loss, stopped = float("nan"), None, False
     model.train()
     for step in range(state.step + 1, steps + 1):
-        groups = [next(stream) for _ in range(tcfg.grad_accum)]
+        rank, size = world()
+        step_groups = [next(stream) for _ in range(tcfg.grad_accum * size)]  # every rank draws the same order
+        groups = step_groups[rank::size]  # and trains its own share of it
         loss_value, n_step = accumulate(model, [collate(g, pad_id) for g in groups], loss_fn, placement)
         spike = watch.check(step, loss_value, lambda: (checkpoint_dirs(ckpt_root) or [None])[-1] if ckpt_root else None)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else math.inf)
@@ -165,8 +171,8 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        logger.count(sum(len(e.input_ids) for g in groups for e in g), n_step)  # real tokens, no padding
-        state = TrainState(step, state.micro_batches + tcfg.grad_accum, logger.tokens, logger.trained_tokens,
+        logger.count(sum(len(e.input_ids) for g in step_groups for e in g), n_step)  # real tokens, no padding
+        state = TrainState(step, state.micro_batches + len(step_groups), logger.tokens, logger.trained_tokens,
                            stopper.best, stopper.best_step)
         if step % tcfg.log_every == 0 or step == steps:
             logger.progress(step, loss_value, lr, grad_norm=round(float(grad_norm), 6), **({"spike": 1} if spike else {}))

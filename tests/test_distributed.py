@@ -1,0 +1,45 @@
+"""Data parallelism keeps the loss the mean over all trained tokens of the step:
+2 ranks x batch 4 gives the same gradients as 1 process x batch 8 (gloo, CPU)."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import tiny_llama
+from test_engine import grads_after, varied_examples
+from tunesmith.config import MethodSection
+from tunesmith.data.batching import collate
+from tunesmith.methods import get_method
+
+
+def model():
+    m = get_method("lora").build(tiny_llama(256, seed=1), MethodSection(r=4))
+    m.train()
+    return m
+
+
+def rank_main(rank: int, world: int, init: str, out: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        ex = varied_examples()
+        # unequal shares on purpose: rank 0 gets the short examples, rank 1 the long ones
+        share = sorted(ex, key=lambda e: len(e.input_ids))[rank * 4:(rank + 1) * 4]
+        grads = grads_after(model(), [collate(share, 0)])
+        if rank == 0:
+            torch.save(grads, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is unavailable")
+def test_two_ranks_batch_4_equal_one_process_batch_8(tmp_path):
+    out = str(tmp_path / "grads.pt")
+    mp.spawn(rank_main, args=(2, f"file://{tmp_path / 'init'}", out), nprocs=2, join=True)
+    ranked = torch.load(out)
+    single = grads_after(model(), [collate(varied_examples(), 0)])
+    assert ranked.keys() == single.keys() and single
+    for k in single:
+        torch.testing.assert_close(ranked[k], single[k], rtol=1e-5, atol=1e-6)
