@@ -26,9 +26,10 @@ def cmd_init(path: str, template: str, force: bool) -> int:
 
 def cmd_train(config: str, overrides: list[str], skip_invalid: bool = False, resume: bool = False) -> int:
     from tunesmith.config import load_config
-    from tunesmith.recipes.sft import run_sft
+    from tunesmith.recipes import recipe_for
 
-    run_sft(load_config(config, [*overrides, *(["data.skip_invalid=true"] if skip_invalid else [])]), resume=resume)
+    cfg = load_config(config, [*overrides, *(["data.skip_invalid=true"] if skip_invalid else [])])
+    recipe_for(cfg)(cfg, resume=resume)
     return 0
 
 

@@ -138,12 +138,27 @@ class PrepareSection(_Section):
     workers: int = Field(0, ge=0, description="Processes for tokenising and hashing; 0 uses every core.")
 
 
+class ObjectiveSection(_Section):
+    name: Literal["sft", "dpo"] = Field("sft", description="sft (supervised) or dpo (preference optimisation).")
+    loss: Literal["sigmoid", "robust", "ipo", "simpo", "orpo", "kto"] = Field(
+        "sigmoid", description="Preference loss: sigmoid DPO, robust DPO, IPO, SimPO, ORPO or KTO.")
+    beta: float = Field(0.1, gt=0, description="Preference strength (DPO/IPO/SimPO/KTO beta; ORPO lambda).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped labels (robust DPO).")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin.")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO weight of desirable (chosen) examples.")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO weight of undesirable (rejected) examples.")
+    reference: Literal["auto", "precomputed"] = Field(
+        "auto", description="auto: the base with the adapter disabled (adapters) or log-probs precomputed "
+                            "once (full fine-tuning); precomputed: always precompute them before training.")
+
+
 class Config(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     method: MethodSection = Field(default_factory=MethodSection)
     train: TrainSection = Field(default_factory=TrainSection)
     run: RunSection = Field(default_factory=RunSection)
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
     prepare: PrepareSection = Field(default_factory=PrepareSection)
 
 

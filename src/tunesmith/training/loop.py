@@ -67,8 +67,16 @@ def micro_batches(examples: Items, tcfg, skip: int = 0) -> Iterator[Items]:
         epoch += 1
 
 
+def loss_units(batch: dict) -> int:
+    """What the step's loss averages over: trained tokens (SFT), or what the batch says it holds
+    (`units`, e.g. preference pairs, whose loss is a mean over pairs)."""
+    return int(batch["units"]) if "units" in batch else trained_targets(batch["labels"])
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()} if device.type != "cpu" else batch
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def accumulate(model, batches: list[dict], loss_fn: LossFn, placement: Placement) -> tuple[float, int]:
@@ -78,7 +86,7 @@ def accumulate(model, batches: list[dict], loss_fn: LossFn, placement: Placement
     The step's loss is the mean over all its trained tokens: each micro-batch's summed loss is
     divided by the step total (counted across ranks), so neither accumulation nor data
     parallelism re-weights short vs long batches; ranks then sum their gradients."""
-    n_step = global_count(sum(trained_targets(b["labels"]) for b in batches))
+    n_step = global_count(sum(loss_units(b) for b in batches))
     total = 0.0
     for batch in batches:
         with placement.autocast():
@@ -144,7 +152,11 @@ class EarlyStopping:
 
 def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: MetricsLogger,
           val_examples: Items | None = None, run_dir: Path | None = None, resume: Path | None = None,
-          placement: Placement | None = None) -> TrainResult:
+          placement: Placement | None = None, evaluator: Callable[[], dict] | None = None,
+          collate_fn: Callable = collate) -> TrainResult:
+    """`evaluator()` returns validation metrics, `val_loss` first (it drives early stopping and
+    the best checkpoint); by default the loss of loss_fn over val_examples. A loss_fn with a
+    `pop_metrics()` method adds its own per-step metrics (e.g. preference rewards) to the log."""
     steps = logger.total_steps
     placement = placement or choose_placement(tcfg.precision)
     params = [p for p in model.parameters() if p.requires_grad]  # frozen weights get no optimizer state
@@ -164,7 +176,7 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
         rank, size = world()
         step_groups = [next(stream) for _ in range(tcfg.grad_accum * size)]  # every rank draws the same order
         groups = step_groups[rank::size]  # and trains its own share of it
-        loss_value, n_step = accumulate(model, [collate(g, pad_id) for g in groups], loss_fn, placement)
+        loss_value, n_step = accumulate(model, [collate_fn(g, pad_id) for g in groups], loss_fn, placement)
         spike = watch.check(step, loss_value, lambda: (checkpoint_dirs(ckpt_root) or [None])[-1] if ckpt_root else None)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else math.inf)
         lr = scheduler.get_last_lr()[0]
@@ -175,13 +187,17 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
         state = TrainState(step, state.micro_batches + len(step_groups), logger.tokens, logger.trained_tokens,
                            stopper.best, stopper.best_step)
         if step % tcfg.log_every == 0 or step == steps:
-            logger.progress(step, loss_value, lr, grad_norm=round(float(grad_norm), 6), **({"spike": 1} if spike else {}))
+            extra = loss_fn.pop_metrics() if hasattr(loss_fn, "pop_metrics") else {}
+            logger.progress(step, loss_value, lr, grad_norm=round(float(grad_norm), 6), **extra,
+                            **({"spike": 1} if spike else {}))
         is_best = False
-        if val_examples and (step == steps or (tcfg.eval_every and step % tcfg.eval_every == 0)):
-            val_loss = evaluate_loss(model, val_examples, loss_fn, pad_id, tcfg.batch_size, placement)
+        if (val_examples or evaluator) and (step == steps or (tcfg.eval_every and step % tcfg.eval_every == 0)):
+            metrics = evaluator() if evaluator else {
+                "val_loss": evaluate_loss(model, val_examples, loss_fn, pad_id, tcfg.batch_size, placement)}
+            val_loss = metrics["val_loss"]
             is_best = stopper.update(step, val_loss)
             state.best_metric, state.best_step = stopper.best, stopper.best_step
-            logger.log(step, val_loss=round(val_loss, 6))
+            logger.log(step, **{k: round(v, 6) for k, v in metrics.items()})
             print(f"step {step:>5}/{steps}  validation loss {val_loss:.4f}" + ("  (best)" if is_best else ""), flush=True)
         stopped = stopper.should_stop
         if ckpt_root and (step % tcfg.save_every == 0 or is_best or stopped or step == steps):

@@ -1,0 +1,257 @@
+"""Preference optimisation recipe (DPO and its family): setup -> train -> save, top to bottom.
+
+No second model in memory: with an adapter method the reference is the same base with the adapter
+disabled; with full fine-tuning (or objective.reference=precomputed) the reference log-probs are
+computed once before training and cached. Chosen and rejected share the prompt's tokens exactly
+(tokenize.encode_preference) and prompt tokens are never scored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import Config, dump_config
+from tunesmith.data.tokenize import IGNORE, Encoded, EncodedPair, encode_preference
+from tunesmith.errors import DataError
+from tunesmith.models.load import decoder_and_head
+from tunesmith.training import preference as pref
+
+
+@dataclass
+class PairItem:
+    """One preference pair; `input_ids` (the longer side) lets the length-grouped batcher sort pairs."""
+    index: int
+    pair: EncodedPair
+
+    @property
+    def input_ids(self) -> list[int]:
+        c, r = self.pair.chosen.input_ids, self.pair.rejected.input_ids
+        return c if len(c) >= len(r) else r
+
+
+def _rows(seqs: list, pad_id: int) -> dict:
+    width = max(len(s.input_ids) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        n = len(s.input_ids)
+        ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(s.input_ids), torch.tensor(s.labels), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _mismatched(items: list[PairItem]) -> list[Encoded]:
+    """KTO's KL reference point: each prompt with the response of the next row, which the model
+    was never asked to prefer (the estimate TRL's KTOTrainer also uses)."""
+    sides = [(it.pair.prompt_length, s) for it in items for s in (it.pair.chosen, it.pair.rejected)]
+    out = []
+    for i, (p, seq) in enumerate(sides):
+        q, other = sides[(i + 1) % len(sides)]
+        out.append(Encoded(seq.input_ids[:p] + other.input_ids[q:], [IGNORE] * p + other.labels[q:]))
+    return out
+
+
+def collate_pairs(items: list[PairItem], pad_id: int, kto: bool = False) -> dict:
+    """Chosen rows first, then rejected rows, right-padded into one batch (one forward pass)."""
+    batch = _rows([it.pair.chosen for it in items] + [it.pair.rejected for it in items], pad_id)
+    batch.update(units=len(items), index=torch.tensor([it.index for it in items]))
+    if kto:
+        batch["kl"] = _rows(_mismatched(items), pad_id)
+    return batch
+
+
+def sequence_logps(model, batch: dict) -> pref.SeqLogps:
+    """Summed log-prob of each row's trained tokens and their count, projecting only trained
+    positions through the LM head."""
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     use_cache=False).last_hidden_state
+    return pref.sequence_logps_from_hidden(hidden, head, batch["labels"])
+
+
+class PreferenceLoss:
+    """loss_fn for the training loop: (loss x pairs, pairs), with per-step reward metrics."""
+
+    def __init__(self, objective, reference_logps: dict[int, tuple[float, float]] | None):
+        self.obj, self.cache = objective, reference_logps
+        self.spec = pref.get_preference_loss(objective.loss)
+        self._metrics: list[dict] = []
+
+    def _reference(self, model, batch: dict, rows: dict | None = None) -> torch.Tensor:
+        """Reference log-probs of the batch's rows: cached, or the base with the adapter off."""
+        if self.cache is not None and rows is None:
+            idx = batch["index"].tolist()
+            return torch.tensor([self.cache[i][0] for i in idx] + [self.cache[i][1] for i in idx])
+        with torch.no_grad(), model.disable_adapter():
+            return sequence_logps(model, rows or batch).sum
+
+    def _loss(self, model, batch: dict, logps: pref.SeqLogps):
+        o, n = self.obj, batch["units"]
+        chosen, rejected = pref.SeqLogps(logps.sum[:n], logps.tokens[:n]), pref.SeqLogps(logps.sum[n:], logps.tokens[n:])
+        name = o.loss
+        if name == "simpo":
+            return pref.simpo_loss(chosen, rejected, beta=o.beta, gamma=o.simpo_gamma, label_smoothing=o.label_smoothing)
+        if name == "orpo":
+            return pref.orpo_loss(chosen, rejected, beta=o.beta)
+        ref = self._reference(model, batch)
+        if name == "kto":
+            with torch.no_grad():
+                kl = pref.kto_kl(sequence_logps(model, batch["kl"]).sum, self._reference(model, batch, batch["kl"]))
+            desirable = torch.arange(2 * n) < n
+            return pref.kto_loss(logps, ref, desirable, kl, beta=o.beta, desirable_weight=o.desirable_weight,
+                                 undesirable_weight=o.undesirable_weight)
+        extra = {"label_smoothing": o.label_smoothing} if name in ("sigmoid", "robust") else {}
+        return self.spec.loss(chosen, rejected, ref[:n], ref[n:], beta=o.beta, **extra)
+
+    def __call__(self, model, batch: dict):
+        n = batch["units"]
+        loss, metrics = self._loss(model, batch, sequence_logps(model, batch))
+        self._metrics.append({k: float(v) for k, v in metrics.items()})
+        return loss * n, n
+
+    def pop_metrics(self) -> dict:
+        rows, self._metrics = self._metrics, []
+        keys = set().union(*rows) if rows else set()
+        return {k: round(sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r), 6) for k in sorted(keys)}
+
+
+@torch.no_grad()
+def precompute_reference(model, items: list[PairItem], pad_id: int, batch_size: int) -> dict[int, tuple]:
+    """Reference log-probs of every pair, once, with the model as it is before training."""
+    was = model.training
+    model.eval()
+    out = {}
+    for start in range(0, len(items), batch_size):
+        batch = collate_pairs(items[start:start + batch_size], pad_id)
+        logps = sequence_logps(model, batch).sum
+        n = batch["units"]
+        for j, it in enumerate(items[start:start + batch_size]):
+            out[it.index] = (float(logps[j]), float(logps[n + j]))
+    model.train(was)
+    return out
+
+
+@torch.no_grad()
+def preference_accuracy(model, items: list[PairItem], loss: PreferenceLoss, pad_id: int, batch_size: int) -> dict:
+    """Held-out preference accuracy (chosen reward above rejected) and loss."""
+    was = model.training
+    model.eval()
+    total, correct, n_all = 0.0, 0.0, 0
+    for start in range(0, len(items), batch_size):
+        batch = collate_pairs(items[start:start + batch_size], pad_id, kto=loss.obj.loss == "kto")
+        value, n = loss(model, batch)
+        total, n_all = total + float(value), n_all + n
+        m = loss._metrics[-1]
+        # KTO has no paired accuracy; its chosen-vs-rejected reward comparison stands in
+        acc = m.get("rewards/accuracies", float(m.get("rewards/chosen", 0) > m.get("rewards/rejected", 0)))
+        correct += acc * n
+    loss._metrics.clear()
+    model.train(was)
+    return {"val_loss": total / max(n_all, 1), "val_preference_accuracy": correct / max(n_all, 1)}
+
+
+def encode_pairs(tokenizer, examples, max_length: int, source: str) -> list[PairItem]:
+    pairs = [ex for ex in examples if ex.kind == "preference"]
+    if len(pairs) != len(examples):
+        raise DataError(f"{source}: objective dpo needs preference rows (prompt/chosen/rejected); "
+                        f"{len(examples) - len(pairs)} of {len(examples)} rows are not")
+    items = []
+    for i, ex in enumerate(pairs):
+        enc = encode_preference(tokenizer, ex, max_length)
+        if enc.chosen.trained_tokens and enc.rejected.trained_tokens:  # both sides must keep a response
+            items.append(PairItem(i, enc))
+    if len(items) < len(pairs) // 2:
+        raise DataError(f"{source}: {len(pairs) - len(items)} of {len(pairs)} pairs lose their response to "
+                        f"truncation at data.max_length={max_length}; raise data.max_length")
+    return items
+
+
+def run_dpo(cfg: Config, resume: bool = False) -> Path:
+    """setup -> (reference) -> train -> save; the run directory has the SFT recipe's shape."""
+    from tunesmith.data.templates import apply_template
+    from tunesmith.errors import ConfigError
+    from tunesmith.methods import count_parameters, get_method, save_trained
+    from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.models.registry import resolve_model, sha256_file
+    from tunesmith.recipes.sft import data_files_of, load_split, load_training_examples, prepare_model, resume_target
+    from tunesmith.training.device import choose_placement
+    from tunesmith.training.logging import MetricsLogger, plot_loss
+    from tunesmith.training.loop import total_steps, train
+    from tunesmith.training.manifest import now_iso, versions, write_json
+    from tunesmith.training.rundir import run_name, staged_run_dir
+
+    started, tcfg, obj = now_iso(), cfg.train, cfg.objective
+    torch.manual_seed(tcfg.seed)
+    resolved = resolve_model(cfg.model.name)
+    tokenizer = load_tokenizer(resolved.path)
+    template = apply_template(tokenizer, cfg.data.template)
+    data = load_training_examples(cfg)
+    items = encode_pairs(tokenizer, data.examples, cfg.data.max_length, "training data")
+    val = encode_pairs(tokenizer, load_split(cfg, cfg.data.validation).examples, cfg.data.max_length,
+                       cfg.data.validation) if cfg.data.validation else None
+    print(f"data: {len(items)} preference pairs" + (f", {len(val)} held out" if val else "") +
+          f"; loss: {obj.loss}; chat template: {template}", flush=True)
+
+    placement = choose_placement(tcfg.precision)
+    method = get_method(cfg.method.name)
+    adapter = method.saves == "adapter"
+    if obj.loss == "kto" and not adapter:
+        raise ConfigError("objective.loss=kto needs an adapter method (its KL estimate uses the adapter-disabled base)")
+    model = load_model(resolved.path, trust_remote_code=cfg.model.trust_remote_code, **method.load_kwargs(cfg.method))
+    precompute = pref.get_preference_loss(obj.loss).needs_reference and (obj.reference == "precomputed" or not adapter)
+    cache = None
+    if precompute:  # the reference is the model before training: score every pair once, keep no copy
+        print("computing reference log-probs once", flush=True)
+        cache = precompute_reference(model, items + (val or []), tokenizer.pad_token_id, tcfg.batch_size)
+    model = prepare_model(method.build(model, cfg.method), cfg, placement)
+    trainable, total = count_parameters(model)
+    print(f"model: {resolved.id}  method: {cfg.method.name}  trainable {trainable:,} of {total:,}", flush=True)
+    loss_fn = PreferenceLoss(obj, cache)
+    kto = obj.loss == "kto"
+
+    def evaluator() -> dict:
+        return preference_accuracy(model, val, loss_fn, tokenizer.pad_token_id, tcfg.batch_size)
+
+    adopt = checkpoint = None
+    name = run_name(cfg.run.name, prefix="dpo")
+    if resume:
+        name, adopt, checkpoint = resume_target(cfg)
+    resolved_cfg = cfg.model_copy(deep=True)
+    resolved_cfg.run.name = name
+    with staged_run_dir(cfg.run.output_dir, name, adopt=adopt) as tmp:
+        (tmp / "config.yaml").write_text(dump_config(resolved_cfg), encoding="utf-8")
+        checkpoint = tmp / "checkpoints" / checkpoint.name if checkpoint else None
+        logger = MetricsLogger(tmp / "metrics.jsonl", total_steps(len(items), tcfg))
+        start = evaluator() if val and checkpoint is None else None
+        if start:
+            logger.log(0, **{k: round(v, 6) for k, v in start.items()})
+            print(f"step     0  held-out preference accuracy {start['val_preference_accuracy']:.3f}", flush=True)
+        try:
+            result = train(model, items, tcfg, loss_fn, tokenizer.pad_token_id, logger, val, run_dir=tmp,
+                           resume=checkpoint, placement=placement, evaluator=evaluator if val else None,
+                           collate_fn=lambda group, pad: collate_pairs(group, pad, kto))
+        finally:
+            logger.close()
+        save_trained(model, cfg.method, tmp)
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        plot_loss(tmp / "metrics.jsonl", tmp / "loss.png")
+        end = evaluator() if val else None
+        write_json(tmp / "manifest.json", {
+            "kind": "dpo", "run_name": name, "versions": versions(), "objective": obj.model_dump(),
+            "model": {"id": resolved.id, "source": resolved.source, "path": str(resolved.path), "sha256": resolved.sha256},
+            "data": {"formats": dict(data.formats), "chat_template": template, "pairs": len(items),
+                     "validation_pairs": len(val or []), "files_sha256": {str(p): sha256_file(p) for p in data_files_of(cfg)}},
+            "method": cfg.method.name, "parameters": {"trainable": trainable, "total": total},
+            "reference": "precomputed" if cache is not None else ("adapter-disabled base" if loss_fn.spec.needs_reference else "none"),
+            "seed": tcfg.seed, "started": started, "finished": now_iso(), "steps": result.steps,
+            "tokens": result.tokens, "trained_tokens": result.trained_tokens, "train_seconds": round(result.seconds, 2),
+            "tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 2),
+            "final_loss": result.final_loss, "preference_accuracy": {"start": start, "end": end},
+            "best_step": result.best_step, "stopped_early": result.stopped_early,
+            "resumed_from_step": result.resumed_from, "precision": placement.precision,
+        })
+    final = Path(cfg.run.output_dir) / name
+    print(f"run saved: {final}", flush=True)
+    return final

@@ -1,0 +1,89 @@
+"""The DPO recipe on a tiny model: every loss trains, the reference needs no second model, and
+held-out preference accuracy rises on a learnable preference."""
+import json
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from tunesmith.config import load_config
+from tunesmith.data.dataset import load_examples
+from tunesmith.demo.orders import make_splits
+from tunesmith.methods import get_method
+from tunesmith.models.load import load_model
+from tunesmith.recipes.dpo import (PairItem, PreferenceLoss, collate_pairs, encode_pairs, precompute_reference,
+                                   run_dpo)
+from tunesmith.training.logging import read_metrics
+
+
+def pairs(seed, n):
+    """Chosen: the right JSON; rejected: the same JSON with the wrong city (a learnable preference)."""
+    rows = []
+    for r in make_splits(seed, {"train": n})["train"]:
+        answer = json.loads(r["messages"][2]["content"])
+        wrong = dict(answer, city="Atlantis")
+        rows.append({"prompt": r["messages"][:2], "chosen": [{"role": "assistant", "content": json.dumps(answer)}],
+                     "rejected": [{"role": "assistant", "content": json.dumps(wrong)}]})
+    return rows
+
+
+@pytest.fixture
+def pref_data(tmp_path):
+    return {"train": write_jsonl(tmp_path / "p_train.jsonl", pairs(21, 24)),
+            "validation": write_jsonl(tmp_path / "p_val.jsonl", pairs(22, 12))}
+
+
+def cfg(model_dir, data, out, *extra):
+    return load_config(None, [f"model.name={model_dir}", f"data.train={data['train']}",
+                              f"data.validation={data['validation']}", f"run.output_dir={out}", "run.name=d",
+                              "objective.name=dpo", "train.batch_size=4", "method.r=8", *extra])
+
+
+def test_dpo_raises_held_out_preference_accuracy(tiny_model_dir, pref_data, tmp_path):
+    run = run_dpo(cfg(tiny_model_dir, pref_data, tmp_path, "train.max_steps=24", "train.lr=1e-2",
+                      "train.eval_every=8", "objective.beta=0.5"))
+    m = json.loads((run / "manifest.json").read_text())
+    start, end = m["preference_accuracy"]["start"], m["preference_accuracy"]["end"]
+    assert end["val_preference_accuracy"] > start["val_preference_accuracy"] + 0.2
+    assert end["val_loss"] < start["val_loss"]
+    assert m["reference"] == "adapter-disabled base"
+    rows = read_metrics(run / "metrics.jsonl")
+    assert rows[0]["step"] == 0 and "val_preference_accuracy" in rows[0]
+    logged = [r for r in rows if "loss" in r]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(logged[-1])
+    assert logged[-1]["rewards/margins"] > logged[0]["rewards/margins"]
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "robust", "ipo", "simpo", "orpo", "kto"])
+def test_every_loss_trains_a_few_steps(loss, tiny_model_dir, pref_data, tmp_path):
+    extra = ["objective.label_smoothing=0.1"] if loss == "robust" else []
+    run = run_dpo(cfg(tiny_model_dir, pref_data, tmp_path, f"objective.loss={loss}", "train.max_steps=3",
+                      "train.lr=1e-3", *extra))
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)  # finite numbers, no NaN
+    assert "rewards/chosen" in rows[-1]
+
+
+def test_precomputed_reference_equals_adapter_disabled_base(tiny_model_dir, pref_data, tiny_tokenizer):
+    from tunesmith.config import ObjectiveSection, MethodSection
+
+    examples = load_examples(pref_data["train"]).examples
+    items = encode_pairs(tiny_tokenizer, examples, 256, "t")[:4]
+    base = load_model(tiny_model_dir)
+    cache = precompute_reference(base, items, tiny_tokenizer.pad_token_id, 2)
+    model = get_method("lora").build(base, MethodSection(r=4))
+    with torch.no_grad():  # give the adapter weight so that "disabled" matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)
+    batch = collate_pairs(items, tiny_tokenizer.pad_token_id)
+    live = PreferenceLoss(ObjectiveSection(name="dpo"), None)._reference(model, batch)
+    cached = PreferenceLoss(ObjectiveSection(name="dpo"), cache)._reference(model, batch)
+    torch.testing.assert_close(live, cached.to(live.dtype), rtol=1e-5, atol=1e-5)
+
+
+def test_sft_rows_are_refused_for_dpo(tiny_model_dir, order_data, tmp_path):
+    from tunesmith.errors import DataError
+
+    with pytest.raises(DataError, match="needs preference rows"):
+        run_dpo(cfg(tiny_model_dir, order_data, tmp_path, "train.max_steps=1"))
