@@ -1,11 +1,36 @@
 """tunesmith vs TRL SFTTrainer (+PEFT) on the same model, data, lengths, batch and LoRA config.
 
     python benchmarks/sft_vs_trl.py [--method lora|full] [--examples 96]
+        [--trl KEY=VALUE ...] [--tunesmith a.b=VALUE ...] [--only trl|tunesmith]
 
-Each tool runs in its own fresh process (so peak RSS is its own), on the embedded SmolLM2-135M,
-the same GSM8K prompt/completion examples (../shared/data, chat template applied, loss on the
-completion only), max length 512, and one epoch. TRL is configured at its best for this CPU:
-fp32 (bf16 is emulated and 8-13x slower here), packing on, no gradient checkpointing.
+What is the same for both tools
+  * model: the embedded SmolLM2-135M-Instruct, fp32 (bf16 is emulated on this CPU, 8-13x slower);
+  * data: the first N GSM8K training rows (../shared/data) as conversational prompt/completion
+    records; both render them with the model's chat template and train on the completion only;
+  * max length 512, one epoch, AdamW lr 2e-4 with a constant schedule and no warmup, gradient
+    clipping at 1.0, no weight decay, seed 0; LoRA r=16, alpha=32, dropout 0, all linear layers;
+  * effective batch: 8 examples per optimizer step (EXAMPLES_PER_STEP). TRL's best configuration
+    here does not pack (see TRL_BEST), so it is 8 examples per step for both; when TRL packs
+    (--trl packing=true), a step is PACKED_ROWS_PER_STEP rows of <= 512 tokens, ~9 of these
+    examples (~221 tokens each), and the table's tokens/step column shows how close that is;
+  * each tool runs in its own fresh process, one after the other, so peak RSS (ru_maxrss) is its
+    own; its tokens/s is real tokens (no padding) over the wall time of its training loop
+    (tunesmith: the run's train_seconds; TRL: trainer.train()), which includes optimizer
+    creation and, if used, compilation, but not model loading, tokenisation or saving.
+
+Both tools' token counts are taken from what they actually fed the model: TRL's data collator is
+wrapped to count real tokens and trained targets (labels after the one-token shift), tunesmith
+reports them in its manifest. The machine is shared, so each worker's wall time is printed with
+the CPU time other processes used meanwhile (`other CPU`): a measurement taken while something
+else ran is flagged, not silently trusted.
+
+MFU is tunesmith's achieved model FLOP/s over this machine's fp32 matmul rate (best of several
+2048x2048 products, measured here, both threads). Model FLOPs per token: 2 per weight of every
+linear layer in the forward, 2 more in the backward for the activation gradients, and 2 more for
+the weight gradients only where the weights train (full fine-tuning); the LM head counts only for
+trained positions (the only ones the loss needs); causal attention adds 2*L*d per layer and token
+forward (x3 with backward). Frozen embeddings are a lookup, not FLOPs.
+
 Last line: `ratio tokens_per_s=<x> peak_rss=<y> mfu=<z>` (tunesmith / TRL; mfu is tunesmith's own).
 """
 from __future__ import annotations
@@ -23,9 +48,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
-EFFECTIVE_BATCH = 8   # examples per optimizer step (TRL: packed rows per step, see trl_worker)
+EXAMPLES_PER_STEP = 8      # effective batch, in examples
+PACKED_ROWS_PER_STEP = 4   # effective batch when TRL packs: 4 rows of <= 512 tokens ~ 9 examples here
 MAX_LENGTH = 512
 LR = 2e-4
+SEED = 0
+
+# TRL's fastest configuration on this 2-core CPU, from the exploration in the report (--trl
+# overrides any of it): packing on forces padding-free rows, whose block-diagonal attention mask
+# costs more than it saves here; one unpadded example per forward (batch 1, accumulation 8) keeps
+# sdpa on its causal kernel with no mask and the least activation memory; gradient checkpointing
+# only slows it down (it recomputes the forward) and is reported separately for memory.
+TRL_BEST = {"packing": False, "padding_free": False, "per_device_train_batch_size": 1,
+            "gradient_accumulation_steps": 8, "gradient_checkpointing": False}
+# tunesmith's configuration: the user-facing batch (8 examples a step) and its defaults.
+TUNESMITH = {"train.batch_size": EXAMPLES_PER_STEP, "train.grad_accum": 1}
 
 
 def write_data(path: Path, n: int) -> None:
@@ -40,22 +77,55 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def tunesmith_worker(data: Path, method: str, out: Path) -> dict:
-    from tunesmith.config import parse_config
+def parse_overrides(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+# --- workers (each in its own process) -------------------------------------------------------------
+
+def tunesmith_worker(data: Path, method: str, out: Path, overrides: dict) -> dict:
+    from tunesmith.config import apply_overrides, parse_config
     from tunesmith.recipes.sft import run_sft
 
-    cfg = parse_config({
-        "data": {"train": str(data), "max_length": MAX_LENGTH, "packing": True},
-        "method": {"name": method, **LORA},
-        "train": {"epochs": 1, "batch_size": EFFECTIVE_BATCH, "lr": LR, "schedule": "constant", "log_every": 4},
-        "run": {"name": "bench", "output_dir": str(out)}})
+    cfg = {"data": {"train": str(data), "max_length": MAX_LENGTH},
+           "method": {"name": method, **LORA},
+           "train": {"epochs": 1, "lr": LR, "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0,
+                     "weight_decay": 0.0, "seed": SEED, "log_every": 1, "precision": "fp32"},
+           "run": {"name": "bench", "output_dir": str(out)}}
+    settings = {**TUNESMITH, **overrides}
+    cfg = parse_config(apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in settings.items()]))
     run = run_sft(cfg)
     m = json.loads((run / "manifest.json").read_text())
     return {"tokens": m["tokens"], "trained_tokens": m["trained_tokens"], "seconds": m["train_seconds"],
-            "trainable": m["parameters"]["trainable"], "total_params": m["parameters"]["total"]}
+            "steps": m["steps"], "examples": m["data"]["train_examples"], "final_loss": m["final_loss"],
+            "trainable": m["parameters"]["trainable"], "total_params": m["parameters"]["total"],
+            "settings": settings}
 
 
-def trl_worker(data: Path, method: str, out: Path) -> dict:
+class CountingCollator:
+    """Wraps TRL's collator to count what the model is actually fed."""
+
+    def __init__(self, inner):
+        self.inner, self.tokens, self.trained, self.batches, self.widths = inner, 0, 0, 0, []
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int((batch["position_ids"] >= 0).sum())
+        self.trained += int((batch["labels"][:, 1:] != -100).sum())
+        self.batches += 1
+        self.widths.append(ids.numel())
+        return batch
+
+
+def trl_worker(data: Path, method: str, out: Path, overrides: dict) -> dict:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
@@ -67,65 +137,102 @@ def trl_worker(data: Path, method: str, out: Path) -> dict:
     path = resolve_model("smollm2-135m-instruct").path
     model, tok = load_model(path), load_tokenizer(path)
     ds = load_dataset("json", data_files=str(data), split="train")
-    # Packed rows of 512 tokens: ~3 rows hold the 8 examples (~180 tokens each) of one step.
-    args = SFTConfig(output_dir=str(out / "trl"), per_device_train_batch_size=3, gradient_accumulation_steps=1,
-                     learning_rate=LR, lr_scheduler_type="constant", num_train_epochs=1, max_length=MAX_LENGTH,
-                     packing=True, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
-                     logging_steps=4, save_strategy="no", report_to=[], completion_only_loss=True,
-                     dataloader_num_workers=0, include_num_input_tokens_seen="non_padding")
-    peft_cfg = None if method == "full" else LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                                                        target_modules="all-linear", task_type="CAUSAL_LM")
+    settings = {**TRL_BEST, **overrides}
+    if settings.get("packing") and not {"per_device_train_batch_size", "gradient_accumulation_steps"} & set(overrides):
+        settings.update(per_device_train_batch_size=1, gradient_accumulation_steps=PACKED_ROWS_PER_STEP)
+    args = SFTConfig(**{**dict(
+        output_dir=str(out / "trl"), learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+        num_train_epochs=1, max_length=MAX_LENGTH, max_grad_norm=1.0, weight_decay=0.0, seed=SEED, bf16=False,
+        fp16=False, use_cpu=True, logging_steps=1, save_strategy="no", report_to=[], completion_only_loss=True,
+        dataloader_num_workers=0), **settings})
+    peft_cfg = None if method == "full" else LoraConfig(
+        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear",
+        task_type="CAUSAL_LM", bias="none")
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
-    labels = [sum(1 for x in row["completion_mask"] if x) for row in trainer.train_dataset] \
-        if "completion_mask" in trainer.train_dataset.column_names else None
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
     t0 = time.perf_counter()
-    trainer.train()
+    out_ = trainer.train()
     seconds = time.perf_counter() - t0
-    tokens = int(trainer.state.num_input_tokens_seen)
     n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in trainer.model.parameters())
-    return {"tokens": tokens, "trained_tokens": sum(labels) if labels else None, "seconds": seconds,
-            "trainable": n_train, "total_params": n_total, "torch_threads": torch.get_num_threads()}
+    return {"tokens": counter.tokens, "trained_tokens": counter.trained, "seconds": seconds,
+            "steps": trainer.state.global_step, "examples": len(ds), "final_loss": out_.training_loss,
+            "trainable": n_train, "total_params": n_total, "settings": settings,
+            "padded_tokens": sum(counter.widths), "torch_threads": torch.get_num_threads()}
 
 
-def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
+# --- measurement -----------------------------------------------------------------------------------
+
+def matmul_gflops(n: int = 2048, rounds: int = 5) -> float:
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(a, b)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            torch.mm(a, b)
+        best = max(best, 2 * n ** 3 * 5 / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
-def model_flops_per_token(total_params: int, trainable: int, method: str) -> float:
-    """Forward 2N; backward 2N for activation gradients, +2N for weight gradients when the
-    weights themselves train (full). LoRA's own weights are a rounding error."""
-    return (6 if method == "full" else 4) * total_params
+def flops_per_token(method: str, trained_share: float, mean_len: float) -> float:
+    """Model FLOPs per token of SmolLM2-135M (see the module docstring)."""
+    from transformers import AutoConfig
+
+    from tunesmith.models.registry import resolve_model
+
+    c = AutoConfig.from_pretrained(resolve_model("smollm2-135m-instruct").path)
+    d, f, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    kv = c.num_key_value_heads * (d // c.num_attention_heads)
+    linear = layers * (2 * d * d + 2 * d * kv + 3 * d * f)
+    head = c.vocab_size * d * trained_share
+    passes = 6 if method == "full" else 4  # forward 2, activation grads 2, weight grads 2 (full only)
+    attention = 3 * layers * 2 * mean_len * d  # causal: 2*L*d forward per token and layer, x3 with backward
+    return passes * (linear + head) + attention
 
 
-def run_worker(tool: str, data: Path, method: str, out: Path) -> dict:
+def system_busy_seconds() -> float:
+    """CPU seconds every process on the machine has used so far (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def run_worker(tool: str, data: Path, method: str, out: Path, overrides: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", tool, "--data", str(data), "--method", method, "--out", str(out)]
+    cmd += [x for o in overrides for x in (f"--{tool}", o)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    busy0, own0, wall0 = system_busy_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    own1, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), system_busy_seconds()
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
         raise SystemExit(f"{tool} worker failed")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    own = (own1.ru_utime + own1.ru_stime) - (own0.ru_utime + own0.ru_stime)
+    result["process_seconds"] = time.perf_counter() - wall0
+    result["cpu_seconds"] = own
+    result["other_cpu_seconds"] = max(0.0, (busy1 - busy0) - own)
+    return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--method", choices=["lora", "full"], default="lora")
     ap.add_argument("--examples", type=int, default=96)
+    ap.add_argument("--trl", action="append", default=[], metavar="KEY=VALUE", help="SFTConfig override")
+    ap.add_argument("--tunesmith", action="append", default=[], metavar="a.b=VALUE", help="config override")
+    ap.add_argument("--only", choices=["trl", "tunesmith"])
     ap.add_argument("--worker", choices=["tunesmith", "trl"])
     ap.add_argument("--data", type=Path)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.worker:
         fn = tunesmith_worker if args.worker == "tunesmith" else trl_worker
-        result = fn(args.data, args.method, args.out)
+        result = fn(args.data, args.method, args.out, parse_overrides(getattr(args, args.worker)))
         result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
@@ -134,23 +241,36 @@ def main() -> None:
     from tunesmith.models.registry import resolve_model
 
     resolve_model("smollm2-135m-instruct")  # convert once, outside either tool's timing
+    tools = [args.only] if args.only else ["trl", "tunesmith"]
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "gsm8k.jsonl"
         write_data(data, args.examples)
         rate = matmul_gflops()
-        res = {tool: run_worker(tool, data, args.method, Path(tmp)) for tool in ("trl", "tunesmith")}
-    print(f"method {args.method}, {args.examples} GSM8K examples, max length {MAX_LENGTH}, "
-          f"fp32 matmul {rate:.1f} GFLOP/s")
-    print(f"{'tool':<10}{'tokens':>8}{'trained':>9}{'seconds':>9}{'tok/s':>8}{'trained/s':>10}{'peak RSS MB':>12}")
+        res = {t: run_worker(t, data, args.method, Path(tmp), getattr(args, t)) for t in tools}
+    print(f"method {args.method}, {args.examples} GSM8K examples, max length {MAX_LENGTH}, 1 epoch, "
+          f"fp32 matmul {rate:.1f} GFLOP/s, load average before {load[0]:.2f} after {os.getloadavg()[0]:.2f}")
+    for tool, r in res.items():
+        print(f"  {tool}: {json.dumps(r['settings'])}; trainable {r['trainable']:,} of {r['total_params']:,}; "
+              f"final loss {r['final_loss']:.4f}")
+    print(f"{'tool':<10}{'steps':>6}{'tok/step':>9}{'tokens':>8}{'trained':>8}{'train s':>8}{'tok/s':>7}"
+          f"{'trained/s':>10}{'peak RSS MB':>12}{'process s':>10}{'other CPU':>10}")
     for tool, r in res.items():
         r["tps"] = r["tokens"] / r["seconds"]
-        trained = r["trained_tokens"] or 0
-        print(f"{tool:<10}{r['tokens']:>8}{trained:>9}{r['seconds']:>9.1f}{r['tps']:>8.1f}"
-              f"{trained / r['seconds']:>10.1f}{r['peak_rss_mb']:>12.0f}")
-    ours = res["tunesmith"]
-    mfu = ours["tps"] * model_flops_per_token(ours["total_params"], ours["trainable"], args.method) / (rate * 1e9)
-    print(f"ratio tokens_per_s={ours['tps'] / res['trl']['tps']:.2f} "
-          f"peak_rss={ours['peak_rss_mb'] / res['trl']['peak_rss_mb']:.2f} mfu={mfu:.3f}")
+        other = r["other_cpu_seconds"] / r["process_seconds"]  # in cores, while this worker ran
+        flag = "  <- machine busy" if other > 0.1 else ""
+        print(f"{tool:<10}{r['steps']:>6}{r['tokens'] / r['steps']:>9.0f}{r['tokens']:>8}{r['trained_tokens']:>8}"
+              f"{r['seconds']:>8.1f}{r['tps']:>7.1f}{r['trained_tokens'] / r['seconds']:>10.1f}"
+              f"{r['peak_rss_mb']:>12.0f}{r['process_seconds']:>10.1f}{other:>9.2f}c{flag}")
+    if len(res) < 2:
+        return
+    ours, trl = res["tunesmith"], res["trl"]
+    fpt = flops_per_token(args.method, ours["trained_tokens"] / ours["tokens"], ours["tokens"] / ours["examples"])
+    mfu = ours["tps"] * fpt / (rate * 1e9)
+    print(f"tunesmith: {fpt / 1e6:.0f} MFLOP/token -> {ours['tps'] * fpt / 1e9:.1f} GFLOP/s; "
+          f"TRL: {trl['tps'] * fpt / 1e9:.1f} GFLOP/s (same count)")
+    print(f"ratio tokens_per_s={ours['tps'] / trl['tps']:.2f} "
+          f"peak_rss={ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f} mfu={mfu:.3f}")
 
 
 if __name__ == "__main__":

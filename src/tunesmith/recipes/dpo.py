@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.config import Config, dump_config
+from tunesmith.data.batching import collate
 from tunesmith.data.tokenize import IGNORE, Encoded, EncodedPair, encode_preference
 from tunesmith.errors import DataError
 from tunesmith.models.load import decoder_and_head
@@ -26,20 +27,14 @@ class PairItem:
     pair: EncodedPair
 
     @property
+    def n_tokens(self) -> int:
+        """Tokens one pass over the pair processes: prompt + chosen and prompt + rejected."""
+        return len(self.pair.chosen.input_ids) + len(self.pair.rejected.input_ids)
+
+    @property
     def input_ids(self) -> list[int]:
         c, r = self.pair.chosen.input_ids, self.pair.rejected.input_ids
         return c if len(c) >= len(r) else r
-
-
-def _rows(seqs: list, pad_id: int) -> dict:
-    width = max(len(s.input_ids) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        n = len(s.input_ids)
-        ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(s.input_ids), torch.tensor(s.labels), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def _mismatched(items: list[PairItem]) -> list[Encoded]:
@@ -55,10 +50,10 @@ def _mismatched(items: list[PairItem]) -> list[Encoded]:
 
 def collate_pairs(items: list[PairItem], pad_id: int, kto: bool = False) -> dict:
     """Chosen rows first, then rejected rows, right-padded into one batch (one forward pass)."""
-    batch = _rows([it.pair.chosen for it in items] + [it.pair.rejected for it in items], pad_id)
+    batch = collate([it.pair.chosen for it in items] + [it.pair.rejected for it in items], pad_id)
     batch.update(units=len(items), index=torch.tensor([it.index for it in items]))
     if kto:
-        batch["kl"] = _rows(_mismatched(items), pad_id)
+        batch["kl"] = collate(_mismatched(items), pad_id)
     return batch
 
 

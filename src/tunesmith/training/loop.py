@@ -183,7 +183,8 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        logger.count(sum(len(e.input_ids) for g in step_groups for e in g), n_step)  # real tokens, no padding
+        logger.count(sum(getattr(e, "n_tokens", None) or len(e.input_ids) for g in step_groups for e in g),
+                     n_step)  # real tokens, no padding
         state = TrainState(step, state.micro_batches + len(step_groups), logger.tokens, logger.trained_tokens,
                            stopper.best, stopper.best_step)
         if step % tcfg.log_every == 0 or step == steps:
