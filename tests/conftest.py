@@ -49,11 +49,11 @@ def tiny_tokenizer():
     return build_tokenizer()
 
 
-def tiny_llama(vocab_size: int, seed: int = 0):
+def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=True, eos_token_id=2, pad_token_id=0, bos_token_id=1,
                       initializer_range=0.2)  # frozen embeddings large enough for sharp logits

@@ -52,6 +52,9 @@ def test_dpo_raises_held_out_preference_accuracy(tiny_model_dir, pref_data, tmp_
     logged = [r for r in rows if "loss" in r]
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(logged[-1])
     assert logged[-1]["rewards/margins"] > logged[0]["rewards/margins"]
+    # the plot gets a fourth panel (preference accuracy and margin): taller than an SFT run's 3 panels
+    png = (run / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[20:24], "big") > 1000
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "robust", "ipo", "simpo", "orpo", "kto"])

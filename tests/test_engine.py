@@ -229,3 +229,206 @@ def test_prompt_learning_loss_matches_peft_and_trains(method, tiny_model_dir, or
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert sum(losses[-3:]) < sum(losses[:3])
     assert (run / "adapter" / "adapter_config.json").is_file()
+
+
+# --- speed and memory paths: each must give the gradient of the plain batched path -------------
+
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_chunked_linear_cross_entropy_equals_full_logits(trainable_head):
+    from tunesmith.training.losses import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 32, generator=g, requires_grad=True)
+    weight = torch.randn(500, 32, generator=g, requires_grad=trainable_head)
+    bias = torch.randn(500, generator=g, requires_grad=trainable_head)
+    targets = torch.randint(0, 500, (300,), generator=g)
+    leaves = [t for t in (hidden, weight, bias) if t.requires_grad]
+    full = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, bias), targets,
+                                             reduction="sum")
+    want = torch.autograd.grad(full * 0.3, leaves)
+    chunked = linear_cross_entropy(hidden, weight, bias, targets, chunk_rows=64)  # 5 chunks, the last partial
+    got = torch.autograd.grad(chunked * 0.3, leaves)
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-3)
+    for w, c in zip(want, got):
+        torch.testing.assert_close(c, w, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # evaluation: the same value, no gradient work
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, bias, targets), full.detach(), rtol=1e-6,
+                                   atol=1e-3)
+
+
+def grads_with(model, batches):
+    model.zero_grad(set_to_none=True)
+    loss, n = loop.accumulate(model, batches, sft_loss_sum, choose_placement("fp32"))
+    return loss, n, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_example_micro_batches_give_the_padded_batch_gradient(method):
+    """micro_batch=example: 8 examples as 4 micro-batches of 2 unpadded rows (run on 2 threads)
+    or 8 of 1 row, accumulated, equal one padded batch of 8, gradients included."""
+    from tunesmith.data.batching import collate_examples
+
+    torch.set_num_threads(2)
+    model = get_method(method).build(tiny_llama(256, seed=1), MethodSection(name=method, r=4))
+    model.train()
+    ex = varied_examples()
+    loss, n, whole = grads_with(model, [collate(ex, 0)])
+    for threads in (1, 2):
+        loss_k, n_k, rows = grads_with(model, [collate_examples(ex[i:i + threads], 0, threads)
+                                               for i in range(0, 8, threads)])
+        assert n_k == n and loss_k == pytest.approx(loss, rel=1e-5)
+        assert rows.keys() == whole.keys() and whole
+        for name in whole:
+            torch.testing.assert_close(rows[name], whole[name], rtol=1e-4, atol=1e-5)
+
+
+def test_concurrent_examples_are_reproducible_bit_for_bit():
+    """Two examples on two threads accumulate in example order, not in the order their threads
+    finish: a run is reproducible bit for bit whatever the timing (resume relies on it)."""
+    from tunesmith.data.batching import collate_examples
+    from tunesmith.training.concurrent import rows_loss_sum_with
+
+    torch.set_num_threads(2)
+    model = get_method("full").build(tiny_llama(256, seed=1), MethodSection(name="full"))
+    model.train()
+    ex = varied_examples()
+    batches = [collate_examples(ex[i:i + 2], 0, threads=2)["rows"] for i in range(0, 8, 2)]
+
+    def run(slow_row):  # one row's backward waits, so the other thread finishes first
+        def loss_fn(m, row):
+            loss, n = sft_loss_sum(m, row)
+            if row["input_ids"] is rows[slow_row]["input_ids"]:
+                loss.register_hook(lambda g: (time.sleep(0.2), g)[1])
+            return loss, n
+
+        model.zero_grad(set_to_none=True)
+        for rows in batches:  # .grad already holds earlier micro-batches: the order of sums matters
+            loss, _ = rows_loss_sum_with(loss_fn, model, rows, threads=2)
+            loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    first_slow, second_slow = run(0), run(1)
+    assert all(torch.equal(first_slow[k], second_slow[k]) for k in first_slow)
+
+
+def test_dropout_examples_run_one_after_the_other():
+    """With dropout the threads would draw random numbers in a varying order: the rows run in
+    order instead, so the same seed gives the sequential result exactly."""
+    from tunesmith.data.batching import collate_examples
+    from tunesmith.training.concurrent import draws_random_numbers
+
+    model = get_method("lora").build(tiny_llama(256, seed=1), MethodSection(r=4, dropout=0.3))
+    model.train()
+    assert draws_random_numbers(model)
+    ex = varied_examples()
+    results = []
+    for threads in (1, 2):
+        torch.manual_seed(7)
+        results.append(grads_with(model, [collate_examples(ex[i:i + 2], 0, threads) for i in range(0, 8, 2)])[2])
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_micro_batching_keeps_the_step_and_picks_whole_micro_batches():
+    from tunesmith.config import TrainSection
+    from tunesmith.recipes.sft import micro_batching
+
+    cpu, model = choose_placement("fp32"), tiny_llama(256)
+    loop_cfg, collate_fn, _ = micro_batching(TrainSection(batch_size=8, grad_accum=1), cpu, model)
+    assert (loop_cfg.batch_size, loop_cfg.grad_accum) == (2, 4) and collate_fn.keywords == {"threads": 2}
+    loop_cfg, collate_fn, _ = micro_batching(TrainSection(batch_size=3, grad_accum=1), cpu, model)
+    assert (loop_cfg.batch_size, loop_cfg.grad_accum) == (1, 3)  # 2 would split a step unevenly
+    loop_cfg, _, _ = micro_batching(TrainSection(batch_size=2, grad_accum=4, parallel_examples=4), cpu, model)
+    assert (loop_cfg.batch_size, loop_cfg.grad_accum) == (4, 2)
+    tcfg = TrainSection(batch_size=8, grad_accum=2, micro_batch="batch")
+    assert micro_batching(tcfg, cpu, model)[:2] == (tcfg, collate)
+
+
+def test_malloc_mmap_threshold_returns_freed_activations_to_the_os():
+    """glibc keeps freed mid-size blocks in its heap; with the threshold they go back to the OS."""
+    code = """
+import torch, sys
+from tunesmith.training.device import set_malloc_mmap_threshold
+if sys.argv[1] == "1":
+    assert set_malloc_mmap_threshold(131072)
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+kept = []
+for _ in range(3):  # freeing grows glibc's own threshold past these sizes; the heap then keeps them
+    xs = []
+    for i in range(150):  # like activations (~1.2 MB) between small tensors that stay alive
+        xs.append(torch.ones(300_000 + 1000 * i))
+        kept.append(torch.ones(2000))
+    del xs
+print(rss())
+"""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    kept = [float(subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True,
+                                 check=True).stdout) for flag in ("0", "1")]
+    assert kept[0] - kept[1] > 100, kept  # MB still resident after the tensors are gone
+
+
+# --- activation budget: recompute only the layers a long forward needs -------------------------
+
+def saved_activation_bytes(model, fn):
+    """Bytes of the tensors autograd keeps for the backward during fn(), parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def test_layer_activation_estimate_matches_what_autograd_keeps():
+    from tunesmith.training.memory import layer_bytes_per_token
+
+    model = tiny_llama(256, layers=4)
+    model.train()
+    ids = torch.randint(3, 256, (1, 200))
+    one, _ = saved_activation_bytes(model, lambda: sft_loss_sum(model, {"input_ids": ids[:, :100], "labels": ids[:, :100]}))
+    two, _ = saved_activation_bytes(model, lambda: sft_loss_sum(model, {"input_ids": ids, "labels": ids}))
+    per_layer_token = (two - one) / 100 / 4  # the head and loss cancel out in the difference
+    assert per_layer_token == pytest.approx(layer_bytes_per_token(model.config), rel=0.25)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_activation_budget_gives_the_same_gradients_and_keeps_less(method):
+    """train.activation_memory_mb: a long example recomputes just enough layers to fit, a short
+    one none; the gradients are the ones of keeping everything."""
+    from tunesmith.data.batching import collate_examples
+    from tunesmith.training.memory import install_budget, layer_bytes_per_token, layers_to_recompute
+
+    model = get_method(method).build(tiny_llama(256, seed=1, layers=4), MethodSection(name=method, r=4))
+    model.train()
+    ex = varied_examples()
+    batches = [collate_examples([e], 0) for e in ex]
+    _, n, plain = grads_with(model, batches)
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    per_token = layer_bytes_per_token(config)
+    budget_mb = 90 * 4 * per_token / 2**20  # 80 tokens fit in 4 layers, 100 and 120 need some recomputed
+    k = {len(e.input_ids): layers_to_recompute(len(e.input_ids), 4, per_token, 64, budget_mb * 2**20) for e in ex}
+    assert k[5] == k[17] == k[33] == k[64] == k[80] == 0 and 0 < k[100] < k[120] < 4
+    calls = []
+    layers = model.get_base_model().model.layers if method == "lora" else model.model.layers
+    for layer in layers:  # counts the layer's forwards, recomputations included (module hooks skip those)
+        layer.forward = (lambda fwd: lambda *a, **kw: (calls.append(1), fwd(*a, **kw))[1])(layer.forward)
+    budget = install_budget(model, budget_mb)
+    _, n_b, budgeted = grads_with(model, batches)
+    assert n_b == n and budgeted.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(budgeted[name], plain[name], rtol=1e-5, atol=1e-6)
+    # every layer runs once per example, and once more in the backward for each recomputed one
+    assert len(calls) == 4 * len(ex) + sum(k[len(e.input_ids)] for e in ex) and budget.recomputed_layers == sum(k.values())
+    # and the longest example keeps less than the budget, where without one it keeps twice as much
+    long = collate_examples([ex[1]], 0)["rows"][0]
+    kept, _ = saved_activation_bytes(model, lambda: sft_loss_sum(model, long))
+    assert kept <= budget_mb * 2**20 * 1.1
+    with torch.no_grad():  # evaluation recomputes nothing
+        before = len(calls)
+        sft_loss_sum(model, long)
+        assert len(calls) - before == 4

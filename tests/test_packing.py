@@ -188,3 +188,19 @@ def test_packed_run_trains_and_counts_the_same_tokens_per_epoch(tiny_model_dir, 
         assert packed[epoch * per_epoch - 1]["tokens"] == plain[epoch * 4 - 1]["tokens"]
     assert packed[-1]["tokens"] == plain[-1]["tokens"] == 4 * sum(len(e.input_ids) for e in encoded)
     assert manifest["val_loss"] is not None and plain_manifest["data"]["train_sequences"] == 16
+
+
+def test_packed_rows_as_separate_sequences_give_the_packed_batch_loss(tiny_tokenizer, encoded):
+    """micro_batch=example with data.packing: each packed row is its own unpadded sequence and
+    keeps its restarting positions, so the loss equals the padded packed batch's."""
+    from tunesmith.data.batching import collate_examples
+
+    model = tiny_llama(len(tiny_tokenizer))
+    rows = pack_examples(encoded[:7] + three_lengths(tiny_tokenizer), 512)
+    batch = collate(rows, tiny_tokenizer.pad_token_id)
+    separate = collate_examples(rows, tiny_tokenizer.pad_token_id, threads=2)
+    assert separate["units"] == trained_targets(batch["labels"])
+    loss_sum, n = sft_loss_sum(model, batch)
+    loss_rows, n_rows = sft_loss_sum(model, separate)
+    assert n_rows == n
+    torch.testing.assert_close(loss_rows, loss_sum, rtol=1e-5, atol=0)

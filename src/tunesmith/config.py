@@ -85,6 +85,26 @@ class TrainSection(_Section):
     max_steps: int = Field(0, ge=0, description="Optimizer steps to run; 0 derives them from epochs.")
     batch_size: int = Field(4, gt=0, description="Examples per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    micro_batch: Literal["auto", "batch", "example"] = Field(
+        "auto", description="What one forward/backward holds. batch: train.batch_size examples padded together "
+                            "(fastest on GPUs). example: one example, unpadded, with the gradients accumulated, so a "
+                            "step still holds batch_size x grad_accum examples and the same gradient; attention needs "
+                            "no padding mask and activations are one example's (fastest and smallest on CPUs). "
+                            "auto: example on CPU, batch on GPU.")
+    parallel_examples: int = Field(
+        0, ge=0, description="micro_batch=example on CPU: run this many examples of a step at once, each on one "
+                             "CPU thread (more throughput than splitting each matmul across threads, for as many "
+                             "examples' activations in memory); 0: auto (2 when torch has 2+ threads, else 1).")
+    activation_memory_mb: float = Field(
+        0, ge=0, description="Most activation memory one forward may keep for its backward (per example running "
+                             "at once with micro_batch=example, else per micro-batch): a longer forward recomputes "
+                             "just enough decoder layers in the backward to fit (gradient checkpointing for those "
+                             "layers only; same gradients), a shorter one recomputes nothing. 0: no limit.")
+    malloc_mmap_threshold: int = Field(
+        0, ge=0, description="glibc CPUs: allocations of at least this many bytes get their own mmap and go back "
+                             "to the OS when freed, so resident memory follows the live tensors instead of a "
+                             "fragmented heap's high-water mark (about -0.9 GB peak for SmolLM2 LoRA) at the cost "
+                             "of page faults (slower); e.g. 131072. 0: glibc's default.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")

@@ -1,5 +1,6 @@
 """Batches of encoded examples or packed rows: length-grouped to waste little padding, seeded for
-reproducibility."""
+reproducibility. `collate` pads a micro-batch into one tensor batch; `collate_examples` keeps each
+example (or packed row) its own unpadded sequence (train.micro_batch=example)."""
 from __future__ import annotations
 
 import random
@@ -46,3 +47,17 @@ def trained_targets(labels: torch.Tensor) -> int:
     """Number of tokens a batch trains on (targets are labels shifted left by one). Packed rows
     count right too: the label at each example boundary is IGNORE (data/pack.py)."""
     return int((labels[:, 1:] != IGNORE).sum())
+
+
+def collate_examples(items: list[Encoded] | list[PackedRow], pad_id: int, threads: int = 1) -> dict:
+    """A micro-batch as separate unpadded sequences (`rows`), which training.losses.sft_loss_sum
+    runs `threads` at a time. Nothing is padded, so no attention mask is needed and sdpa keeps its
+    causal kernel; a packed row keeps its restarting position_ids. `units` is the micro-batch's
+    trained-target count (what the training loop normalises the step's loss by)."""
+    rows = []
+    for item in items:
+        row = {"input_ids": torch.tensor([item.input_ids]), "labels": torch.tensor([item.labels])}
+        if isinstance(item, PackedRow):
+            row["position_ids"] = torch.tensor([item.position_ids])
+        rows.append(row)
+    return {"rows": rows, "threads": threads, "units": sum(trained_targets(r["labels"]) for r in rows)}

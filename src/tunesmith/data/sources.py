@@ -256,8 +256,9 @@ def _iter_parquet(path: Path) -> Iterator[RawRecord]:
     try:
         with pq.ParquetFile(path) as pf:
             yield from _arrow_rows(path, pf.iter_batches(batch_size=BATCH_ROWS))
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({exc}); re-write or re-download it") from None
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # damaged string pages fail as they decode
+        raise DataError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}); "
+                        "re-write or re-download it") from None
 
 
 def _dataset_splits(path: Path) -> list[str] | None:

@@ -172,7 +172,7 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
     from tunesmith.models.registry import resolve_model, sha256_file
     from tunesmith.recipes.sft import data_files_of, load_split, load_training_examples, prepare_model, resume_target
     from tunesmith.training.device import choose_placement
-    from tunesmith.training.logging import MetricsLogger, plot_loss
+    from tunesmith.training.logging import MetricsLogger, plot_loss, read_metrics
     from tunesmith.training.loop import total_steps, train
     from tunesmith.training.manifest import now_iso, versions, write_json
     from tunesmith.training.rundir import run_name, staged_run_dir
@@ -232,7 +232,11 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
         save_trained(model, cfg.method, tmp)
         tokenizer.save_pretrained(tmp / "tokenizer")
         plot_loss(tmp / "metrics.jsonl", tmp / "loss.png")
-        end = evaluator() if val else None
+        end = None
+        if val:  # the loop's evaluation of the last step is the end value; evaluate only if it did not run
+            last = [r for r in read_metrics(tmp / "metrics.jsonl") if "val_preference_accuracy" in r]
+            end = ({k: last[-1][k] for k in ("val_loss", "val_preference_accuracy")}
+                   if last and last[-1]["step"] == result.steps and not tcfg.restore_best else evaluator())
         write_json(tmp / "manifest.json", {
             "kind": "dpo", "run_name": name, "versions": versions(), "objective": obj.model_dump(),
             "model": {"id": resolved.id, "source": resolved.source, "path": str(resolved.path), "sha256": resolved.sha256},

@@ -6,12 +6,14 @@ Reads a Config, writes a run directory:
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
 
 from tunesmith.config import Config, dump_config
+from tunesmith.data.batching import collate, collate_examples
 from tunesmith.data.dataset import load_examples
 from tunesmith.data.pack import describe_packing, pack_examples
 from tunesmith.data.templates import apply_template
@@ -26,7 +28,8 @@ from tunesmith.training.losses import sft_loss_sum
 from tunesmith.training.trackers import Trackers
 from tunesmith.training.manifest import now_iso, versions, write_json
 from tunesmith.training.checkpoint import checkpoint_dirs
-from tunesmith.training.device import choose_placement
+from tunesmith.training.concurrent import has_dropout
+from tunesmith.training.device import choose_placement, set_malloc_mmap_threshold
 from tunesmith.training.rundir import resumable, run_name, staged_name, staged_run_dir
 
 
@@ -66,7 +69,36 @@ def prepare_model(model, cfg: Config, placement):
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    elif cfg.train.activation_memory_mb:
+        from tunesmith.training.memory import install_budget
+
+        install_budget(model, cfg.train.activation_memory_mb)
     return model
+
+
+def micro_batching(tcfg, placement, model):
+    """(the loop's train settings, its collate function, a description) for train.micro_batch.
+
+    micro_batch=example keeps the step (batch_size x grad_accum examples, one gradient) and changes
+    only how it is computed: the loop's micro-batches become `k` examples, collated unpadded and
+    run k at a time (training/concurrent.py), with accumulation over the rest. The summed loss is
+    divided by the step's trained-token count either way, so the gradient is the batched one."""
+    mode = tcfg.micro_batch
+    if mode == "auto":
+        mode = "example" if placement.device.type == "cpu" else "batch"
+    if mode == "batch":
+        return tcfg, collate, f"micro-batches of {tcfg.batch_size} padded examples"
+    per_step = tcfg.batch_size * tcfg.grad_accum
+    k = tcfg.parallel_examples or (2 if placement.device.type == "cpu" else 1)
+    k = max(d for d in range(1, min(k, per_step) + 1) if per_step % d == 0)  # whole micro-batches per step
+    loop_cfg = tcfg.model_copy(update={"batch_size": k, "grad_accum": per_step // k})
+    at_once = f"{k} at once"
+    if k > 1 and placement.device.type != "cpu":
+        at_once = f"{k} one after the other (threads only on CPU)"
+    elif k > 1 and has_dropout(model):
+        at_once = f"{k} one after the other (dropout draws random numbers: threads would not be reproducible)"
+    return loop_cfg, partial(collate_examples, threads=k), (
+        f"{per_step} examples per step, each unpadded in its own forward/backward, {at_once}")
 
 
 def resume_target(cfg: Config) -> tuple[str, Path, Path]:
@@ -96,6 +128,8 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
     tcfg = cfg.train
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
+    if tcfg.malloc_mmap_threshold:
+        set_malloc_mmap_threshold(tcfg.malloc_mmap_threshold)  # before the model and data fill the heap
     torch.manual_seed(tcfg.seed)
 
     # --- setup: model, tokenizer, data -----------------------------------------------------
@@ -122,6 +156,8 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
     print(f"model: {resolved.id}  method: {cfg.method.name}  trainable {trainable:,} of {total:,} "
           f"parameters ({100 * trainable / total:.2f}%)", flush=True)
     train_items, val_items = packed_if_asked(cfg, model, train_set, val_set)
+    loop_cfg, collate_fn, how = micro_batching(tcfg, placement, model)
+    print(f"batching: {how}", flush=True)
 
     adopt = checkpoint = None
     if resume:
@@ -136,12 +172,12 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
             checkpoint = tmp / "checkpoints" / checkpoint.name  # the staging folder was renamed to this process
             truncate_metrics(tmp / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
         # --- train ---------------------------------------------------------------------------
-        steps = total_steps(len(train_items), tcfg)
+        steps = total_steps(len(train_items), loop_cfg)
         trackers = Trackers(tcfg.trackers, tmp, name, resolved_cfg.model_dump(mode="json")) if tcfg.trackers else None
         logger = MetricsLogger(tmp / "metrics.jsonl", steps, trackers=trackers)
         try:
-            result = train(model, train_items, tcfg, sft_loss_sum, tokenizer.pad_token_id, logger, val_items,
-                           run_dir=tmp, resume=checkpoint, placement=placement)
+            result = train(model, train_items, loop_cfg, sft_loss_sum, tokenizer.pad_token_id, logger, val_items,
+                           run_dir=tmp, resume=checkpoint, placement=placement, collate_fn=collate_fn)
         finally:
             logger.close()
         # --- save ----------------------------------------------------------------------------

@@ -63,3 +63,19 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float, device: to
 
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
     return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def set_malloc_mmap_threshold(nbytes: int) -> bool:
+    """glibc: serve allocations of at least `nbytes` with their own mmap, returned to the OS when
+    freed. glibc's default raises this threshold as large blocks are freed, so activations end up
+    in a heap that keeps the high-water mark of every forward/backward (fragmented, never given
+    back): resident memory then sits far above the live tensors. False where not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold = -3  # malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, int(nbytes)))
+    except (OSError, AttributeError):
+        return False

@@ -67,7 +67,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss(metrics_path: Path, out_png: Path) -> None:
-    """Loss (train and validation), learning rate and gradient norm against the step."""
+    """Loss (train and validation), learning rate and gradient norm against the step; preference
+    runs (DPO and its family) get a fourth panel: train and held-out preference accuracy, and the
+    reward margin."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,11 +80,17 @@ def plot_loss(metrics_path: Path, out_png: Path) -> None:
     def series(key):
         return [(r["step"], r[key]) for r in rows if key in r]
 
-    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    preference = any("rewards/margins" in r or "val_preference_accuracy" in r for r in rows)
+    fig, axes = plt.subplots(4 if preference else 3, 1, figsize=(7, 10.5 if preference else 8), sharex=True)
     panels = [(axes[0], [("loss", "train loss", "-"), ("val_loss", "validation loss", "o-")],
-               "cross-entropy per trained token"),
+               "preference loss" if preference else "cross-entropy per trained token"),
               (axes[1], [("lr", "learning rate", "-")], "learning rate"),
               (axes[2], [("grad_norm", "gradient norm (before clipping)", "-")], "gradient norm")]
+    if preference:
+        panels.append((axes[3], [("rewards/accuracies", "train preference accuracy", "-"),
+                                 ("val_preference_accuracy", "held-out preference accuracy", "o-"),
+                                 ("rewards/margins", "train reward margin", ":")],
+                       "accuracy / margin"))
     for ax, keys, ylabel in panels:
         for key, label, style in keys:
             pts = series(key)

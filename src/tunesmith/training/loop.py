@@ -199,7 +199,10 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
             is_best = stopper.update(step, val_loss)
             state.best_metric, state.best_step = stopper.best, stopper.best_step
             logger.log(step, **{k: round(v, 6) for k, v in metrics.items()})
-            print(f"step {step:>5}/{steps}  validation loss {val_loss:.4f}" + ("  (best)" if is_best else ""), flush=True)
+            others = "".join(f"  {k.removeprefix('val_').replace('_', ' ')} {v:.4f}" for k, v in metrics.items()
+                             if k != "val_loss")
+            print(f"step {step:>5}/{steps}  validation loss {val_loss:.4f}{others}" + ("  (best)" if is_best else ""),
+                  flush=True)
         stopped = stopper.should_stop
         if ckpt_root and (step % tcfg.save_every == 0 or is_best or stopped or step == steps):
             save_checkpoint(ckpt_root, model, optimizer, scheduler, state, tcfg.keep_last)
