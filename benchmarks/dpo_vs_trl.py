@@ -84,18 +84,27 @@ def trl_worker(data: Path, out: Path) -> dict:
 
 def run_worker(tool: str, data: Path, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", tool, "--data", str(data), "--out", str(out)]
-    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false"),
-                          capture_output=True, text=True)
+    from tunesmith.training.allocator import allocator_env
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # tunesmith's worker starts the way `tunesmith train` restarts itself (train.allocator auto);
+    # TRL's as users run it (glibc's allocator) unless --trl-allocator says otherwise.
+    env = allocator_env("auto" if tool == "tunesmith" else TRL_ALLOCATOR[0], env)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
         raise SystemExit(f"{tool} worker failed")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1]) | {"allocator": env["TUNESMITH_ALLOCATOR"]}
+
+
+TRL_ALLOCATOR = ["system"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=48)
     ap.add_argument("--worker", choices=["tunesmith", "trl"])
+    ap.add_argument("--trl-allocator", default="system", choices=["system", "tcmalloc", "jemalloc", "mimalloc"])
     ap.add_argument("--data", type=Path)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -103,6 +112,7 @@ def main() -> None:
         result = (tunesmith_worker if args.worker == "tunesmith" else trl_worker)(args.data, args.out)
         print(json.dumps(result | {"peak_rss_mb": peak_rss_mb()}))
         return
+    TRL_ALLOCATOR[0] = args.trl_allocator
     if not HH.is_file():
         raise SystemExit(f"{HH} is missing: the benchmark needs ../shared/data")
     from tunesmith.models.registry import resolve_model
@@ -114,10 +124,10 @@ def main() -> None:
         res = {tool: run_worker(tool, data, Path(tmp)) for tool in ("trl", "tunesmith")}
     tokens = res["tunesmith"]["tokens"]
     print(f"sigmoid DPO, {args.pairs} hh-rlhf pairs, batch {BATCH}, max length {MAX_LENGTH}, {tokens} tokens")
-    print(f"{'tool':<10}{'seconds':>9}{'tok/s':>8}{'peak RSS MB':>12}")
+    print(f"{'tool':<10}{'seconds':>9}{'tok/s':>8}{'peak RSS MB':>12}  allocator")
     for tool, r in res.items():
         r["tps"] = tokens / r["seconds"]
-        print(f"{tool:<10}{r['seconds']:>9.1f}{r['tps']:>8.1f}{r['peak_rss_mb']:>12.0f}")
+        print(f"{tool:<10}{r['seconds']:>9.1f}{r['tps']:>8.1f}{r['peak_rss_mb']:>12.0f}  {r['allocator']}")
     ours, trl = res["tunesmith"], res["trl"]
     print(f"ratio tokens_per_s={ours['tps'] / trl['tps']:.2f} peak_rss={ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
 

@@ -61,8 +61,14 @@ SEED = 0
 # only slows it down (it recomputes the forward) and is reported separately for memory.
 TRL_BEST = {"packing": False, "padding_free": False, "per_device_train_batch_size": 1,
             "gradient_accumulation_steps": 8, "gradient_checkpointing": False}
-# tunesmith's configuration: the user-facing batch (8 examples a step) and its defaults.
-TUNESMITH = {"train.batch_size": EXAMPLES_PER_STEP, "train.grad_accum": 1}
+# tunesmith's configurations: the user-facing batch (8 examples a step) and its defaults (its
+# allocator included: `tunesmith train` preloads tcmalloc/jemalloc/mimalloc, training/allocator.py),
+# once as they are ("tunesmith-fast": two examples at a time on one thread each) and once with an
+# activation budget ("tunesmith": one example at a time on both threads, recomputing the layers
+# that a long example needs to keep 250 MB of activations). The ratio line is tunesmith's.
+TUNESMITH = {"train.batch_size": EXAMPLES_PER_STEP, "train.grad_accum": 1, "train.parallel_examples": 1,
+             "train.activation_memory_mb": 250}
+TUNESMITH_FAST = {"train.batch_size": EXAMPLES_PER_STEP, "train.grad_accum": 1}
 
 
 def write_data(path: Path, n: int) -> None:
@@ -98,7 +104,7 @@ def tunesmith_worker(data: Path, method: str, out: Path, overrides: dict) -> dic
            "train": {"epochs": 1, "lr": LR, "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0,
                      "weight_decay": 0.0, "seed": SEED, "log_every": 1, "precision": "fp32"},
            "run": {"name": "bench", "output_dir": str(out)}}
-    settings = {**TUNESMITH, **overrides}
+    settings = {**(TUNESMITH_FAST if os.environ.get("TUNESMITH_BENCH_FAST") else TUNESMITH), **overrides}
     cfg = parse_config(apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in settings.items()]))
     run = run_sft(cfg)
     m = json.loads((run / "manifest.json").read_text())
@@ -201,10 +207,26 @@ def system_busy_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def run_worker(tool: str, data: Path, method: str, out: Path, overrides: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--worker", tool, "--data", str(data), "--method", method, "--out", str(out)]
-    cmd += [x for o in overrides for x in (f"--{tool}", o)]
+def worker_env(tool: str, overrides: list[str], trl_allocator: str) -> dict:
+    """tunesmith's worker starts the way `tunesmith train` restarts itself (with train.allocator,
+    default auto); TRL's with glibc's allocator as users run it, or --trl-allocator's."""
+    from tunesmith.training.allocator import allocator_env
+
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("TUNESMITH_BENCH_FAST", None)
+    if tool == "tunesmith-fast":
+        env["TUNESMITH_BENCH_FAST"] = "1"
+    if tool == "trl":
+        return allocator_env(trl_allocator, env)
+    choice = parse_overrides(overrides).get("train.allocator", "auto")
+    return allocator_env(choice, env)
+
+
+def run_worker(tool: str, data: Path, method: str, out: Path, overrides: list[str], trl_allocator: str) -> dict:
+    kind = "trl" if tool == "trl" else "tunesmith"
+    cmd = [sys.executable, __file__, "--worker", kind, "--data", str(data), "--method", method, "--out", str(out / tool)]
+    cmd += [x for o in overrides for x in (f"--{kind}", o)]
+    env = worker_env(tool, overrides, trl_allocator)
     busy0, own0, wall0 = system_busy_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     own1, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), system_busy_seconds()
@@ -213,6 +235,7 @@ def run_worker(tool: str, data: Path, method: str, out: Path, overrides: list[st
         raise SystemExit(f"{tool} worker failed")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     own = (own1.ru_utime + own1.ru_stime) - (own0.ru_utime + own0.ru_stime)
+    result["allocator"] = env.get("TUNESMITH_ALLOCATOR", "system")
     result["process_seconds"] = time.perf_counter() - wall0
     result["cpu_seconds"] = own
     result["other_cpu_seconds"] = max(0.0, (busy1 - busy0) - own)
@@ -225,7 +248,10 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=96)
     ap.add_argument("--trl", action="append", default=[], metavar="KEY=VALUE", help="SFTConfig override")
     ap.add_argument("--tunesmith", action="append", default=[], metavar="a.b=VALUE", help="config override")
-    ap.add_argument("--only", choices=["trl", "tunesmith"])
+    ap.add_argument("--only", choices=["trl", "tunesmith", "tunesmith-fast"])
+    ap.add_argument("--no-fast", action="store_true", help="skip the tunesmith-fast row")
+    ap.add_argument("--trl-allocator", default="system", choices=["system", "tcmalloc", "jemalloc", "mimalloc"],
+                    help="allocator TRL's process starts with (default: glibc's, as `python train.py` runs)")
     ap.add_argument("--worker", choices=["tunesmith", "trl"])
     ap.add_argument("--data", type=Path)
     ap.add_argument("--out", type=Path)
@@ -241,30 +267,35 @@ def main() -> None:
     from tunesmith.models.registry import resolve_model
 
     resolve_model("smollm2-135m-instruct")  # convert once, outside either tool's timing
-    tools = [args.only] if args.only else ["trl", "tunesmith"]
+    tools = [args.only] if args.only else ["trl", "tunesmith", *([] if args.no_fast else ["tunesmith-fast"])]
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "gsm8k.jsonl"
         write_data(data, args.examples)
         rate = matmul_gflops()
-        res = {t: run_worker(t, data, args.method, Path(tmp), getattr(args, t)) for t in tools}
+        res = {t: run_worker(t, data, args.method, Path(tmp), getattr(args, "trl" if t == "trl" else "tunesmith"),
+                             args.trl_allocator) for t in tools}
     print(f"method {args.method}, {args.examples} GSM8K examples, max length {MAX_LENGTH}, 1 epoch, "
           f"fp32 matmul {rate:.1f} GFLOP/s, load average before {load[0]:.2f} after {os.getloadavg()[0]:.2f}")
     for tool, r in res.items():
-        print(f"  {tool}: {json.dumps(r['settings'])}; trainable {r['trainable']:,} of {r['total_params']:,}; "
+        print(f"  {tool}: {json.dumps(r['settings'])}; allocator {r['allocator']}; trainable {r['trainable']:,} of {r['total_params']:,}; "
               f"final loss {r['final_loss']:.4f}")
-    print(f"{'tool':<10}{'steps':>6}{'tok/step':>9}{'tokens':>8}{'trained':>8}{'train s':>8}{'tok/s':>7}"
+    print(f"{'tool':<15}{'steps':>6}{'tok/step':>9}{'tokens':>8}{'trained':>8}{'train s':>8}{'tok/s':>7}"
           f"{'trained/s':>10}{'peak RSS MB':>12}{'process s':>10}{'other CPU':>10}")
     for tool, r in res.items():
         r["tps"] = r["tokens"] / r["seconds"]
         other = r["other_cpu_seconds"] / r["process_seconds"]  # in cores, while this worker ran
         flag = "  <- machine busy" if other > 0.1 else ""
-        print(f"{tool:<10}{r['steps']:>6}{r['tokens'] / r['steps']:>9.0f}{r['tokens']:>8}{r['trained_tokens']:>8}"
+        print(f"{tool:<15}{r['steps']:>6}{r['tokens'] / r['steps']:>9.0f}{r['tokens']:>8}{r['trained_tokens']:>8}"
               f"{r['seconds']:>8.1f}{r['tps']:>7.1f}{r['trained_tokens'] / r['seconds']:>10.1f}"
               f"{r['peak_rss_mb']:>12.0f}{r['process_seconds']:>10.1f}{other:>9.2f}c{flag}")
-    if len(res) < 2:
+    if "trl" not in res or "tunesmith" not in res:
         return
     ours, trl = res["tunesmith"], res["trl"]
+    if "tunesmith-fast" in res:
+        fast = res["tunesmith-fast"]
+        print(f"tunesmith-fast / TRL: tokens_per_s={fast['tps'] / trl['tps']:.2f} "
+              f"peak_rss={fast['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
     fpt = flops_per_token(args.method, ours["trained_tokens"] / ours["tokens"], ours["tokens"] / ours["examples"])
     mfu = ours["tps"] * fpt / (rate * 1e9)
     print(f"tunesmith: {fpt / 1e6:.0f} MFLOP/token -> {ours['tps'] * fpt / 1e9:.1f} GFLOP/s; "

@@ -45,6 +45,10 @@ def test_dpo_raises_held_out_preference_accuracy(tiny_model_dir, pref_data, tmp_
     m = json.loads((run / "manifest.json").read_text())
     start, end = m["preference_accuracy"]["start"], m["preference_accuracy"]["end"]
     assert end["val_preference_accuracy"] > start["val_preference_accuracy"] + 0.2
+    # reward accuracy starts at 0 by construction; the policy's own preference starts where the base
+    # model is and must rise too (it is a measure that could stay flat)
+    assert start["val_preference_accuracy"] == 0 and 0 < start["val_policy_prefers_chosen"] < 1
+    assert end["val_policy_prefers_chosen"] > start["val_policy_prefers_chosen"]
     assert end["val_loss"] < start["val_loss"]
     assert m["reference"] == "adapter-disabled base"
     rows = read_metrics(run / "metrics.jsonl")

@@ -105,6 +105,11 @@ class TrainSection(_Section):
                              "to the OS when freed, so resident memory follows the live tensors instead of a "
                              "fragmented heap's high-water mark (about -0.9 GB peak for SmolLM2 LoRA) at the cost "
                              "of page faults (slower); e.g. 131072. 0: glibc's default.")
+    allocator: Literal["auto", "tcmalloc", "jemalloc", "mimalloc", "system"] = Field(
+        "auto", description="Memory allocator of the `tunesmith train` process (Linux): auto picks tcmalloc, "
+                            "jemalloc or mimalloc (shipped as a dependency), whichever is found first; their "
+                            "reuse of freed activations keeps resident memory near the live tensors, where "
+                            "glibc's heap fragments. system: glibc's. Applied by re-executing the command once.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
@@ -172,6 +177,59 @@ class ObjectiveSection(_Section):
                             "once (full fine-tuning); precomputed: always precompute them before training.")
 
 
+TaskKind = Literal["perplexity", "generation", "multiple_choice"]
+GenerationMetric = Literal["exact_match", "normalized_match", "accuracy", "macro_f1", "json", "rouge_l", "bleu",
+                           "chrf"]
+
+
+class EvalTaskSection(_Section):
+    """One evaluation task (`tunesmith eval`, `tunesmith compare`, and eval.during_training)."""
+
+    name: str = Field(description="Task name: results go to eval/<name>.json.")
+    role: Literal["task", "general"] = Field(
+        "task", description="task: what the fine-tune is for; general: a general benchmark that compare checks "
+                            "for forgetting (a drop above eval.forgetting_threshold points is flagged).")
+    kind: TaskKind = Field(description="perplexity (text or a data split), generation (a data split's replies "
+                                       "scored by `metrics`) or multiple_choice (log-likelihood of each choice).")
+    path: str = Field(description="Data file (JSONL/JSON/CSV/TSV/Parquet, or a text file for perplexity).")
+    format: str = Field("auto", description="Record format: a data format (generation/perplexity) or, for "
+                                            "multiple_choice, arc | hellaswag | mmlu | choices (auto detects it).")
+    columns: dict[str, str] = Field(default_factory=dict, description="Canonical field -> column, as data.columns.")
+    limit: int | None = Field(None, gt=0, description="Evaluate only the first N records (None: all).")
+    sample: int | None = Field(None, gt=0, description="Evaluate a seeded random sample of N records (None: all).")
+    seed: int = Field(0, description="Seed of the sample and of sampled decoding.")
+    metrics: list[GenerationMetric] = Field(
+        default_factory=lambda: ["exact_match", "normalized_match"],
+        description="generation: metrics to compute (the first is the task's primary metric).")
+    labels: list[str] = Field(default_factory=list,
+                              description="generation label tasks: the label set (default: the references seen).")
+    json_fields: list[str] = Field(default_factory=list, description="generation with `json`: fields scored.")
+    system_prompt: str | None = Field(None, description="System message added to prompts that have none.")
+    max_new_tokens: int = Field(64, gt=0, description="generation: longest reply.")
+    stop: list[str] = Field(default_factory=list, description="generation: strings that end a reply.")
+    temperature: float = Field(0.0, ge=0, description="generation: 0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="generation: nucleus sampling mass.")
+    batch_size: int = Field(16, gt=0, description="Sequences per forward pass.")
+    shots: int = Field(0, ge=0, description="multiple_choice: solved examples put before each question.")
+    shots_path: str | None = Field(None, description="multiple_choice: file the shots come from (default: path).")
+    max_length: int | None = Field(None, gt=8, description="perplexity: window length (None: the model's context).")
+    stride: int | None = Field(None, gt=0, description="perplexity: tokens the window moves by (None: max_length/2).")
+
+
+class EvalSection(_Section):
+    tasks: list[EvalTaskSection] = Field(default_factory=list, description="Tasks of `tunesmith eval` / compare.")
+    during_training: bool = Field(False, description="Run eval.tasks on every checkpoint (train.save_every) and "
+                                                     "on the final weights; results in eval/step-N/.")
+    best_metric: str | None = Field(
+        None, description="Pick the best checkpoint by TASK/METRIC (e.g. banking77/accuracy) instead of "
+                          "validation loss; higher is better (perplexity: lower).")
+    forgetting_threshold: float = Field(2.0, ge=0, description="compare: points a general benchmark may drop "
+                                                               "before it is flagged as forgetting.")
+    gates: dict[str, float] = Field(
+        default_factory=dict, description="compare: TASK/METRIC -> least tuned-minus-base change (points; "
+                                          "negative allows a drop); a failed gate exits non-zero.")
+
+
 class Config(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -180,6 +238,7 @@ class Config(_Section):
     run: RunSection = Field(default_factory=RunSection)
     objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
     prepare: PrepareSection = Field(default_factory=PrepareSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
 
 def _fields_at(path: tuple[Any, ...]) -> list[str]:

@@ -102,8 +102,10 @@ class PreferenceLoss:
 
     def __call__(self, model, batch: dict):
         n = batch["units"]
-        loss, metrics = self._loss(model, batch, sequence_logps(model, batch))
+        logps = sequence_logps(model, batch)
+        loss, metrics = self._loss(model, batch, logps)
         self._metrics.append({k: float(v) for k, v in metrics.items()})
+        self.last_logps = pref.SeqLogps(logps.sum.detach(), logps.tokens)
         return loss * n, n
 
     def pop_metrics(self) -> dict:
@@ -130,10 +132,13 @@ def precompute_reference(model, items: list[PairItem], pad_id: int, batch_size: 
 
 @torch.no_grad()
 def preference_accuracy(model, items: list[PairItem], loss: PreferenceLoss, pad_id: int, batch_size: int) -> dict:
-    """Held-out preference accuracy (chosen reward above rejected) and loss."""
+    """Held-out preference accuracy (chosen reward above rejected), loss, and the policy's own
+    preference: the share of pairs whose chosen reply has the higher mean log-prob per token. The
+    reward accuracy is 0 at step 0 by construction (policy == reference: both rewards are 0); the
+    policy's own preference is the base model's there, so its rise measures what training taught."""
     was = model.training
     model.eval()
-    total, correct, n_all = 0.0, 0.0, 0
+    total, correct, n_all, prefers = 0.0, 0.0, 0, 0
     for start in range(0, len(items), batch_size):
         batch = collate_pairs(items[start:start + batch_size], pad_id, kto=loss.obj.loss == "kto")
         value, n = loss(model, batch)
@@ -142,9 +147,12 @@ def preference_accuracy(model, items: list[PairItem], loss: PreferenceLoss, pad_
         # KTO has no paired accuracy; its chosen-vs-rejected reward comparison stands in
         acc = m.get("rewards/accuracies", float(m.get("rewards/chosen", 0) > m.get("rewards/rejected", 0)))
         correct += acc * n
+        mean = loss.last_logps.mean
+        prefers += int((mean[:n] > mean[n:]).sum())
     loss._metrics.clear()
     model.train(was)
-    return {"val_loss": total / max(n_all, 1), "val_preference_accuracy": correct / max(n_all, 1)}
+    return {"val_loss": total / max(n_all, 1), "val_preference_accuracy": correct / max(n_all, 1),
+            "val_policy_prefers_chosen": prefers / max(n_all, 1)}
 
 
 def encode_pairs(tokenizer, examples, max_length: int, source: str) -> list[PairItem]:
@@ -206,7 +214,7 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
     loss_fn = PreferenceLoss(obj, cache)
     kto = obj.loss == "kto"
 
-    def evaluator() -> dict:
+    def evaluator(step: int | None = None) -> dict:
         return preference_accuracy(model, val, loss_fn, tokenizer.pad_token_id, tcfg.batch_size)
 
     adopt = checkpoint = None
@@ -222,7 +230,8 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
         start = evaluator() if val and checkpoint is None else None
         if start:
             logger.log(0, **{k: round(v, 6) for k, v in start.items()})
-            print(f"step     0  held-out preference accuracy {start['val_preference_accuracy']:.3f}", flush=True)
+            print(f"step     0  held-out preference accuracy {start['val_preference_accuracy']:.3f}  "
+                  f"policy prefers chosen {start['val_policy_prefers_chosen']:.3f}", flush=True)
         try:
             result = train(model, items, tcfg, loss_fn, tokenizer.pad_token_id, logger, val, run_dir=tmp,
                            resume=checkpoint, placement=placement, evaluator=evaluator if val else None,
@@ -235,7 +244,7 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
         end = None
         if val:  # the loop's evaluation of the last step is the end value; evaluate only if it did not run
             last = [r for r in read_metrics(tmp / "metrics.jsonl") if "val_preference_accuracy" in r]
-            end = ({k: last[-1][k] for k in ("val_loss", "val_preference_accuracy")}
+            end = ({k: last[-1][k] for k in ("val_loss", "val_preference_accuracy", "val_policy_prefers_chosen")}
                    if last and last[-1]["step"] == result.steps and not tcfg.restore_best else evaluator())
         write_json(tmp / "manifest.json", {
             "kind": "dpo", "run_name": name, "versions": versions(), "objective": obj.model_dump(),

@@ -28,6 +28,8 @@ from tunesmith.training.losses import sft_loss_sum
 from tunesmith.training.trackers import Trackers
 from tunesmith.training.manifest import now_iso, versions, write_json
 from tunesmith.training.checkpoint import checkpoint_dirs
+from tunesmith.eval.during import keep_results_of
+from tunesmith.training import allocator
 from tunesmith.training.concurrent import has_dropout
 from tunesmith.training.device import choose_placement, set_malloc_mmap_threshold
 from tunesmith.training.rundir import resumable, run_name, staged_name, staged_run_dir
@@ -101,6 +103,21 @@ def micro_batching(tcfg, placement, model):
         f"{per_step} examples per step, each unpadded in its own forward/backward, {at_once}")
 
 
+def with_task_evaluation(cfg: Config, loop_cfg, model, tokenizer, run_dir: Path, val_items, placement):
+    """(loop settings, evaluator or None) for eval.during_training: cfg.eval.tasks run at every
+    evaluation step, which is every checkpoint when only train.save_every is set (eval/during.py)."""
+    if not (cfg.eval.during_training and cfg.eval.tasks):
+        return loop_cfg, None
+    from tunesmith.eval.during import task_evaluator
+    from tunesmith.training.loop import evaluate_loss
+
+    if not loop_cfg.eval_every and loop_cfg.save_every:
+        loop_cfg = loop_cfg.model_copy(update={"eval_every": loop_cfg.save_every})
+    base = (lambda: {"val_loss": evaluate_loss(model, val_items, sft_loss_sum, tokenizer.pad_token_id,
+                                               loop_cfg.batch_size, placement)}) if val_items else None
+    return loop_cfg, task_evaluator(cfg, model, tokenizer, run_dir, base)
+
+
 def resume_target(cfg: Config) -> tuple[str, Path, Path]:
     """(run name, staging folder, last checkpoint) of the interrupted run to continue; its saved
     config must match this one, or the resumed run would not be the run that was started."""
@@ -157,7 +174,7 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
           f"parameters ({100 * trainable / total:.2f}%)", flush=True)
     train_items, val_items = packed_if_asked(cfg, model, train_set, val_set)
     loop_cfg, collate_fn, how = micro_batching(tcfg, placement, model)
-    print(f"batching: {how}", flush=True)
+    print(f"batching: {how}; memory allocator: {allocator.active()}", flush=True)
 
     adopt = checkpoint = None
     if resume:
@@ -175,11 +192,15 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
         steps = total_steps(len(train_items), loop_cfg)
         trackers = Trackers(tcfg.trackers, tmp, name, resolved_cfg.model_dump(mode="json")) if tcfg.trackers else None
         logger = MetricsLogger(tmp / "metrics.jsonl", steps, trackers=trackers)
+        loop_cfg, evaluator = with_task_evaluation(cfg, loop_cfg, model, tokenizer, tmp, val_items, placement)
         try:
             result = train(model, train_items, loop_cfg, sft_loss_sum, tokenizer.pad_token_id, logger, val_items,
-                           run_dir=tmp, resume=checkpoint, placement=placement, collate_fn=collate_fn)
+                           run_dir=tmp, resume=checkpoint, placement=placement, collate_fn=collate_fn,
+                           evaluator=evaluator)
         finally:
             logger.close()
+        if evaluator is not None:  # the evaluation of the weights being saved is the run's own
+            keep_results_of(tmp, result.best_step if tcfg.restore_best and result.best_step else result.steps)
         # --- save ----------------------------------------------------------------------------
         save_trained(model, cfg.method, tmp)
         tokenizer.save_pretrained(tmp / "tokenizer")  # includes the chat template used in training

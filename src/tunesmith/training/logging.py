@@ -89,6 +89,8 @@ def plot_loss(metrics_path: Path, out_png: Path) -> None:
     if preference:
         panels.append((axes[3], [("rewards/accuracies", "train preference accuracy", "-"),
                                  ("val_preference_accuracy", "held-out preference accuracy", "o-"),
+                                 ("val_policy_prefers_chosen", "held-out: policy prefers chosen (mean log-prob)",
+                                  "s--"),
                                  ("rewards/margins", "train reward margin", ":")],
                        "accuracy / margin"))
     for ax, keys, ylabel in panels:

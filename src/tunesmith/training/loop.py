@@ -152,10 +152,10 @@ class EarlyStopping:
 
 def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: MetricsLogger,
           val_examples: Items | None = None, run_dir: Path | None = None, resume: Path | None = None,
-          placement: Placement | None = None, evaluator: Callable[[], dict] | None = None,
+          placement: Placement | None = None, evaluator: Callable[[int], dict] | None = None,
           collate_fn: Callable = collate) -> TrainResult:
-    """`evaluator()` returns validation metrics, `val_loss` first (it drives early stopping and
-    the best checkpoint); by default the loss of loss_fn over val_examples. A loss_fn with a
+    """`evaluator(step)` returns validation metrics; `select` (else `val_loss`), lower is better,
+    drives early stopping and the best checkpoint; by default the loss of loss_fn over val_examples. A loss_fn with a
     `pop_metrics()` method adds its own per-step metrics (e.g. preference rewards) to the log."""
     steps = logger.total_steps
     placement = placement or choose_placement(tcfg.precision)
@@ -193,16 +193,15 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
                             **({"spike": 1} if spike else {}))
         is_best = False
         if (val_examples or evaluator) and (step == steps or (tcfg.eval_every and step % tcfg.eval_every == 0)):
-            metrics = evaluator() if evaluator else {
+            metrics = evaluator(step) if evaluator else {
                 "val_loss": evaluate_loss(model, val_examples, loss_fn, pad_id, tcfg.batch_size, placement)}
-            val_loss = metrics["val_loss"]
-            is_best = stopper.update(step, val_loss)
+            val_loss = metrics.get("val_loss")
+            select = metrics.pop("select", val_loss)
+            is_best = select is not None and stopper.update(step, select)
             state.best_metric, state.best_step = stopper.best, stopper.best_step
             logger.log(step, **{k: round(v, 6) for k, v in metrics.items()})
-            others = "".join(f"  {k.removeprefix('val_').replace('_', ' ')} {v:.4f}" for k, v in metrics.items()
-                             if k != "val_loss")
-            print(f"step {step:>5}/{steps}  validation loss {val_loss:.4f}{others}" + ("  (best)" if is_best else ""),
-                  flush=True)
+            shown = "".join(f"  {k.removeprefix('val_').replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
+            print(f"step {step:>5}/{steps} {shown}" + ("  (best)" if is_best else ""), flush=True)
         stopped = stopper.should_stop
         if ckpt_root and (step % tcfg.save_every == 0 or is_best or stopped or step == steps):
             save_checkpoint(ckpt_root, model, optimizer, scheduler, state, tcfg.keep_last)
