@@ -201,7 +201,7 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
             state.best_metric, state.best_step = stopper.best, stopper.best_step
             logger.log(step, **{k: round(v, 6) for k, v in metrics.items()})
             shown = "".join(f"  {k.removeprefix('val_').replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
-            print(f"step {step:>5}/{steps} {shown}" + ("  (best)" if is_best else ""), flush=True)
+            print(f"step {step:>5}/{steps}  validation{shown}" + ("  (best)" if is_best else ""), flush=True)
         stopped = stopper.should_stop
         if ckpt_root and (step % tcfg.save_every == 0 or is_best or stopped or step == steps):
             save_checkpoint(ckpt_root, model, optimizer, scheduler, state, tcfg.keep_last)
