@@ -1,15 +1,19 @@
+import pytest
 import torch
 
 from conftest import tiny_llama
 from tunesmith.data.tokenize import prompt_ids
-from tunesmith.generation import InferenceModel, generate
+from tunesmith.generation import InferenceModel, cut_at_stop, generate
 
+LONG = " ".join(["Deliver to Lyon, attention Grace Mori: 3 scarves, pink. Overnight delivery please."] * 6)
 PROMPTS = [[{"role": "user", "content": "Hi"}],
            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Order 3 red mugs to Oslo."}],
-           [{"role": "user", "content": "Hello there, what is the capital of France?"}]]
+           [{"role": "user", "content": "Hello there, what is the capital of France?"}],
+           [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": LONG}]]
 
 
 def one_at_a_time(model, tok, conv, n):
+    """Reference: greedy decoding by hand, one unpadded prompt, no KV cache."""
     ids = torch.tensor([prompt_ids(tok, conv)])
     for _ in range(n):
         nxt = model(input_ids=ids).logits[0, -1].argmax()
@@ -19,11 +23,95 @@ def one_at_a_time(model, tok, conv, n):
     return tok.decode(ids[0, len(prompt_ids(tok, conv)):], skip_special_tokens=True).strip()
 
 
-def test_batched_left_padded_generation_matches_unbatched_greedy(tiny_tokenizer):
-    model = tiny_llama(len(tiny_tokenizer), seed=3).eval()
-    im = InferenceModel(model, tiny_tokenizer, "tiny")
-    batched = generate(im, PROMPTS, max_new_tokens=12, batch_size=3)
+@pytest.fixture(scope="module")
+def im(tiny_tokenizer):
+    return InferenceModel(tiny_llama(len(tiny_tokenizer), seed=3).eval(), tiny_tokenizer, "tiny")
+
+
+def test_batched_left_padded_generation_matches_unbatched_greedy(im):
+    lengths = [len(prompt_ids(im.tokenizer, c)) for c in PROMPTS]
+    assert max(lengths) > 8 * min(lengths)  # very different lengths: the short rows carry long padding
+    batched = generate(im, PROMPTS, max_new_tokens=12, batch_size=4)
     with torch.no_grad():
-        expected = [one_at_a_time(model, tiny_tokenizer, c, 12) for c in PROMPTS]
+        expected = [one_at_a_time(im.model, im.tokenizer, c, 12) for c in PROMPTS]
     assert batched == expected
+    assert generate(im, PROMPTS, max_new_tokens=12, batch_size=1) == expected
     assert len(set(batched)) > 1  # the prompts really lead to different continuations
+
+
+def test_cut_at_stop_uses_the_earliest_stop_string():
+    assert cut_at_stop("abc\ndef###g", ["###", "\n"]) == "abc"
+    assert cut_at_stop("abc###d\ne", ["\n", "###"]) == "abc"
+    assert cut_at_stop("abc", ["x", ""]) == "abc"
+    assert cut_at_stop("xabc", ["x"]) == ""
+
+
+def _spy_generate(monkeypatch, im):
+    """Record the token rows each model.generate call returns."""
+    calls = []
+    real = im.model.generate
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((kwargs["input_ids"].shape[1], out))
+        return out
+
+    monkeypatch.setattr(im.model, "generate", spy)
+    return calls
+
+
+def test_stop_string_cuts_the_reply_and_ends_that_rows_generation(im, monkeypatch):
+    free = generate(im, PROMPTS[:2], max_new_tokens=24, batch_size=2)
+    reply = free[0]
+    assert len(reply) > 6
+    stop = reply[3:5]
+    k = reply.find(stop)
+    calls = _spy_generate(monkeypatch, im)
+    cut = generate(im, PROMPTS[:2], max_new_tokens=24, batch_size=2, stop=[stop])
+    assert cut[0] == reply[:k].strip()
+    assert cut[1] == cut_at_stop(free[1], [stop]).strip()
+    (width, out), = calls
+    tok = im.tokenizer
+    assert len(prompt_ids(tok, PROMPTS[0])) < len(prompt_ids(tok, PROMPTS[1]))  # so it is row 0 (sorted by length)
+    new = out[0, width:].tolist()
+    # the row stopped as soon as its text held the stop string: the tokens after it are padding
+    n = next(i for i in range(1, len(new) + 1) if stop in tok.decode(new[:i], skip_special_tokens=True))
+    assert n < 24
+    assert all(t == tok.pad_token_id for t in new[n:])
+
+
+def test_stop_string_in_the_prompt_does_not_end_the_reply(im):
+    # The chat prompt ends with "assistant\n"; a "\n" stop must only look at the generated text.
+    free = generate(im, PROMPTS[:1], max_new_tokens=10)[0]
+    assert generate(im, PROMPTS[:1], max_new_tokens=10, stop=["\n"]) == [cut_at_stop(free, ["\n"]).strip()]
+
+
+def test_sampling_is_seeded_reproducible_and_leaves_global_rng_alone(im):
+    state = torch.get_rng_state()
+    a = generate(im, PROMPTS, max_new_tokens=16, temperature=2.0, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert generate(im, PROMPTS, max_new_tokens=16, temperature=2.0, seed=1) == a
+    b = generate(im, PROMPTS, max_new_tokens=16, temperature=2.0, seed=2)
+    assert b != a
+    assert a != generate(im, PROMPTS, max_new_tokens=16)  # sampled, not greedy
+
+
+@pytest.mark.slow
+def test_embedded_model_batched_greedy_equals_transformers_one_at_a_time(embedded_model):
+    """The real model (its tokenizer, template and sdpa attention): batching must not change replies."""
+    from tunesmith.generation import load_for_inference
+
+    im = load_for_inference(str(embedded_model.path))
+    convs = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": LONG}],
+             [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"}]]
+    batched = generate(im, convs, max_new_tokens=8, batch_size=3)
+    tok, expected = im.tokenizer, []
+    with torch.no_grad():
+        for conv in convs:
+            ids = torch.tensor([prompt_ids(tok, conv)])
+            gen = im.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                    do_sample=False, temperature=None, top_p=None, top_k=None,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            expected.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    assert batched == expected
+    assert len(set(batched)) == 3 and all(batched)

@@ -165,6 +165,89 @@ def _data_commands(sub) -> None:
     s.set_defaults(fn=cmd_data_prepare)
 
 
+def cmd_compare(models: list[str], config: str | None, task: list[str], out: str | None, threshold: float | None,
+                gate: list[str], html: str | None, reuse: bool, fail_on_forgetting: bool) -> int:
+    from tunesmith.eval.compare import run_compare
+
+    return run_compare(models, config, task, out, threshold, gate, html, reuse, fail_on_forgetting)
+
+
+def cmd_judge(results: list[str], endpoint: str | None, judge_model: str | None, local: str | None, mode: str,
+              api_key_env: str, limit: int | None, out: str | None) -> int:
+    from tunesmith.eval.judge import run_judge
+
+    return run_judge(results, endpoint, judge_model, local, mode, api_key_env, limit, out)
+
+
+def _compare_commands(sub) -> None:
+    s = sub.add_parser("compare", help="base vs tuned on the same tasks: deltas, forgetting, gates, HTML report")
+    s.add_argument("models", nargs="+", metavar="MODEL",
+                   help="BASE TUNED (run directories or model specs), or one run directory: its base model vs it")
+    s.add_argument("--config", default=None,
+                   help="config whose eval.tasks/gates/forgetting_threshold to use (default: the tuned run's own "
+                        "config.yaml when no --task is given)")
+    s.add_argument("--task", action="append", default=[], metavar="NAME=KIND:PATH",
+                   help="a task, e.g. qa=generation:test.jsonl (KIND: perplexity | generation | multiple_choice)")
+    s.add_argument("--out", default=None, help="results folder (default: TUNED/eval/compare for a run, else compare)")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="points a general task may drop before forgetting is flagged (default: "
+                        "eval.forgetting_threshold, 2)")
+    s.add_argument("--gate", action="append", default=[], metavar="TASK/METRIC=MIN",
+                   help="least tuned-minus-base change in points, e.g. qa/exact_match=5; a failed gate exits 1")
+    s.add_argument("--html", default=None, help="HTML report path (default: OUT/compare.html)")
+    s.add_argument("--reuse", action="store_true",
+                   help="reuse result files in OUT made by the same model with the same task settings")
+    s.add_argument("--fail-on-forgetting", action="store_true", help="exit 1 when forgetting is flagged")
+    s.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser("judge", help="pairwise LLM-as-judge of two result files of one generation task")
+    s.add_argument("results", nargs=2, metavar="RESULT.json", help="BASE.json TUNED.json (e.g. compare's "
+                                                                     "base/TASK.json and tuned/TASK.json)")
+    s.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    s.add_argument("--judge-model", default=None, help="model name the endpoint serves")
+    s.add_argument("--local", default=None, help="judge with a local model (alias, directory, run directory)")
+    s.add_argument("--mode", default="logprob", choices=["logprob", "generate"],
+                   help="local judge: likelier of the answers 'A'/'B', or parse generated text")
+    s.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    s.add_argument("--limit", type=int, default=None, help="judge only the first N pairs")
+    s.add_argument("--out", default=None, help="write every verdict as JSON")
+    s.set_defaults(fn=cmd_judge)
+
+
+def cmd_eval(model: str, config: str | None, task: list[str], metrics: list[str] | None, limit: int | None,
+             no_adapter: bool, out: str | None, harness: str | None, harness_limit: int | None) -> int:
+    from tunesmith.eval.run import run_eval
+
+    run_eval(model, config=config, task_flags=task, metrics=metrics, limit=limit, adapter=not no_adapter,
+             out=out, harness=harness, harness_limit=harness_limit)
+    return 0
+
+
+def _eval_commands(sub) -> None:
+    from typing import get_args
+
+    from tunesmith.config import GenerationMetric
+
+    s = sub.add_parser("eval", help="evaluate a run or model on eval tasks: tunesmith eval RUN_OR_MODEL")
+    s.add_argument("model", help="run directory, alias, model directory, .gguf file or hub id")
+    s.add_argument("--config", default=None,
+                   help="config whose eval.tasks to run (default: a run directory's own config.yaml)")
+    s.add_argument("--task", action="append", default=[], metavar="NAME=KIND:PATH",
+                   help="extra task (repeatable), e.g. ppl=perplexity:notes.txt or qa=generation:test.jsonl")
+    s.add_argument("--metrics", nargs="+", default=None, choices=get_args(GenerationMetric),
+                   metavar="METRIC", help="metrics of the --task generation tasks (the first is the primary): "
+                                          f"{', '.join(get_args(GenerationMetric))}")
+    s.add_argument("--limit", type=int, default=None, help="evaluate only the first N records of every task")
+    s.add_argument("--no-adapter", action="store_true",
+                   help="evaluate a run's base model (results go to RUN/eval/base/)")
+    s.add_argument("--out", default=None,
+                   help="results directory (default: RUN/eval; required for a model that is not a run)")
+    s.add_argument("--harness", default=None, metavar="TASKS",
+                   help="lm-eval harness tasks, comma-separated (e.g. arc_easy,hellaswag)")
+    s.add_argument("--harness-limit", type=int, default=None, help="examples per harness task")
+    s.set_defaults(fn=cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tunesmith import __version__
     from tunesmith.models.registry import DEFAULT_MODEL
@@ -226,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_demo)
 
     _data_commands(sub)
+    _eval_commands(sub)
+    _compare_commands(sub)
     return p
 
 
@@ -259,8 +344,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _with_allocator(args: argparse.Namespace) -> None:
+    """`tunesmith train` / `demo` from a shell: restart once with train.allocator preloaded
+    (training/allocator.py). Only for a real command line: a caller's process is left alone."""
+    from tunesmith.training.allocator import reexec_with
+
+    choice = "auto"
+    if args.command == "train":
+        from tunesmith.config import load_config
+
+        try:
+            choice = load_config(args.config, list(args.overrides)).train.allocator
+        except TunesmithError:
+            return  # the run itself reports the config error
+    reexec_with(choice, sys.argv[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if argv is None and args.command in ("train", "demo"):
+        _with_allocator(args)
     quiet_upstream()
     signal.signal(signal.SIGTERM, _interrupt)
     kwargs = {k: v for k, v in vars(args).items() if k != "fn" and k != "command" and not k.endswith("_command")}

@@ -62,29 +62,81 @@ def load_for_inference(spec: str | Path, adapter: bool = True) -> InferenceModel
     return InferenceModel(model, tokenizer, label)
 
 
+def _sampling_kwargs(temperature: float, top_p: float) -> dict:
+    # Explicit values for every knob: a model's own generation_config (top_k=50, a default
+    # temperature ...) must not silently change what greedy or sampled decoding means here.
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+class _StopOnStrings:
+    """A transformers stopping criterion, per row: done once the generated text (the prompt left
+    out, so a prompt ending in a stop string does not end the reply before it starts) contains
+    one of the stop strings. Done rows are padded by generate while the others go on."""
+
+    def __init__(self, tokenizer, stops: list[str], prompt_width: int):
+        self.tokenizer, self.stops, self.width = tokenizer, stops, prompt_width
+        self.done: list[bool] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        if self.done is None:
+            self.done = [False] * input_ids.shape[0]
+        rows = [r for r, d in enumerate(self.done) if not d]
+        texts = self.tokenizer.batch_decode(input_ids[rows, self.width:].tolist(), skip_special_tokens=True)
+        for r, text in zip(rows, texts):
+            self.done[r] = any(s in text for s in self.stops)
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+
+def cut_at_stop(text: str, stops: list[str] | tuple[str, ...]) -> str:
+    """The text before the earliest stop string (all of it when none occurs)."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts right-aligned so every row's next token is at the same position; the mask hides the
+    pads and generate derives positions from it, so padding changes no row's result."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.no_grad()
 def generate(im: InferenceModel, conversations: list[list[dict]], max_new_tokens: int = 128,
-             batch_size: int = 16, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
-    """Assistant replies to each conversation, generated in left-padded batches (greedy when
-    temperature is 0). Prompts are sorted by length so batches carry little padding."""
-    tok = im.tokenizer
+             batch_size: int = 16, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             stop: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Assistant replies to each conversation, generated in left-padded, KV-cached batches.
+
+    Greedy when temperature is 0; otherwise sampled (temperature, top_p, no top-k) with torch's
+    RNG seeded with `seed` inside a fork, so the same call gives the same replies and the
+    caller's RNG state is left as it was. A reply ends at EOS, at max_new_tokens, or just before
+    the first of `stop`; a row that has produced a stop string stops generating. Prompts are
+    sorted by length so batches carry little padding."""
+    from transformers import StoppingCriteriaList
+
+    tok, model = im.tokenizer, im.model
+    stops = [s for s in stop if s]
     prompts = [prompt_ids(tok, conv) for conv in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
-    torch.manual_seed(seed)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        gen = im.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                use_cache=True, **sampling)
-        for row, i in enumerate(idx):
-            out[i] = tok.decode(gen[row, width:], skip_special_tokens=True).strip()
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [],
+                               device_type=device.type):
+        torch.manual_seed(seed)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask = _left_padded([prompts[i] for i in idx], tok.pad_token_id, device)
+            criteria = StoppingCriteriaList([_StopOnStrings(tok, stops, ids.shape[1])] if stops else [])
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True,
+                                 stopping_criteria=criteria, **_sampling_kwargs(temperature, top_p))
+            replies = tok.batch_decode(gen[:, ids.shape[1]:].tolist(), skip_special_tokens=True)
+            for i, reply in zip(idx, replies):
+                out[i] = cut_at_stop(reply, stops).strip()
     return out

@@ -1,0 +1,121 @@
+"""Generation tasks: a data split's prompts answered by the model, replies scored against the data's own.
+
+Records come through the data pipeline (any format, `columns`, `system_prompt`), so the prompt is
+rendered exactly as in training: the conversation up to its last assistant turn is the prompt,
+that turn's content the reference. E.g. banking77's test.csv with
+`columns: {instruction: text, output: category}` and `metrics: [accuracy, macro_f1]`.
+
+The primary metric is the first of `task.metrics`; `json` stands for field_accuracy (a graded
+score that credits partly right objects, where whole-object exact match calls them all wrong;
+json_exact_match and json_valid are reported beside it).
+"""
+from __future__ import annotations
+
+import random
+import time
+
+from tunesmith.config import EvalTaskSection
+from tunesmith.data.dataset import load_examples
+from tunesmith.data.records import Example
+from tunesmith.errors import ConfigError, DataError
+from tunesmith.eval.json_fields import parse_json_object
+from tunesmith.eval.metrics import METRICS, Context, normalize_answer, primary_metric, score
+from tunesmith.eval.results import TaskResult
+from tunesmith.generation import InferenceModel, generate
+
+CHUNK = 256  # examples generated between progress lines
+LABEL_METRICS = {"accuracy", "macro_f1"}
+
+
+def select(n: int, task: EvalTaskSection) -> list[int]:
+    """Record indices to evaluate: a seeded sample of task.sample (kept in file order), then the
+    first task.limit of those."""
+    idx = list(range(n))
+    if task.sample is not None and task.sample < n:
+        idx = sorted(random.Random(task.seed).sample(idx, task.sample))
+    return idx[:task.limit] if task.limit is not None else idx
+
+
+def load_task_examples(task: EvalTaskSection) -> list[Example]:
+    try:
+        return load_examples(task.path, task.format, task.columns or None, task.system_prompt).examples
+    except DataError as exc:
+        raise DataError(f"eval task '{task.name}': {exc}") from None
+
+
+def split_prompt(ex: Example, task: str) -> tuple[list[dict], str]:
+    """(the conversation before its last assistant turn, that turn's content)."""
+    if ex.kind != "chat":
+        raise DataError(f"eval task '{task}': {ex.location}: a {ex.kind} record has no reply to compare with; "
+                        "a generation task needs chat-like records (messages, alpaca, prompt/completion, ...)")
+    last = max((i for i, m in enumerate(ex.messages) if m["role"] == "assistant"), default=-1)
+    if last <= 0:
+        raise DataError(f"eval task '{task}': {ex.location}: no assistant reply after a prompt, so nothing "
+                        "to generate and compare")
+    return ex.messages[:last], ex.messages[last]["content"]
+
+
+def _check_references(task: EvalTaskSection, refs: list[str], where: list[str]) -> list[str]:
+    """Fail before generating (minutes) on references the metrics could not score; returns the JSON fields."""
+    if LABEL_METRICS & set(task.metrics) and task.labels:
+        known = {normalize_answer(label) for label in task.labels}
+        for ref, loc in zip(refs, where):
+            if normalize_answer(ref) not in known:
+                raise DataError(f"eval task '{task.name}': {loc}: reference {ref!r} is not one of the task's "
+                                f"{len(task.labels)} labels; add it to labels or fix the record")
+    if "json" not in task.metrics:
+        return list(task.json_fields)
+    fields = list(task.json_fields)
+    for ref, loc in zip(refs, where):
+        obj = parse_json_object(ref)
+        if obj is None:
+            raise DataError(f"eval task '{task.name}': {loc}: the reference is not a JSON object, so the "
+                            f"`json` metric cannot score it: {ref[:80]!r}")
+        fields = fields or list(obj)  # default: the first reference's fields
+        missing = [f for f in fields if f not in obj]
+        if missing:
+            raise DataError(f"eval task '{task.name}': {loc}: the reference lacks json_fields {missing}")
+    return fields
+
+
+def _last_user(prompt: list[dict]) -> str:
+    return next((m["content"] for m in reversed(prompt) if m["role"] != "assistant"), "")
+
+
+def _generate_all(im: InferenceModel, task: EvalTaskSection, prompts: list[list[dict]]) -> list[str]:
+    preds: list[str] = []
+    t0 = time.perf_counter()
+    for chunk, start in enumerate(range(0, len(prompts), CHUNK)):
+        preds += generate(im, prompts[start:start + CHUNK], task.max_new_tokens, task.batch_size,
+                          task.temperature, task.top_p, seed=task.seed + chunk, stop=task.stop)
+        if len(prompts) > CHUNK:
+            rate = len(preds) / (time.perf_counter() - t0)
+            print(f"  {task.name}: {len(preds)}/{len(prompts)} ({rate:.1f} examples/s)", flush=True)
+    return preds
+
+
+def _settings(task: EvalTaskSection, n_records: int, fields: list[str]) -> dict:
+    keep = ("path", "format", "columns", "system_prompt", "limit", "sample", "seed", "metrics", "labels",
+            "max_new_tokens", "stop", "temperature", "top_p", "batch_size")
+    return {**{k: getattr(task, k) for k in keep}, "json_fields": fields, "records": n_records}
+
+
+def evaluate(im: InferenceModel, task: EvalTaskSection) -> TaskResult:
+    if not task.metrics:
+        raise ConfigError(f"eval task '{task.name}': metrics is empty; name at least one of {sorted(METRICS)}")
+    t0 = time.perf_counter()
+    examples = load_task_examples(task)
+    idx = select(len(examples), task)
+    pairs = [split_prompt(examples[i], task.name) for i in idx]
+    prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    fields = _check_references(task, refs, [examples[i].location for i in idx])
+    preds = _generate_all(im, task, prompts)
+    scores = score(task.metrics, preds, refs, Context(labels=list(task.labels), json_fields=fields))
+    primary = primary_metric(task.metrics[0])
+    rows = [{"id": i, "input": _last_user(p), "reference": r, "prediction": pred,
+             "score": scores.per_example[primary][k],
+             "scores": {m: v[k] for m, v in scores.per_example.items()}}
+            for k, (i, p, r, pred) in enumerate(zip(idx, prompts, refs, preds))]
+    return TaskResult(task=task.name, kind="generation", model=im.label, metrics=scores.corpus, primary=primary,
+                      n=len(rows), examples=rows, settings=_settings(task, len(examples), fields),
+                      seconds=time.perf_counter() - t0)
