@@ -84,6 +84,10 @@ def test_harness_limit_and_bad_task_specs(tmp_path, tiny_im):
         run_harness(tiny_im, [str(tmp_path / "missing.yaml")], None)
     with pytest.raises(TunesmithError, match="data file not found"):
         local_task_yaml(tmp_path / "nope.jsonl", tmp_path / "n.yaml")
+    gone = local_task_yaml(small_arc(tmp_path / "gone.jsonl"), tmp_path / "gone.yaml", task_name="gone_lm")
+    (tmp_path / "gone.jsonl").unlink()
+    with pytest.raises(TunesmithError, match=r"could not load the task in .*gone\.yaml"):
+        run_harness(tiny_im, [str(gone)], None)
 
 
 def test_named_hub_tasks_fail_offline_with_a_local_yaml_hint(tiny_im):

@@ -100,7 +100,11 @@ def _load_tasks(tasks: list[str]) -> tuple[list, object]:
             raise TunesmithError(f"unknown lm-eval task {spec!r} ({exc}); use a name from `lm-eval ls tasks` "
                                  "or a path to a task YAML file or directory") from None
         except Exception as exc:  # datasets raises many kinds (ConnectionError, DatasetNotFoundError, ...)
-            raise TunesmithError(OFFLINE_HINT.format(name=spec, why=f"{type(exc).__name__}: {exc}"[:300])) from None
+            why = f"{type(exc).__name__}: {exc}"[:300]
+            if Path(spec).is_file():
+                raise TunesmithError(f"lm-eval could not load the task in {spec} ({why}); if its dataset_path "
+                                     "names a Hub dataset, use `dataset_path: json` with local data_files") from None
+            raise TunesmithError(OFFLINE_HINT.format(name=spec, why=why)) from None
     if not loaded:
         raise TunesmithError(f"no lm-eval tasks found in {tasks}")
     return loaded, manager
