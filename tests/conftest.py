@@ -90,3 +90,16 @@ def embedded_model():
     from tunesmith.models.registry import resolve_model
 
     return resolve_model("smollm2-135m-instruct")
+
+
+def train_tiny_run(model_dir: Path, out_dir: Path, name: str, *overrides: str, steps: int = 3) -> Path:
+    """A finished run directory from a few SFT steps on a tiny model (high lr, so the adapter matters)."""
+    from tunesmith.config import load_config
+    from tunesmith.demo.orders import make_splits
+    from tunesmith.recipes.sft import run_sft
+
+    train = write_jsonl(out_dir / f"{name}-train.jsonl", make_splits(7, {"train": 8})["train"])
+    cfg = load_config(None, [f"model.name={model_dir}", f"data.train={train}", f"run.output_dir={out_dir}",
+                             f"run.name={name}", f"train.max_steps={steps}", "train.lr=5e-2",
+                             "train.batch_size=4", *overrides])
+    return run_sft(cfg)

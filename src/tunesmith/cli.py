@@ -248,6 +248,35 @@ def _eval_commands(sub) -> None:
     s.set_defaults(fn=cmd_eval)
 
 
+def cmd_export(run: str, format: str, out: str | None, quant: str, dtype: str, check: bool, force: bool) -> int:
+    from tunesmith.export import export_run
+
+    dest = Path(out) if out else Path(run) / "export" / format
+    quants = [q.strip() for q in quant.split(",") if q.strip()]
+    export_run(run, format, dest, force=force, quant=quants if format == "gguf" else None,
+               dtype=dtype if format == "merged" else None, check=check if format == "gguf" else None)
+    print(f"exported {run} as {format} -> {dest}")
+    return 0
+
+
+def _export_commands(sub) -> None:
+    from tunesmith.export import GGUF_TYPES, FORMATS
+    from tunesmith.export.merge import DTYPES
+
+    s = sub.add_parser("export", help="export a run: PEFT adapter, merged HF model, or GGUF + Ollama Modelfile")
+    s.add_argument("run", help="run directory")
+    s.add_argument("--format", required=True, choices=sorted(FORMATS))
+    s.add_argument("--out", default=None, help="output directory (default: RUN/export/FORMAT)")
+    s.add_argument("--quant", default="q8_0", metavar="TYPES",
+                   help=f"GGUF types, comma-separated: {', '.join(GGUF_TYPES)} (default q8_0)")
+    s.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="merged model weight type")
+    s.add_argument("--check", action="store_true",
+                   help="GGUF: compare greedy outputs and logits of adapter-on-base, merged and each GGUF in "
+                        "llama.cpp on fixed prompts (writes parity.json)")
+    s.add_argument("--force", action="store_true", help="replace an existing output directory")
+    s.set_defaults(fn=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tunesmith import __version__
     from tunesmith.models.registry import DEFAULT_MODEL
@@ -311,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_commands(sub)
     _eval_commands(sub)
     _compare_commands(sub)
+    _export_commands(sub)
     return p
 
 

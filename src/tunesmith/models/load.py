@@ -35,6 +35,28 @@ def attach_adapter(model, adapter_dir: str | Path, trainable: bool = False):
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
+def merge_adapter(peft_model):
+    """The base model with the adapter's weight changes added in (PEFT's merge_and_unload)."""
+    return peft_model.merge_and_unload()
+
+
+def dequantized(model, dtype: torch.dtype):
+    """A bitsandbytes-quantised model turned back into ordinary float layers (transformers'
+    dequantize), holding the very values the quantised layers computed with."""
+    for name, module in model.named_modules():
+        # bitsandbytes repacks 4-bit weights for its CPU inference kernel on the first eval forward,
+        # lossily (bf16 scales) and, for non-square layers, not invertibly: dequantising then would
+        # give scrambled weights without any error. Merges therefore start from a fresh load.
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            raise ModelError(f"{name}: this 4-bit model already ran an inference forward on CPU, which repacked "
+                             "its weights; load it again and dequantise before using it")
+    model = model.dequantize(dtype=dtype)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    return model.to(dtype)
+
+
 def decoder_and_head(model):
     """(decoder returning hidden states, output projection) of a causal LM, PEFT-wrapped or not.
 

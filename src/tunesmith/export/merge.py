@@ -1,0 +1,100 @@
+"""A run's adapter folded into its base model, as an ordinary Hugging Face model directory.
+
+QLoRA trained its adapter against the 4-bit base as dequantised on the fly, so the merge uses
+exactly those dequantised weights (the base is loaded as it was trained, then dequantised to a
+float type) and never writes the sum back into 4 bits, where rounding would undo much of a
+small adapter. The tokenizer saved is the run's own (the chat template it trained with), and the
+generation config stops on the token that ends an assistant turn in that template.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from tunesmith.errors import ModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+UNMERGEABLE = {"prefix": "prefix tuning", "prompt": "prompt tuning"}  # they add virtual tokens, not weight deltas
+
+
+def run_config(run: Path):
+    from tunesmith.config import parse_config
+
+    return parse_config(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
+
+
+def base_path(run: Path) -> Path:
+    """The base model directory a run trained on (re-resolved when the recorded path has moved)."""
+    from tunesmith.models.registry import resolve_model
+
+    base = json.loads((run / "manifest.json").read_text())["model"]
+    return Path(base["path"]) if Path(base["path"]).is_dir() else resolve_model(base["id"]).path
+
+
+def _load_base_as_trained(run: Path, method_name: str, method_cfg, dtype: torch.dtype):
+    from tunesmith.methods import get_method
+    from tunesmith.models.load import dequantized, load_model
+
+    kwargs = get_method(method_name).load_kwargs(method_cfg)
+    model = load_model(base_path(run), dtype=dtype, **kwargs)
+    if "quantization_config" in kwargs:
+        model = dequantized(model, dtype)
+    return model
+
+
+def merged_model(run: Path, dtype: torch.dtype = torch.float32):
+    """The run's model with its adapter merged in (or its own weights for full fine-tuning)."""
+    from tunesmith.models.load import attach_adapter, load_model, merge_adapter
+
+    if (run / "model" / "config.json").is_file():
+        return load_model(run / "model", dtype=dtype)
+    if not (run / "adapter" / "adapter_config.json").is_file():
+        raise ModelError(f"{run} holds neither adapter/ nor model/: is it a finished run directory?")
+    cfg = run_config(run)
+    if cfg.method.name in UNMERGEABLE:
+        raise ModelError(f"{run}: {UNMERGEABLE[cfg.method.name]} adds virtual tokens rather than weight changes, "
+                         "so it cannot be merged into the base; export it with --format adapter")
+    base = _load_base_as_trained(run, cfg.method.name, cfg.method, dtype)
+    return merge_adapter(attach_adapter(base, run / "adapter"))
+
+
+def end_of_turn_ids(tokenizer, base_generation_config) -> list[int]:
+    """Token ids generation must stop on: the run tokenizer's EOS (set to the chat template's end
+    of turn, data/templates.py) first, then any the base model already stopped on."""
+    ids = [tokenizer.eos_token_id]
+    base = getattr(base_generation_config, "eos_token_id", None) if base_generation_config else None
+    for i in base if isinstance(base, list) else [base]:
+        if i is not None and i not in ids:
+            ids.append(i)
+    return ids
+
+
+def write_merged(run: Path, out: Path, dtype: str = "float32") -> Path:
+    """Save the merged model, the run's tokenizer and a generation config into `out` (which the
+    caller stages; see export/__init__.py)."""
+    from transformers import GenerationConfig
+
+    from tunesmith.models.load import load_tokenizer
+
+    if dtype not in DTYPES:
+        raise ModelError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    model = merged_model(run, DTYPES[dtype])
+    tokenizer = load_tokenizer(run / "tokenizer")
+    try:
+        base_gen = GenerationConfig.from_pretrained(base_path(run))
+    except (OSError, ModelError):
+        base_gen = None
+    gen = base_gen or GenerationConfig()
+    gen.eos_token_id = end_of_turn_ids(tokenizer, base_gen)
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else gen.bos_token_id
+    model.config.eos_token_id = gen.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = True
+    model.generation_config = gen
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
