@@ -46,14 +46,14 @@ def _copy_adapter(run: Path, out: Path, options: dict) -> None:
 
 
 def _merged(run: Path, out: Path, options: dict) -> None:
-    from tunesmith.export.merge import write_merged
+    from tunesmith.export.merge import merge_run
 
-    write_merged(run, out, options.get("dtype") or "float32")
+    merge_run(run, out, options.get("dtype") or "float32")
 
 
 def _gguf(run: Path, out: Path, options: dict) -> None:
     from tunesmith.export.gguf import write_gguf
-    from tunesmith.export.merge import write_merged
+    from tunesmith.export.merge import merge_run
     from tunesmith.export.modelfile import write_modelfile
     from tunesmith.models.load import load_tokenizer
 
@@ -63,7 +63,7 @@ def _gguf(run: Path, out: Path, options: dict) -> None:
         raise ModelError(f"--quant {','.join(bad)}: GGUF types are {', '.join(GGUF_TYPES)}")
     merged = out / ".merged"
     merged.mkdir()
-    write_merged(run, merged, "float32")  # quantise from full precision, not from a 16-bit copy
+    merge_run(run, merged, "float32")  # quantise from full precision, not from a 16-bit copy
     tokenizer = load_tokenizer(merged)
     for i, quant in enumerate(quants):
         path = write_gguf(merged, out / f"{run.name}-{quant}.gguf", quant)

@@ -72,7 +72,7 @@ def end_of_turn_ids(tokenizer, base_generation_config) -> list[int]:
     return ids
 
 
-def write_merged(run: Path, out: Path, dtype: str = "float32") -> Path:
+def merge_run(run: Path, out: Path, dtype: str = "float32") -> Path:
     """Save the merged model, the run's tokenizer and a generation config into `out` (which the
     caller stages; see export/__init__.py)."""
     from transformers import GenerationConfig
