@@ -94,3 +94,30 @@ def test_sft_rows_are_refused_for_dpo(tiny_model_dir, order_data, tmp_path):
 
     with pytest.raises(DataError, match="needs preference rows"):
         run_dpo(cfg(tiny_model_dir, order_data, tmp_path, "train.max_steps=1"))
+
+
+def test_interrupted_dpo_resumes_to_the_uninterrupted_result(tiny_model_dir, pref_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from tunesmith.recipes import dpo
+
+    args = ("train.max_steps=6", "train.lr=1e-2", "train.save_every=2", "train.eval_every=3")
+    whole = run_dpo(cfg(tiny_model_dir, pref_data, tmp_path / "a", *args))
+    calls, real = {"n": 0}, dpo.PreferenceLoss.__call__
+
+    def interrupt_in_step_4(self, model, batch):
+        calls["n"] += model.training              # one micro-batch per step; evaluations run in eval mode
+        if calls["n"] == 4 and model.training:
+            raise KeyboardInterrupt
+        return real(self, model, batch)
+    monkeypatch.setattr(dpo.PreferenceLoss, "__call__", interrupt_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_dpo(cfg(tiny_model_dir, pref_data, tmp_path / "b", *args))
+    monkeypatch.setattr(dpo.PreferenceLoss, "__call__", real)
+    staging = next((tmp_path / "b").glob(".d.incomplete-*"))
+    staging.rename(staging.with_name(".d.incomplete-999999"))  # as if left by a process that has exited
+    resumed = run_dpo(cfg(tiny_model_dir, pref_data, tmp_path / "b", *args), resume=True)
+    a, b = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (whole, resumed))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    steps = [r["step"] for r in read_metrics(resumed / "metrics.jsonl") if "loss" in r]
+    assert steps == sorted(set(steps)) == list(range(1, 7))   # steps after the checkpoint are not logged twice

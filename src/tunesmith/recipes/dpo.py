@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.config import Config, dump_config
+from tunesmith.config import Config
 from tunesmith.data.batching import collate
 from tunesmith.data.tokenize import IGNORE, Encoded, EncodedPair, encode_preference
 from tunesmith.errors import DataError
@@ -175,15 +175,15 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
     """setup -> (reference) -> train -> save; the run directory has the SFT recipe's shape."""
     from tunesmith.data.templates import apply_template
     from tunesmith.errors import ConfigError
-    from tunesmith.methods import count_parameters, get_method, save_trained
+    from tunesmith.methods import count_parameters, get_method
     from tunesmith.models.load import load_model, load_tokenizer
     from tunesmith.models.registry import resolve_model, sha256_file
-    from tunesmith.recipes.sft import data_files_of, load_split, load_training_examples, prepare_model, resume_target
+    from tunesmith.recipes.sft import data_files_of, load_split, load_training_examples, prepare_model
     from tunesmith.training.device import choose_placement
-    from tunesmith.training.logging import MetricsLogger, plot_loss, read_metrics
+    from tunesmith.training.logging import MetricsLogger, read_metrics
     from tunesmith.training.loop import total_steps, train
-    from tunesmith.training.manifest import now_iso, versions, write_json
-    from tunesmith.training.rundir import run_name, staged_run_dir
+    from tunesmith.training.manifest import now_iso, write_json
+    from tunesmith.training.run import manifest_base, open_run, save_run_outputs
 
     started, tcfg, obj = now_iso(), cfg.train, cfg.objective
     torch.manual_seed(tcfg.seed)
@@ -217,49 +217,32 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
     def evaluator(step: int | None = None) -> dict:
         return preference_accuracy(model, val, loss_fn, tokenizer.pad_token_id, tcfg.batch_size)
 
-    adopt = checkpoint = None
-    name = run_name(cfg.run.name, prefix="dpo")
-    if resume:
-        name, adopt, checkpoint = resume_target(cfg)
-    resolved_cfg = cfg.model_copy(deep=True)
-    resolved_cfg.run.name = name
-    with staged_run_dir(cfg.run.output_dir, name, adopt=adopt) as tmp:
-        (tmp / "config.yaml").write_text(dump_config(resolved_cfg), encoding="utf-8")
-        checkpoint = tmp / "checkpoints" / checkpoint.name if checkpoint else None
-        logger = MetricsLogger(tmp / "metrics.jsonl", total_steps(len(items), tcfg))
-        start = evaluator() if val and checkpoint is None else None
+    with open_run(cfg, resume, prefix="dpo") as run:
+        logger = MetricsLogger(run.dir / "metrics.jsonl", total_steps(len(items), tcfg))
+        start = evaluator() if val and run.checkpoint is None else None
         if start:
             logger.log(0, **{k: round(v, 6) for k, v in start.items()})
             print(f"step     0  held-out preference accuracy {start['val_preference_accuracy']:.3f}  "
                   f"policy prefers chosen {start['val_policy_prefers_chosen']:.3f}", flush=True)
         try:
-            result = train(model, items, tcfg, loss_fn, tokenizer.pad_token_id, logger, val, run_dir=tmp,
-                           resume=checkpoint, placement=placement, evaluator=evaluator if val else None,
+            result = train(model, items, tcfg, loss_fn, tokenizer.pad_token_id, logger, val, run_dir=run.dir,
+                           resume=run.checkpoint, placement=placement, evaluator=evaluator if val else None,
                            collate_fn=lambda group, pad: collate_pairs(group, pad, kto))
         finally:
             logger.close()
-        save_trained(model, cfg.method, tmp)
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        plot_loss(tmp / "metrics.jsonl", tmp / "loss.png")
+        save_run_outputs(run, model, tokenizer)
         end = None
         if val:  # the loop's evaluation of the last step is the end value; evaluate only if it did not run
-            last = [r for r in read_metrics(tmp / "metrics.jsonl") if "val_preference_accuracy" in r]
+            last = [r for r in read_metrics(run.dir / "metrics.jsonl") if "val_preference_accuracy" in r]
             end = ({k: last[-1][k] for k in ("val_loss", "val_preference_accuracy", "val_policy_prefers_chosen")}
                    if last and last[-1]["step"] == result.steps and not tcfg.restore_best else evaluator())
-        write_json(tmp / "manifest.json", {
-            "kind": "dpo", "run_name": name, "versions": versions(), "objective": obj.model_dump(),
-            "model": {"id": resolved.id, "source": resolved.source, "path": str(resolved.path), "sha256": resolved.sha256},
+        manifest = manifest_base("dpo", run, resolved, (trainable, total), started, result, placement)
+        manifest.update({
+            "objective": obj.model_dump(),
             "data": {"formats": dict(data.formats), "chat_template": template, "pairs": len(items),
                      "validation_pairs": len(val or []), "files_sha256": {str(p): sha256_file(p) for p in data_files_of(cfg)}},
-            "method": cfg.method.name, "parameters": {"trainable": trainable, "total": total},
             "reference": "precomputed" if cache is not None else ("adapter-disabled base" if loss_fn.spec.needs_reference else "none"),
-            "seed": tcfg.seed, "started": started, "finished": now_iso(), "steps": result.steps,
-            "tokens": result.tokens, "trained_tokens": result.trained_tokens, "train_seconds": round(result.seconds, 2),
-            "tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 2),
-            "final_loss": result.final_loss, "preference_accuracy": {"start": start, "end": end},
-            "best_step": result.best_step, "stopped_early": result.stopped_early,
-            "resumed_from_step": result.resumed_from, "precision": placement.precision,
+            "preference_accuracy": {"start": start, "end": end},
         })
-    final = Path(cfg.run.output_dir) / name
-    print(f"run saved: {final}", flush=True)
-    return final
+        write_json(run.dir / "manifest.json", manifest)
+    return run.final

@@ -5,34 +5,30 @@ Reads a Config, writes a run directory:
 """
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 
 import torch
-import yaml
 
-from tunesmith.config import Config, dump_config
+from tunesmith.config import Config
 from tunesmith.data.batching import collate, collate_examples
 from tunesmith.data.dataset import load_examples
 from tunesmith.data.pack import describe_packing, pack_examples
 from tunesmith.data.templates import apply_template
 from tunesmith.data.tokenize import encode_dataset
-from tunesmith.methods import count_parameters, get_method, save_trained
+from tunesmith.methods import count_parameters, get_method
 from tunesmith.models.load import check_packing_isolates, load_model, load_tokenizer
 from tunesmith.models.registry import resolve_model, sha256_file
-from tunesmith.errors import ConfigError
-from tunesmith.training.logging import MetricsLogger, plot_loss, read_metrics
+from tunesmith.training.logging import MetricsLogger
 from tunesmith.training.loop import total_steps, train
 from tunesmith.training.losses import sft_loss_sum
 from tunesmith.training.trackers import Trackers
-from tunesmith.training.manifest import now_iso, versions, write_json
-from tunesmith.training.checkpoint import checkpoint_dirs
+from tunesmith.training.manifest import now_iso, write_json
 from tunesmith.eval.during import keep_results_of
 from tunesmith.training import allocator
 from tunesmith.training.concurrent import has_dropout
 from tunesmith.training.device import choose_placement, set_malloc_mmap_threshold
-from tunesmith.training.rundir import resumable, run_name, staged_name, staged_run_dir
+from tunesmith.training.run import manifest_base, open_run, save_run_outputs
 
 
 def load_split(cfg: Config, spec: str):
@@ -118,28 +114,6 @@ def with_task_evaluation(cfg: Config, loop_cfg, model, tokenizer, run_dir: Path,
     return loop_cfg, task_evaluator(cfg, model, tokenizer, run_dir, base)
 
 
-def resume_target(cfg: Config) -> tuple[str, Path, Path]:
-    """(run name, staging folder, last checkpoint) of the interrupted run to continue; its saved
-    config must match this one, or the resumed run would not be the run that was started."""
-    staging = resumable(Path(cfg.run.output_dir), cfg.run.name)
-    name = staged_name(staging)
-    saved = yaml.safe_load((staging / "config.yaml").read_text())
-    now = cfg.model_copy(deep=True)
-    now.run.name = name
-    if saved != now.model_dump(mode="json"):
-        diff = sorted(f"{sec}.{k}" for sec, vals in saved.items() if isinstance(vals, dict)
-                      for k, v in vals.items() if now.model_dump(mode="json").get(sec, {}).get(k) != v)
-        raise ConfigError(f"--resume: the config differs from the interrupted run's ({', '.join(diff)}); "
-                          f"resume with the same config ({staging / 'config.yaml'})")
-    return name, staging, checkpoint_dirs(staging / "checkpoints")[-1]
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after the checkpoint: those steps are trained again."""
-    rows = [r for r in read_metrics(path) if r["step"] <= step] if path.is_file() else []
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-
 def run_sft(cfg: Config, resume: bool = False) -> Path:
     started = now_iso()
     tcfg = cfg.train
@@ -176,54 +150,29 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
     loop_cfg, collate_fn, how = micro_batching(tcfg, placement, model)
     print(f"batching: {how}; memory allocator: {allocator.active()}", flush=True)
 
-    adopt = checkpoint = None
-    if resume:
-        name, adopt, checkpoint = resume_target(cfg)
-    else:
-        name = run_name(cfg.run.name)
-    resolved_cfg = cfg.model_copy(deep=True)
-    resolved_cfg.run.name = name
-    with staged_run_dir(cfg.run.output_dir, name, adopt=adopt) as tmp:
-        (tmp / "config.yaml").write_text(dump_config(resolved_cfg), encoding="utf-8")
-        if checkpoint is not None:
-            checkpoint = tmp / "checkpoints" / checkpoint.name  # the staging folder was renamed to this process
-            truncate_metrics(tmp / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
+    with open_run(cfg, resume, prefix="sft") as run:
         # --- train ---------------------------------------------------------------------------
         steps = total_steps(len(train_items), loop_cfg)
-        trackers = Trackers(tcfg.trackers, tmp, name, resolved_cfg.model_dump(mode="json")) if tcfg.trackers else None
-        logger = MetricsLogger(tmp / "metrics.jsonl", steps, trackers=trackers)
-        loop_cfg, evaluator = with_task_evaluation(cfg, loop_cfg, model, tokenizer, tmp, val_items, placement)
+        trackers = (Trackers(tcfg.trackers, run.dir, run.name, run.config.model_dump(mode="json"))
+                    if tcfg.trackers else None)
+        logger = MetricsLogger(run.dir / "metrics.jsonl", steps, trackers=trackers)
+        loop_cfg, evaluator = with_task_evaluation(cfg, loop_cfg, model, tokenizer, run.dir, val_items, placement)
         try:
             result = train(model, train_items, loop_cfg, sft_loss_sum, tokenizer.pad_token_id, logger, val_items,
-                           run_dir=tmp, resume=checkpoint, placement=placement, collate_fn=collate_fn,
+                           run_dir=run.dir, resume=run.checkpoint, placement=placement, collate_fn=collate_fn,
                            evaluator=evaluator)
         finally:
             logger.close()
         if evaluator is not None:  # the evaluation of the weights being saved is the run's own
-            keep_results_of(tmp, result.best_step if tcfg.restore_best and result.best_step else result.steps)
+            keep_results_of(run.dir, result.best_step if tcfg.restore_best and result.best_step else result.steps)
         # --- save ----------------------------------------------------------------------------
-        save_trained(model, cfg.method, tmp)
-        tokenizer.save_pretrained(tmp / "tokenizer")  # includes the chat template used in training
-        plot_loss(tmp / "metrics.jsonl", tmp / "loss.png")
-        data_files = {str(p): sha256_file(p) for p in data_files_of(cfg)}
-        write_json(tmp / "manifest.json", {
-            "kind": "sft", "run_name": name, "versions": versions(),
-            "model": {"id": resolved.id, "source": resolved.source, "path": str(resolved.path),
-                      "sha256": resolved.sha256},
-            "data": {"formats": dict(train_data.formats), "chat_template": template,
-                     "invalid_rows": len(train_data.invalid), "files_sha256": data_files, "train_examples": len(train_set),
-                     "validation_examples": len(val_set or []), "packing": cfg.data.packing,
-                     "train_sequences": len(train_items)},
-            "method": cfg.method.name, "parameters": {"trainable": trainable, "total": total},
-            "seed": tcfg.seed, "started": started, "finished": now_iso(),
-            "steps": result.steps, "tokens": result.tokens, "trained_tokens": result.trained_tokens,
-            "train_seconds": round(result.seconds, 2),
-            "tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 2),
-            "final_loss": result.final_loss, "val_loss": result.val_loss, "best_step": result.best_step,
-            "stopped_early": result.stopped_early, "resumed_from_step": result.resumed_from,
-            "precision": placement.precision, "device": str(placement.device),
-        })
-    final = Path(cfg.run.output_dir) / name
-    print(f"run saved: {final}", flush=True)
-    return final
-
+        save_run_outputs(run, model, tokenizer)
+        manifest = manifest_base("sft", run, resolved, (trainable, total), started, result, placement)
+        manifest["data"] = {
+            "formats": dict(train_data.formats), "chat_template": template, "invalid_rows": len(train_data.invalid),
+            "files_sha256": {str(p): sha256_file(p) for p in data_files_of(cfg)}, "train_examples": len(train_set),
+            "validation_examples": len(val_set or []), "packing": cfg.data.packing,
+            "train_sequences": len(train_items)}
+        manifest["val_loss"] = result.val_loss
+        write_json(run.dir / "manifest.json", manifest)
+    return run.final
