@@ -277,6 +277,35 @@ def _export_commands(sub) -> None:
     s.set_defaults(fn=cmd_export)
 
 
+def cmd_serve(model: str, adapters: str | None, host: str, port: int, api_key: str | None, max_batch: int,
+              max_body_bytes: int, max_prompt_tokens: int, max_tokens_limit: int) -> int:
+    from tunesmith.serve.app import serve
+
+    serve(model, adapters_dir=adapters, host=host, port=port, api_key=api_key, max_batch=max_batch,
+          max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit)
+    return 0
+
+
+def _serve_commands(sub) -> None:
+    from tunesmith.serve.checks import Limits
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: a model or run, plus many adapters on its base")
+    s.add_argument("model", help="run directory, alias, model directory, .gguf file or hub id (the base)")
+    s.add_argument("--adapters", default=None, metavar="DIR",
+                   help="folder of adapters (PEFT adapter folders or run directories); each is a model name")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $TUNESMITH_API_KEY; prefer the variable, "
+                        "a command line is visible to other users)")
+    s.add_argument("--max-batch", type=int, default=32, help="most requests decoded together")
+    s.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
+    s.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
+    s.add_argument("--max-tokens-limit", type=int, default=Limits.max_tokens_limit,
+                   help="largest max_tokens a request may ask for")
+    s.set_defaults(fn=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tunesmith import __version__
     from tunesmith.models.registry import DEFAULT_MODEL
@@ -341,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_commands(sub)
     _compare_commands(sub)
     _export_commands(sub)
+    _serve_commands(sub)
     return p
 
 

@@ -1,0 +1,89 @@
+"""Rows decoding together on one KV cache (the one place the serving engine touches transformers'
+cache): a left-padded prefill, one-token steps, rows joining a running batch and rows leaving it.
+
+Every row is right-aligned: column j of the cache is the same step for all rows, the attention
+mask hides each row's padding and position ids count only a row's real tokens, so neither the
+padding nor the other rows change what a row computes. Joining rows are prefilled on their own
+and their cache is merged by padding the shorter one on the left (zeros, masked out); leaving rows
+are selected out, and columns that have become padding for every remaining row are trimmed.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Forward = Callable[..., torch.Tensor]  # (names, **model inputs) -> next-token logits [rows, vocab]
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad dim -2 of a cache tensor [rows, heads, T, dim] (or dim -1 of a mask) on the left."""
+    extra = width - t.shape[-2 if t.dim() == 4 else -1]
+    if extra == 0:
+        return t
+    return F.pad(t, (0, 0, extra, 0) if t.dim() == 4 else (extra, 0))
+
+
+class KVBatch:
+    def __init__(self, forward: Forward, pad_id: int, device):
+        self.forward, self.pad_id, self.device = forward, pad_id, device
+        self.cache = None
+        self.mask: torch.Tensor | None = None   # [rows, columns], 1 = a real token
+        self.names: list[str | None] = []       # each row's adapter (None: the base model)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def prefill(self, prompts: list[list[int]], names: list[str | None]) -> torch.Tensor:
+        """Run new rows' prompts (left-padded together) and add them to the batch: their first
+        next-token logits [len(prompts), vocab]."""
+        from transformers import DynamicCache
+
+        from tunesmith.generation import _left_padded
+
+        ids, mask = _left_padded(prompts, self.pad_id, self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # pads get 0; they are masked anyway
+        cache = DynamicCache()
+        logits = self.forward(names, input_ids=ids, attention_mask=mask, position_ids=positions,
+                              past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self._join(cache, mask, names)
+        return logits
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed each row its last token; next-token logits [rows, vocab]."""
+        positions = self.mask.sum(-1, keepdim=True)  # a row's real tokens so far = the new one's position
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=-1)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        return self.forward(self.names, input_ids=ids, attention_mask=self.mask, position_ids=positions,
+                            past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+
+    def _join(self, cache, mask: torch.Tensor, names: list[str | None]) -> None:
+        from transformers import DynamicCache
+
+        if self.cache is None:
+            self.cache, self.mask, self.names = cache, mask, list(names)
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        layers = [(torch.cat([_left_pad(k0, width), _left_pad(k1, width)]),
+                   torch.cat([_left_pad(v0, width), _left_pad(v1, width)]))
+                  for (k0, v0, *_), (k1, v1, *_) in zip(self.cache, cache)]
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
+        self.names += names
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order); finished and cancelled rows stop costing compute."""
+        from transformers import DynamicCache
+
+        if len(rows) == len(self) and rows == list(range(len(self))):
+            return
+        if not rows:
+            self.cache, self.mask, self.names = None, None, []
+            return
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        mask = self.mask[idx]
+        first = int(mask.any(0).nonzero()[0])  # leading columns now padding in every row
+        self.cache = DynamicCache(ddp_cache_data=[(k[idx, :, first:], v[idx, :, first:]) for k, v, *_ in self.cache])
+        self.mask = mask[:, first:]
+        self.names = [self.names[i] for i in rows]

@@ -1,0 +1,399 @@
+"""The serving engine: requests for the base model and any number of its LoRA adapters, decoded
+together in continuously batched steps on one background thread.
+
+One scheduler thread owns the model. Each iteration it runs queued commands (adapter load and
+unload), admits waiting requests up to `max_batch` rows (when idle it waits `batch_wait_ms` after
+the first so a burst shares one prefill), prefills them, and advances every running row by one
+token. A row leaves the batch as soon as it ends (EOS, stop string, max_tokens, cancel), so new
+requests join at step boundaries instead of waiting for the whole batch. Rows of different LoRA
+adapters and of the base share a batch (PEFT's per-row adapter_names); DoRA adapters, which PEFT
+cannot mix, get a batch of their own. Each row has its own sampling settings and RNG.
+"""
+from __future__ import annotations
+
+import copy
+import queue
+import secrets
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tunesmith.errors import DataError, ModelError, TunesmithError
+from tunesmith.serve.adapters import AdapterDir, LoadedAdapters
+from tunesmith.serve.batch import KVBatch
+from tunesmith.serve.decode import RowText, choose, make_generator
+from tunesmith.serve.handle import Completion, Delta, Handle
+
+__all__ = ["Completion", "Delta", "Engine", "GenRequest", "Handle"]
+MIXED = "__mixed__"  # batch key for rows the base and plain-LoRA adapters share
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    model: str
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class _Row:
+    req: GenRequest
+    handle: Handle
+    adapter: str | None
+    text: RowText
+    eos: frozenset[int]
+    limit: int
+    gen: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, base_name: str, adapters_dir: Path | str | None = None,
+                 max_batch: int = 32, batch_wait_ms: float = 5.0, preload: bool = False):
+        _check_model(model)
+        model.eval()
+        self.base_name, self.tokenizer = base_name, tokenizer
+        self.max_batch, self.batch_wait = max(1, int(max_batch)), max(0.0, batch_wait_ms) / 1000
+        self.dir = AdapterDir(adapters_dir)
+        self.adapters = LoadedAdapters(model)
+        self.device = next(model.parameters()).device
+        self.context = getattr(model.config, "max_position_embeddings", None)
+        self._model_eos = _as_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+        self._tokenizers: dict[str, object] = {}
+        self._decoders: dict[str, object] = {}
+        self._pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+        self._lock = threading.Lock()   # the tokenizer cache
+        self._gate = threading.Lock()   # submit vs close
+        self._inbox: queue.Queue = queue.Queue()
+        self._batches: dict[str, KVBatch] = {}
+        self._rows: dict[str, list[_Row]] = {}
+        self._waiting: list[_Row] = []            # admitted later: batch full, or their adapter is unloading
+        self._unloading: dict[str, list[Future]] = {}
+        self._after: list[tuple] = []             # commands to run once this iteration's rows are in
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        # prefills, decode steps, the most rows one step ran, rows decoded over all steps
+        self.stats = {"prefills": 0, "steps": 0, "max_rows": 0, "row_steps": 0}
+        if preload:
+            for name in self.dir.names():
+                self.load_adapter(name)
+
+    # ------------------------------------------------------------------ public API (any thread)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._closing = False
+            self._thread = threading.Thread(target=self._loop, name="tunesmith-serve", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            with self._gate:
+                self._closing = True
+                self._inbox.put(None)
+            self._thread.join()
+            self._thread = None
+        while not self._inbox.empty():
+            item = self._inbox.get_nowait()
+            if isinstance(item, _Row):
+                self._waiting.append(item)
+            elif isinstance(item, tuple):
+                self._after.append(item)
+        closed = TunesmithError("the server is shutting down")
+        for row in self._waiting + [r for rows in self._rows.values() for r in rows]:
+            row.handle._fail(closed)
+        for fut in [c[2] for c in self._after] + [f for futs in self._unloading.values() for f in futs]:
+            fut.set_exception(closed)
+        self._waiting, self._rows, self._batches, self._after, self._unloading = [], {}, {}, [], {}
+
+    def __enter__(self) -> "Engine":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def models(self) -> list[str]:
+        return [self.base_name] + [n for n in self.dir.names() if n != self.base_name]
+
+    def active(self) -> int:
+        """Rows running now (not counting queued requests)."""
+        return self._active()
+
+    def loaded(self) -> list[str]:
+        """The adapters currently in memory."""
+        return sorted(self.adapters.kinds)
+
+    def tokenizer_for(self, model: str):
+        """The tokenizer (and chat template) requests for `model` are rendered with: a run's own
+        tokenizer, one saved beside an adapter, or the base's."""
+        if model == self.base_name:
+            return self.tokenizer
+        with self._lock:
+            if model not in self._tokenizers:
+                src = self.dir.locate(model, self.models)
+                self._tokenizers[model] = _load_tokenizer(src.tokenizer_path) if src.tokenizer_path else self.tokenizer
+            return self._tokenizers[model]
+
+    def _decoder(self, model: str):
+        """A private copy of the model's tokenizer for the scheduler thread's decoding: callers
+        encode with tokenizer_for() on their own threads, and a Rust tokenizer used from two
+        threads at once can fail ("Already borrowed")."""
+        tok = self.tokenizer_for(model)
+        with self._lock:
+            if model not in self._decoders:
+                self._decoders[model] = copy.deepcopy(tok)
+            return self._decoders[model]
+
+    def load_adapter(self, name: str) -> None:
+        if name == self.base_name:
+            return
+        self._command("load", self.dir.locate(name, self.models).name)
+
+    def unload_adapter(self, name: str) -> None:
+        """Frees the adapter once no running row uses it (a later request loads it again)."""
+        if name == self.base_name:
+            raise ModelError(f"'{name}' is the base model, not an adapter")
+        self._command("unload", self.dir.locate(name, self.models).name)
+        with self._lock:
+            self._tokenizers.pop(name, None)
+            self._decoders.pop(name, None)
+
+    def submit(self, req: GenRequest) -> Handle:
+        row = self._make_row(req)
+        with self._gate:  # close() cannot slip between the check and the put
+            if self._thread is None or self._closing:
+                raise TunesmithError("the engine is not running (call Engine.start() first)")
+            self._inbox.put(row)
+        return row.handle
+
+    # ------------------------------------------------------------------ request checks
+
+    def _make_row(self, req: GenRequest) -> _Row:
+        adapter = None if req.model == self.base_name else self.dir.locate(req.model, self.models).name
+        n = len(req.prompt_ids)
+        if n == 0:
+            raise DataError("the prompt is empty: it must hold at least one token")
+        if self.context and n >= self.context:
+            raise DataError(f"the prompt is {n} tokens; this model's context is {self.context} tokens")
+        if not 1 <= req.max_tokens:
+            raise DataError(f"max_tokens must be at least 1 (got {req.max_tokens})")
+        if req.temperature < 0 or not 0 < req.top_p <= 1:
+            raise DataError(f"temperature must be >= 0 and top_p in (0, 1] (got {req.temperature}, {req.top_p})")
+        tok = self._decoder(req.model)
+        limit = min(req.max_tokens, self.context - n) if self.context else req.max_tokens
+        sampled = req.temperature > 0
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        return _Row(req, Handle(n), adapter, RowText(tok, list(req.stop)),
+                    frozenset(_as_ids(tok.eos_token_id) | self._model_eos), limit,
+                    make_generator(seed % 2 ** 64) if sampled else None)
+
+    # ------------------------------------------------------------------ scheduler thread
+
+    def _command(self, kind: str, name: str) -> None:
+        """Run an adapter command on the scheduler thread (the only one that touches the model)
+        and wait for it; directly when the engine is not running."""
+        fut: Future = Future()
+        if self._thread is None:
+            self._run_command(kind, name, fut)
+        else:
+            self._inbox.put((kind, name, fut))
+        fut.result()
+
+    def _run_command(self, kind: str, name: str, fut: Future) -> None:
+        try:
+            if kind == "load":
+                self.adapters.load(self.dir.locate(name))
+            elif self._in_use(name):
+                self._unloading.setdefault(name, []).append(fut)  # done when its rows end
+                return
+            else:
+                self.adapters.unload(name)
+        except BaseException as exc:  # handed to the caller's thread
+            fut.set_exception(exc)
+            return
+        fut.set_result(None)
+
+    def _in_use(self, name: str) -> bool:
+        return any(r.adapter == name for rows in self._rows.values() for r in rows)
+
+    def _finish_unloads(self) -> None:
+        for name in [n for n in self._unloading if not self._in_use(n)]:
+            self.adapters.unload(name)
+            for fut in self._unloading.pop(name):
+                fut.set_result(None)
+
+    def _loop(self) -> None:
+        while not self._closing:
+            try:
+                self._finish_unloads()
+                new = self._collect()
+                if new:
+                    self._admit(new)
+                while self._after:
+                    self._run_command(*self._after.pop(0))
+                for key in list(self._rows):
+                    self._step(key)
+            except Exception as exc:  # a failure ends the rows it touched, never the server
+                for rows in self._rows.values():
+                    for row in rows:
+                        row.handle._fail(exc)
+                self._rows, self._batches = {}, {}
+
+    def _active(self) -> int:
+        return sum(len(rows) for rows in self._rows.values())
+
+    def _collect(self) -> list[_Row]:
+        """Requests to admit now: waiting ones first, then the inbox (commands run as met)."""
+        import time
+
+        free = self.max_batch - self._active()
+        rows, self._waiting = self._waiting, []
+        deadline = None
+        while True:
+            if self._closing:
+                break
+            idle = self._active() == 0 and not rows
+            try:
+                if idle:
+                    item = self._inbox.get(timeout=0.5)
+                elif deadline is not None and time.monotonic() < deadline:
+                    item = self._inbox.get(timeout=deadline - time.monotonic())
+                else:
+                    item = self._inbox.get_nowait()
+            except queue.Empty:
+                if idle:
+                    continue
+                break
+            if item is None:
+                break
+            if isinstance(item, tuple):
+                if rows:  # after the requests queued before it are running (an unload waits for them)
+                    self._after.append(item)
+                else:
+                    self._run_command(*item)
+                continue
+            rows.append(item)
+            if deadline is None and self._active() == 0:
+                deadline = time.monotonic() + self.batch_wait  # a burst shares one prefill
+            if len(rows) >= free:
+                break
+        admit = []
+        for row in rows:
+            if row.handle.cancelled:
+                row.handle._finish_cancelled(0)
+            elif row.adapter in self._unloading or len(admit) >= free:
+                self._waiting.append(row)
+            else:
+                admit.append(row)
+        return admit
+
+    def _admit(self, rows: list[_Row]) -> None:
+        groups: dict[str, list[_Row]] = {}
+        for row in rows:
+            try:
+                if row.adapter is not None:
+                    self.adapters.load(self.dir.locate(row.adapter))
+            except TunesmithError as exc:
+                row.handle._fail(exc)
+                continue
+            key = MIXED if row.adapter is None or self.adapters.kinds[row.adapter] else row.adapter
+            groups.setdefault(key, []).append(row)
+        for key, group in groups.items():
+            if key not in self._batches:
+                self._batches[key] = KVBatch(self.adapters.forward, self._pad_id, self.device)
+                self._rows[key] = []
+            try:
+                logits = self._batches[key].prefill([r.req.prompt_ids for r in group], [r.adapter for r in group])
+            except Exception as exc:  # these rows fail; the rows already running go on
+                for row in group:
+                    row.handle._fail(exc)
+                if not self._rows[key]:
+                    del self._rows[key], self._batches[key]
+                continue
+            self._rows[key] += group
+            self.stats["prefills"] += 1
+            self._advance(key, logits, start=len(self._rows[key]) - len(group))
+
+    def _step(self, key: str) -> None:
+        live = [i for i, r in enumerate(self._rows[key]) if not r.handle.cancelled]
+        self._keep(key, live)
+        if key not in self._rows:
+            return
+        logits = self._batches[key].step([r.tokens[-1] for r in self._rows[key]])
+        n = len(self._rows[key])
+        self.stats.update(steps=self.stats["steps"] + 1, max_rows=max(self.stats["max_rows"], n),
+                          row_steps=self.stats["row_steps"] + n)
+        self._advance(key, logits)
+
+    def _advance(self, key: str, logits: torch.Tensor, start: int = 0) -> None:
+        """Choose each row's next token from logits (rows start.. of the batch) and end the rows
+        that are done."""
+        rows = self._rows[key]
+        tokens = choose(logits, [(r.req.temperature, r.req.top_p, r.gen) for r in rows[start:]])
+        done = {start + i for i, tok in enumerate(tokens) if self._emit(rows[start + i], tok)}
+        if done:
+            self._keep(key, [i for i in range(len(rows)) if i not in done])
+
+    def _keep(self, key: str, keep: list[int]) -> None:
+        rows = self._rows[key]
+        for i in set(range(len(rows))) - set(keep):
+            if rows[i].handle.cancelled and not rows[i].handle.done:
+                rows[i].handle._finish_cancelled(len(rows[i].tokens))
+        self._batches[key].keep(keep)
+        self._rows[key] = [rows[i] for i in keep]
+        if not keep:
+            del self._rows[key], self._batches[key]
+
+    @staticmethod
+    def _emit(row: _Row, token: int) -> bool:
+        """Record a token; stream its text; True when the row has ended."""
+        row.tokens.append(token)
+        if token in row.eos:
+            reason, piece = "stop", row.text.flush()
+        else:
+            piece, stopped = row.text.add(token)
+            if stopped:
+                reason = "stop"
+            elif len(row.tokens) >= row.limit:
+                reason, piece = "length", piece + row.text.flush()
+            else:
+                if piece:
+                    row.handle._push(Delta(piece, None))
+                return False
+        row.handle._finish(Delta(piece, reason), Completion(
+            row.text.text, reason, row.handle.prompt_tokens, len(row.tokens), list(row.tokens)))
+        return True
+
+
+def _as_ids(value) -> set[int]:
+    if value is None:
+        return set()
+    return {int(v) for v in value} if isinstance(value, (list, tuple, set)) else {int(value)}
+
+
+def _load_tokenizer(path: Path):
+    from tunesmith.data.tokenize import ensure_chat_template
+    from tunesmith.models.load import load_tokenizer
+
+    tok = load_tokenizer(path)
+    ensure_chat_template(tok)
+    return tok
+
+
+def _check_model(model) -> None:
+    """Rows are merged and trimmed by editing a full-attention KV cache; a sliding-window or
+    recurrent layer's cache cannot be edited that way, so such models are refused, not served wrong."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"} or getattr(cfg, "use_sliding_window", False):
+        raise ModelError(f"serving supports full-attention models; this one has {sorted(kinds)} layers "
+                         "(sliding-window / linear attention)")
+
