@@ -64,12 +64,11 @@ def write_adapters(model, root: Path) -> None:
     """4 seeded random LoRA adapters in PEFT format; the model is left as it was."""
     from peft import LoraConfig, get_peft_model
 
+    from tunesmith.testing import randomise_lora
+
     for i, name in enumerate(ADAPTERS):
         peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
-        gen = torch.Generator().manual_seed(100 + i)
-        for pname, p in peft.named_parameters():
-            if "lora_B" in pname:
-                p.data = torch.randn(p.shape, generator=gen) * 0.02
+        randomise_lora(peft, 100 + i, 0.02)
         peft.save_pretrained(root / name)
         model = peft.unload()
 

@@ -170,3 +170,18 @@ def test_cli_export_writes_under_the_run_by_default(runs, tmp_path, capsys):
     assert (run / "export" / "adapter" / "adapter_model.safetensors").is_file()
     assert main(["export", str(tmp_path / "nope"), "--format", "merged"]) == 2
     assert "not a finished run directory" in capsys.readouterr().err
+
+
+def test_gguf_export_writes_one_file_and_modelfile_per_type(runs, tmp_path):
+    from gguf import GGUFReader
+
+    out = export_run(runs["lora"], "gguf", tmp_path / "g", quant=["f16", "q8_0"])
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["Modelfile", "Modelfile.q8_0", "export.json", "lora-f16.gguf", "lora-q8_0.gguf"]
+    assert "FROM ./lora-f16.gguf" in (out / "Modelfile").read_text()
+    assert "FROM ./lora-q8_0.gguf" in (out / "Modelfile.q8_0").read_text()
+    types = {t.tensor_type.name for t in GGUFReader(str(out / "lora-q8_0.gguf")).tensors}
+    assert "Q8_0" in types and "F16" not in types
+    with pytest.raises(ModelError, match="q5_k.*f32, f16, q8_0, q4_0"):
+        export_run(runs["lora"], "gguf", tmp_path / "bad", quant=["q5_k"])
+    assert not (tmp_path / "bad").exists()

@@ -330,14 +330,12 @@ def test_embedded_model_mixed_adapters_equal_peft_reference(embedded_model, tmp_
 
     from tunesmith.data.tokenize import prompt_ids
     from tunesmith.models.load import load_model, load_tokenizer
+    from tunesmith.testing import randomise_lora
 
     model, tok = load_model(embedded_model.path).eval(), load_tokenizer(embedded_model.path)
     for i in range(2):
         peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-        gen = torch.Generator().manual_seed(i)
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.data = torch.randn(p.shape, generator=gen) * 0.2
+        randomise_lora(peft, i, 0.2)
         peft.save_pretrained(tmp_path / f"a{i}")
         model = peft.unload()
     chats = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Say hi.")]

@@ -65,16 +65,17 @@ def _gguf(run: Path, out: Path, options: dict) -> None:
     merged.mkdir()
     merge_run(run, merged, "float32")  # quantise from full precision, not from a 16-bit copy
     tokenizer = load_tokenizer(merged)
+    files = {}
     for i, quant in enumerate(quants):
-        path = write_gguf(merged, out / f"{run.name}-{quant}.gguf", quant)
-        modelfile = write_modelfile(path, tokenizer, out)
-        if i:  # one Modelfile per file; the plain name goes with the first type asked for
-            modelfile.rename(out / f"Modelfile.{quant}")
+        files[quant] = write_gguf(merged, out / f"{run.name}-{quant}.gguf", quant)
+        # one Modelfile per file; the plain name goes with the first type asked for
+        write_modelfile(files[quant], tokenizer, out, name="Modelfile" if i == 0 else f"Modelfile.{quant}")
     if options.get("check"):
-        from tunesmith.export.parity import parity
+        from tunesmith.export.parity import parity, summary_line, table
 
-        report = parity(run, formats=tuple(quants), merged_dir=merged)
+        report = parity(run, formats=tuple(quants), merged_dir=merged, gguf_files=files)
         (out / "parity.json").write_text(json.dumps(report, indent=2))
+        print(table(report) + "\n" + summary_line(report), flush=True)
     shutil.rmtree(merged)
 
 

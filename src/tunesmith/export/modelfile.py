@@ -1,0 +1,228 @@
+"""An Ollama Modelfile for an exported GGUF, with a TEMPLATE that renders chats exactly as the
+run's chat template did in training.
+
+Ollama cannot run a Jinja chat template: it needs the same format written in Go's text/template.
+We do not translate Jinja. We know a few template families (ChatML, Llama-3, Alpaca), each with
+an Ollama TEMPLATE, and pick the one whose rendering of a set of probe conversations equals the
+run template's rendering, character for character. The check uses a small renderer for the
+subset of Go templates these TEMPLATEs use (`render_go`). A template that injects a default
+system prompt when the chat has none (SmolLM2's does) gets it as SYSTEM, which Ollama prepends
+as a system message in exactly that case. A template that matches no family gets a ModelError
+and no Modelfile, never a TEMPLATE that would serve a different prompt format than the one trained.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunesmith.errors import ModelError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    template: str             # Ollama TEMPLATE (Go text/template over .Messages)
+    stops: tuple[str, ...]    # PARAMETER stop lines (besides the tokenizer's EOS)
+
+
+CHATML = Family("chatml", "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+                          "<|im_start|>assistant\n", ("<|im_end|>", "<|im_start|>"))
+# Without <|begin_of_text|>: llama.cpp adds BOS itself when the tokenizer does (_bos_prefix).
+LLAMA3 = Family("llama-3", "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+                           "{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+                ("<|eot_id|>", "<|start_header_id|>"))
+ALPACA = Family("alpaca", '{{- range .Messages }}{{ if eq .Role "system" }}{{ .Content }}\n\n'
+                          '{{ else if eq .Role "user" }}### Instruction:\n{{ .Content }}\n\n'
+                          '{{ else }}### Response:\n{{ .Content }}{{ .Eos }}\n\n{{ end }}{{ end }}### Response:\n',
+                ("### Instruction:",))
+FAMILIES = (CHATML, LLAMA3, ALPACA)
+
+PROBES = [
+    [{"role": "user", "content": "Hello, who are you?"}],
+    [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What is 2+2?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Two lines:\nfirst {{ braces }} and \"quotes\"\nsecond"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+     {"role": "user", "content": "c"}],
+]
+
+
+# ---------------------------------------------------------------- Go template subset
+_ACTION = re.compile(r"\{\{(-\s)?\s*(.*?)\s*(\s-)?\}\}", re.S)
+
+
+def _lex(template: str) -> list[tuple[str, str]]:
+    """[(kind, value)] with kind 'text' or 'action'; Go's `{{- ` / ` -}}` trim the whitespace
+    of the text on that side."""
+    out: list[tuple[str, str]] = []
+    pos, trim_next = 0, False
+    for m in _ACTION.finditer(template):
+        text = template[pos:m.start()]
+        text = text.lstrip() if trim_next else text
+        out.append(("text", text.rstrip() if m.group(1) else text))
+        out.append(("action", m.group(2)))
+        pos, trim_next = m.end(), bool(m.group(3))
+    tail = template[pos:]
+    out.append(("text", tail.lstrip() if trim_next else tail))
+    return out
+
+
+def _parse(tokens: list[tuple[str, str]], i: int = 0, stop: tuple[str, ...] = ()) -> tuple[list, int, str]:
+    nodes: list = []
+    while i < len(tokens):
+        kind, value = tokens[i]
+        i += 1
+        if kind == "text":
+            nodes.append(("text", value))
+        elif value in stop or any(value.startswith(s + " ") for s in stop):
+            return nodes, i, value
+        elif value.startswith("range "):
+            body, i, _ = _parse(tokens, i, ("end",))
+            nodes.append(("range", value[6:].strip(), body))
+        elif value.startswith("if "):
+            branches, cond = [], value[3:].strip()
+            while True:
+                body, i, end = _parse(tokens, i, ("else", "else if", "end"))
+                branches.append((cond, body))
+                if end == "end":
+                    break
+                cond = end[8:].strip() if end.startswith("else if ") else "true"
+            nodes.append(("if", branches))
+        elif value.startswith("."):
+            nodes.append(("field", value[1:]))
+        else:
+            raise ValueError(f"unsupported Go template action {{{{ {value} }}}}")
+    if stop:
+        raise ValueError(f"Go template: missing {{{{ {stop[-1]} }}}}")
+    return nodes, i, ""
+
+
+def _true(cond: str, dot: dict) -> bool:
+    if cond == "true":
+        return True
+    m = re.fullmatch(r'eq \.(\w+) "([^"]*)"', cond)
+    if not m:
+        raise ValueError(f"unsupported Go template condition '{cond}'")
+    return dot.get(m.group(1)) == m.group(2)
+
+
+def _eval(nodes: list, dot: dict, root: dict) -> str:
+    out = []
+    for node in nodes:
+        if node[0] == "text":
+            out.append(node[1])
+        elif node[0] == "field":
+            out.append(str(dot.get(node[1], root.get(node[1], ""))))
+        elif node[0] == "range":
+            out += [_eval(node[2], item, root) for item in root[node[1].lstrip(".")]]
+        else:
+            out += [_eval(body, dot, root) for cond, body in node[1] if _true(cond, dot)][:1]
+    return "".join(out)
+
+
+def render_go(template: str, messages: list[dict], **fields) -> str:
+    """Render the Go text/template subset used here: text, {{ .Field }}, {{ range .Messages }},
+    {{ if eq .Role "x" }} / {{ else if ... }} / {{ else }} / {{ end }}, and `{{- ` / ` -}}` trimming."""
+    nodes, _, _ = _parse(_lex(template))
+    msgs = [{"Role": m["role"], "Content": m["content"]} | fields for m in messages]
+    return _eval(nodes, {}, {"Messages": msgs} | fields)
+
+
+# ---------------------------------------------------------------- family detection
+def _hf(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _bos_prefix(tokenizer) -> str:
+    """Text llama.cpp/Ollama put before the rendered prompt themselves: BOS, when the tokenizer adds it."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return tokenizer.bos_token if bos is not None and ids and ids[0] == bos else ""
+
+
+def _ollama(family: Family, tokenizer, messages: list[dict], system: str | None) -> str:
+    """What Ollama would feed the model: its default SYSTEM prepended when the chat has no system
+    message (server/routes.go), the TEMPLATE rendered, after the BOS llama.cpp adds."""
+    if system is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    return _bos_prefix(tokenizer) + render_go(family.template, messages, Eos=tokenizer.eos_token or "")
+
+
+def _default_system(family: Family, tokenizer) -> str | None:
+    """The system prompt the HF template injects when a chat has none, read off by lining up the
+    family's rendering of a marked system message with the HF rendering of a chat without one."""
+    mark, user = "\x00SYSTEM\x00", [{"role": "user", "content": "Hello, who are you?"}]
+    pre, _, post = _ollama(family, tokenizer, [{"role": "system", "content": mark}] + user, None).partition(mark)
+    hf = _hf(tokenizer, user)
+    if not (post and hf.startswith(pre) and post in hf[len(pre):]):
+        return None
+    return hf[len(pre):hf.index(post, len(pre))]
+
+
+def _candidates(tokenizer) -> list[Family]:
+    """Each family as is, and, for a tokenizer that does not add BOS itself but whose template
+    writes it as text, with the BOS written at the start of the TEMPLATE."""
+    out = list(FAMILIES)
+    if tokenizer.bos_token and not _bos_prefix(tokenizer):
+        out += [Family(f.name, tokenizer.bos_token + f.template, f.stops) for f in FAMILIES]
+    return out
+
+
+def detect_family(tokenizer) -> tuple[Family, str | None]:
+    """(family, default system prompt or None) whose Ollama rendering equals the tokenizer's chat
+    template on every probe conversation."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError("the tokenizer has no chat template, so no Ollama TEMPLATE can match it")
+    try:
+        expected = [_hf(tokenizer, p) for p in PROBES]
+    except Exception as exc:  # a template that rejects plain system/user/assistant chats
+        raise ModelError(f"the chat template fails on a plain chat ({type(exc).__name__}: {exc}); "
+                         "write the Ollama TEMPLATE by hand") from None
+    for family in _candidates(tokenizer):
+        for system in (None, _default_system(family, tokenizer)):
+            if all(_ollama(family, tokenizer, p, system) == e for p, e in zip(PROBES, expected)):
+                return family, system
+    shown = expected[1][:200].replace("\n", "\\n")
+    raise ModelError(f"the run's chat template matches none of the Ollama templates tunesmith knows "
+                     f"({', '.join(f.name for f in FAMILIES)}); it renders a system+user chat as '{shown}'. "
+                     "No Modelfile was written: a wrong TEMPLATE would serve a prompt format the model "
+                     "was not trained on. Use the GGUF with llama.cpp (it reads the template from the "
+                     "file) or write the Modelfile's TEMPLATE by hand")
+
+
+def _quoted(text: str) -> str:
+    if '"""' in text:
+        raise ModelError('a template or system prompt containing """ cannot be written into a Modelfile')
+    return f'"""{text}"""'
+
+
+def modelfile_text(gguf_path: Path, tokenizer, out_dir: Path, name: str = "Modelfile") -> str:
+    family, system = detect_family(tokenizer)
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    source = f"./{gguf_path.name}" if gguf_path.resolve().parent == out_dir.resolve() else str(gguf_path.resolve())
+    stops = list(dict.fromkeys([tokenizer.eos_token, *family.stops] if tokenizer.eos_token else family.stops))
+    template = family.template.replace("{{ .Eos }}", tokenizer.eos_token or "")
+    lines = [f"# Ollama Modelfile written by tunesmith; chat template family: {family.name}",
+             f"# in this folder: ollama create NAME -f {name}", f"FROM {source}", f"TEMPLATE {_quoted(template)}"]
+    if system is not None:
+        lines.append(f"SYSTEM {_quoted(system)}")
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    return "\n".join(lines) + "\n"
+
+
+def write_modelfile(gguf_path: Path, tokenizer, out_dir: Path, name: str = "Modelfile") -> Path:
+    """Write out_dir/<name> for `gguf_path` (atomically)."""
+    text = modelfile_text(gguf_path, tokenizer, out_dir, name)
+    out = Path(out_dir) / name
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
