@@ -113,6 +113,21 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(tok, adapters):
     assert len({tuple(o.token_ids) for r, o in zip(reqs, out) if r.prompt_ids == ps[0]}) > 1
 
 
+def test_switching_between_base_one_adapter_and_mixed_batches_stays_exact(tok, adapters):
+    """Batches of the base alone, of one adapter, and mixed ones take different PEFT paths (layers
+    off, set_adapter, per-row routing); one after the other each must still give its reference."""
+    p = prompts(tok)[0]
+    ref = {BASE: reference(fresh_base(tok), p, 5)}
+    for name in ("lora0", "lora1"):
+        ref[name] = reference_adapter(tok, adapters / name, p, 5)
+    assert len({tuple(v) for v in ref.values()}) == 3
+    sequence = [[BASE], ["lora0"], [BASE], ["lora1", "lora1"], ["lora0", BASE, "lora1"], [BASE], ["lora1"]]
+    with Engine(fresh_base(tok), tok, BASE, adapters_dir=adapters, batch_wait_ms=200, preload=True) as eng:
+        for names in sequence:
+            out = submit_all(eng, [GenRequest(p, n, max_tokens=5) for n in names])
+            assert [o.token_ids for o in out] == [ref[n] for n in names], names
+
+
 def test_dora_rows_run_apart_and_stay_exact(tok, adapters):
     ps = prompts(tok)
     reqs = [GenRequest(ps[0], "dora", max_tokens=5), GenRequest(ps[0], "lora0", max_tokens=5),

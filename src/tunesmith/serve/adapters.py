@@ -110,6 +110,7 @@ class LoadedAdapters:
         self.base = base
         self.peft = None
         self.kinds: dict[str, bool] = {}   # loaded name -> mixable
+        self._mode: str | None = None      # "off" | "mixed" | the one active adapter; None: unknown
 
     @property
     def model(self):
@@ -135,6 +136,7 @@ class LoadedAdapters:
                              f"{' '.join(line.strip() for line in str(exc).splitlines()[:2])[:400]}") from exc
         self.peft.eval()
         self.kinds[src.name] = mixable(src.config)
+        self._mode = None  # loading may reset which adapter is active and whether layers are on
 
     def unload(self, name: str) -> None:
         if name not in self.kinds:
@@ -143,6 +145,7 @@ class LoadedAdapters:
         self._delete(name)
 
     def _delete(self, name: str) -> None:
+        self._mode = None
         if len(self.peft.peft_config) == 1:
             # PEFT cannot run a PeftModel with no adapter; take its layers out and keep the bare base.
             self.base = self.peft.unload()
@@ -150,21 +153,37 @@ class LoadedAdapters:
         else:
             self.peft.delete_adapter(name)
 
+    def _route(self, kinds: set) -> None:
+        """Put the PeftModel in the state these rows need. PEFT's per-row routing (adapter_names)
+        costs ~25 ms a step on the 135M model, turning adapter layers off or on ~45 ms and
+        set_adapter ~20 ms (measured), so the state only changes when the batch's make-up does:
+        base rows alone run with the adapter layers off, one adapter's rows on PEFT's plain path."""
+        mode = "off" if kinds == {None} else next(iter(kinds)) if len(kinds) == 1 else "mixed"
+        if mode == self._mode:
+            return
+        if mode == "off":
+            self.peft.base_model.disable_adapter_layers()
+        else:
+            if self._mode in ("off", None):
+                self.peft.base_model.enable_adapter_layers()
+            if mode != "mixed" and self.peft.active_adapter != mode:
+                self.peft.set_adapter(mode)
+        self._mode = mode
+
     @torch.no_grad()
     def forward(self, names: list[str | None], **inputs) -> torch.Tensor:
         """Next-token logits [rows, vocab] (float32). names[i] is row i's adapter (None: the base);
         the rows are all mixable, or all of one non-mixable adapter."""
+        kinds = set(names)
         if self.peft is None:
             out = self.base(**inputs)
         else:
-            solo = [n for n in set(names) if n is not None and not self.kinds[n]]
-            if solo:
-                if len(set(names)) != 1:
-                    raise ModelError(f"adapter {solo[0]} cannot share a batch with other adapters")
-                self.peft.set_adapter(solo[0])
-                out = self.peft(**inputs)
-            else:
-                out = self.peft(**inputs, adapter_names=[BASE if n is None else n for n in names])
+            solo = [n for n in kinds if n is not None and not self.kinds[n]]
+            if solo and len(kinds) > 1:
+                raise ModelError(f"adapter {solo[0]} cannot share a batch with other adapters")
+            self._route(kinds)
+            routed = {"adapter_names": [BASE if n is None else n for n in names]} if self._mode == "mixed" else {}
+            out = self.peft(**inputs, **routed)
         return out.logits[:, -1, :].float()
 
 
