@@ -180,6 +180,12 @@ def test_gguf_export_writes_one_file_and_modelfile_per_type(runs, tmp_path):
     assert files == ["Modelfile", "Modelfile.q8_0", "export.json", "lora-f16.gguf", "lora-q8_0.gguf"]
     assert "FROM ./lora-f16.gguf" in (out / "Modelfile").read_text()
     assert "FROM ./lora-q8_0.gguf" in (out / "Modelfile.q8_0").read_text()
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask     # not the private mode of temporary files:
+    for name in files:                                       # Ollama's service user must read them
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     types = {t.tensor_type.name for t in GGUFReader(str(out / "lora-q8_0.gguf")).tensors}
     assert "Q8_0" in types and "F16" not in types
     with pytest.raises(ModelError, match="q5_k.*f32, f16, q8_0, q4_0"):

@@ -30,9 +30,20 @@ def staged_dir(out: Path, force: bool):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _usual_permissions(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.rename(tmp, out)
+
+
+def _usual_permissions(root: Path) -> None:
+    """Temporary files and folders are private (0600/0700); an export is read by other users too
+    (Ollama's and vLLM's service accounts), so give it what the umask gives ordinary files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _copy_adapter(run: Path, out: Path, options: dict) -> None:
