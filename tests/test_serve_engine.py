@@ -412,3 +412,14 @@ def test_a_failing_step_fails_its_rows_and_the_engine_goes_on(tok):
         with pytest.raises(RuntimeError, match="simulated"):
             eng.submit(GenRequest(p, BASE, max_tokens=10)).result()
         assert eng.submit(GenRequest(p, BASE, max_tokens=10)).result().token_ids == reference(fresh_base(tok), p, 10)
+
+
+def test_off_main_thread_returns_raises_and_leaves_the_calling_thread_idle():
+    import threading
+
+    from tunesmith.serve.engine import off_main_thread
+
+    caller = threading.current_thread()
+    assert off_main_thread(lambda: threading.current_thread() is not caller) is True
+    with pytest.raises(DataError, match="bad"):
+        off_main_thread(lambda: (_ for _ in ()).throw(DataError("bad")))

@@ -30,7 +30,7 @@ from tunesmith.errors import ConfigError, DataError, ModelError, TunesmithError
 from tunesmith.serve import checks as c
 from tunesmith.serve import protocol as p
 from tunesmith.serve.checks import Limits
-from tunesmith.serve.engine import Engine, GenRequest
+from tunesmith.serve.engine import Engine, GenRequest, off_main_thread
 
 log = logging.getLogger("tunesmith.serve")
 
@@ -381,7 +381,7 @@ def serve(model_spec: str | Path, adapters_dir: str | Path | None = None, host: 
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model "
                     "(pass --api-key or set TUNESMITH_API_KEY)", host)
     with tempfile.TemporaryDirectory(prefix="tunesmith-serve-") as scratch:
-        engine = load_engine(model_spec, adapters_dir, max_batch, Path(scratch))
+        engine = off_main_thread(lambda: load_engine(model_spec, adapters_dir, max_batch, Path(scratch)))
         limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
                         max_tokens_limit=max_tokens_limit, default_max_tokens=min(256, max_tokens_limit),
                         context_length=engine.context)
