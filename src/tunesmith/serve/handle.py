@@ -103,27 +103,8 @@ class Handle:
                 self._wakers.remove(wake)
 
     async def aresult(self) -> Completion:
-        """result() for an asyncio caller. It wakes only when the row has ended: a wake-up per token
-        (as astream needs) costs the decoding thread ~30% on 2 cores (measured), for nothing here."""
-        loop, event = asyncio.get_running_loop(), asyncio.Event()
-
-        def wake():
-            if self.done:
-                try:
-                    loop.call_soon_threadsafe(event.set)
-                except RuntimeError:  # the loop has closed: nobody is reading any more
-                    pass
-
-        with self._cond:
-            self._wakers.append(wake)
-        try:
-            while not self.done:
-                await event.wait()
-        finally:
-            with self._cond:
-                self._wakers.remove(wake)
-        if self._error is not None:
-            raise self._error
+        async for _ in self.astream():
+            pass
         return self._completion
 
     # ---------------------------------------------------------------- engine side
