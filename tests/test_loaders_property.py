@@ -9,7 +9,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tunesmith.data.dataset import LoadResult, load_examples
@@ -152,7 +152,11 @@ def test_datasets_directories(rows, opts, damage, data):
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "saved"
-        datasets.Dataset(arrow_table(rows)).save_to_disk(str(path))
+        try:
+            saved = datasets.Dataset(arrow_table(rows))
+        except (datasets.table.CastError, ValueError, TypeError):
+            assume(False)  # datasets itself cannot hold these rows (e.g. a column named '\x00'): no such folder exists
+        saved.save_to_disk(str(path))
         target = {"arrow": path / "data-00000-of-00001.arrow", "state": path / "state.json",
                   "info": path / "dataset_info.json"}.get(damage)
         if target is not None and target.exists():
