@@ -26,25 +26,40 @@ def is_run_dir(path: str | Path) -> bool:
         (p / "adapter" / "adapter_config.json").is_file() or (p / "model" / "config.json").is_file())
 
 
-def _load_run(run: Path, adapter: bool):
-    """Base model loaded the way it was trained (QLoRA: 4-bit) plus the run's adapter, or the run's
-    whole model for methods that train the weights themselves."""
+def run_config(run: Path):
+    """The resolved config a run saved (config.yaml)."""
     import yaml
 
     from tunesmith.config import parse_config
+
+    return parse_config(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
+
+
+def run_base_path(run: Path) -> Path:
+    """The base model directory a run trained on (re-resolved when the recorded path has moved)."""
+    base = json.loads((run / "manifest.json").read_text())["model"]
+    return Path(base["path"]) if Path(base["path"]).is_dir() else resolve_model(base["id"]).path
+
+
+def load_run_base(run: Path, dtype: torch.dtype = torch.float32):
+    """(the base model loaded the way the run trained on it (QLoRA: 4-bit), the run's config)."""
     from tunesmith.methods import get_method
 
-    manifest = json.loads((run / "manifest.json").read_text())
-    cfg = parse_config(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
-    base = manifest["model"]
+    cfg = run_config(run)
+    return load_model(run_base_path(run), dtype=dtype, **get_method(cfg.method.name).load_kwargs(cfg.method)), cfg
+
+
+def _load_run(run: Path, adapter: bool):
+    """Base model loaded the way it was trained (QLoRA: 4-bit) plus the run's adapter, or the run's
+    whole model for methods that train the weights themselves."""
     tokenizer = load_tokenizer(run / "tokenizer")
     if adapter and (run / "model" / "config.json").is_file():
         return load_model(run / "model"), tokenizer, run.name
-    path = Path(base["path"]) if Path(base["path"]).is_dir() else resolve_model(base["id"]).path
-    model = load_model(path, **get_method(cfg.method.name).load_kwargs(cfg.method))
+    model, _ = load_run_base(run)
     if adapter:
         return attach_adapter(model, run / "adapter"), tokenizer, run.name
-    return model, tokenizer, f"{base['id']} (base of {run.name})"
+    base_id = json.loads((run / "manifest.json").read_text())["model"]["id"]
+    return model, tokenizer, f"{base_id} (base of {run.name})"
 
 
 def load_for_inference(spec: str | Path, adapter: bool = True) -> InferenceModel:

@@ -8,56 +8,32 @@ generation config stops on the token that ends an assistant turn in that templat
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-import yaml
 
 from tunesmith.errors import ModelError
+from tunesmith.generation import load_run_base, run_base_path, run_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 UNMERGEABLE = {"prefix": "prefix tuning", "prompt": "prompt tuning"}  # they add virtual tokens, not weight deltas
 
 
-def run_config(run: Path):
-    from tunesmith.config import parse_config
-
-    return parse_config(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
-
-
-def base_path(run: Path) -> Path:
-    """The base model directory a run trained on (re-resolved when the recorded path has moved)."""
-    from tunesmith.models.registry import resolve_model
-
-    base = json.loads((run / "manifest.json").read_text())["model"]
-    return Path(base["path"]) if Path(base["path"]).is_dir() else resolve_model(base["id"]).path
-
-
-def _load_base_as_trained(run: Path, method_name: str, method_cfg, dtype: torch.dtype):
-    from tunesmith.methods import get_method
-    from tunesmith.models.load import dequantized, load_model
-
-    kwargs = get_method(method_name).load_kwargs(method_cfg)
-    model = load_model(base_path(run), dtype=dtype, **kwargs)
-    if "quantization_config" in kwargs:
-        model = dequantized(model, dtype)
-    return model
-
-
 def merged_model(run: Path, dtype: torch.dtype = torch.float32):
     """The run's model with its adapter merged in (or its own weights for full fine-tuning)."""
-    from tunesmith.models.load import attach_adapter, load_model, merge_adapter
+    from tunesmith.models.load import attach_adapter, dequantized, load_model, merge_adapter
 
     if (run / "model" / "config.json").is_file():
         return load_model(run / "model", dtype=dtype)
     if not (run / "adapter" / "adapter_config.json").is_file():
         raise ModelError(f"{run} holds neither adapter/ nor model/: is it a finished run directory?")
-    cfg = run_config(run)
-    if cfg.method.name in UNMERGEABLE:
-        raise ModelError(f"{run}: {UNMERGEABLE[cfg.method.name]} adds virtual tokens rather than weight changes, "
+    method = run_config(run).method.name
+    if method in UNMERGEABLE:
+        raise ModelError(f"{run}: {UNMERGEABLE[method]} adds virtual tokens rather than weight changes, "
                          "so it cannot be merged into the base; export it with --format adapter")
-    base = _load_base_as_trained(run, cfg.method.name, cfg.method, dtype)
+    base, _ = load_run_base(run, dtype)
+    if getattr(base, "is_loaded_in_4bit", False):
+        base = dequantized(base, dtype)
     return merge_adapter(attach_adapter(base, run / "adapter"))
 
 
@@ -84,7 +60,7 @@ def merge_run(run: Path, out: Path, dtype: str = "float32") -> Path:
     model = merged_model(run, DTYPES[dtype])
     tokenizer = load_tokenizer(run / "tokenizer")
     try:
-        base_gen = GenerationConfig.from_pretrained(base_path(run))
+        base_gen = GenerationConfig.from_pretrained(run_base_path(run))
     except (OSError, ModelError):
         base_gen = None
     gen = base_gen or GenerationConfig()

@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from tunesmith.errors import ConfigError, DataError, ModelError, TunesmithError
 from tunesmith.serve import checks as c
 from tunesmith.serve import protocol as p
+from tunesmith.serve.adapters import NAME_RE  # the engine checks names again when it loads
 from tunesmith.serve.checks import Limits
 from tunesmith.serve.engine import Engine, GenRequest, off_main_thread
 
@@ -208,7 +209,7 @@ class _Service:
 
     # -- admin
     async def adapter(self, name: str, action: str):
-        if not c.ADAPTER_NAME.match(name):
+        if not NAME_RE.match(name):
             raise p.APIError(400, f"invalid adapter name {name!r}: letters, digits, '.', '_' and '-' only",
                              param="name")
         c.check_model(self.engine, name)
@@ -327,7 +328,7 @@ def _run_as_adapter(run: Path, into: Path) -> None:
     adapters from one directory it owns, and the run directory itself stays untouched."""
     import shutil
 
-    if not c.ADAPTER_NAME.match(run.name):
+    if not NAME_RE.match(run.name):
         raise ConfigError(f"run directory name {run.name!r} cannot be a model name (letters, digits, '.', '_', '-'); "
                           "rename the folder")
     dest = into / run.name

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import re
 from dataclasses import dataclass
 
 from starlette.requests import ClientDisconnect
@@ -13,7 +12,6 @@ from starlette.requests import ClientDisconnect
 from tunesmith.errors import ModelError
 from tunesmith.serve import protocol as p
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # the engine checks it again
 OPEN_PATHS = {"/health"}  # answered without the API key
 
 
