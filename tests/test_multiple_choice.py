@@ -121,7 +121,7 @@ def test_mmlu_csv_prompt_equals_lm_eval_template(tmp_path, header):
                                    "mathematics.\n\n"
     bad = tmp_path / "x_test.csv"
     bad.write_text(rows[0] + "\nonly,four,fields,here\n")
-    with pytest.raises(DataError, match=r"x_test\.csv:2: MMLU CSV rows have 6 fields"):
+    with pytest.raises(DataError, match=r"x_test\.csv:2: the CSV's rows have 6 fields"):
         load_items(bad)
     wrong = tmp_path / "y_test.csv"
     wrong.write_text(rows[0].replace(",B", ",F") + "\n")
@@ -143,6 +143,70 @@ def test_generic_choices_jsonl_answer_forms(tmp_path):
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [rows[0], arc_row("Q", ["a", "b"], "A")])
     with pytest.raises(DataError, match=r"mixed\.jsonl:2: a arc record in a file whose first record is choices"):
         load_items(mixed)
+
+
+QUESTIONS = [("What is 2+2?", ["3", "4", "5", "22"], 1), ("Pick the prime, please", ["4", "6", "7", "9"], 2),
+             ("Which is a colour?", ["red", "run", "rock", "rain"], 0)]
+
+
+def _mc_shapes(tmp_path) -> dict[str, Path]:
+    """The same three questions in each shape people have."""
+    def csv_line(cells):
+        return ",".join('"' + c.replace('"', '""') + '"' if "," in c else c for c in cells) + "\n"
+
+    letters = [[q, *c, "ABCD"[g]] for q, c, g in QUESTIONS]
+    shapes = {
+        "letters": csv_line(["question", "A", "B", "C", "D", "answer"]) + "".join(map(csv_line, letters)),
+        "index": csv_line(["question", "choice0", "choice1", "choice2", "choice3", "answer"])
+        + "".join(csv_line([q, *c, str(g)]) for q, c, g in QUESTIONS),
+        "hendrycks": "".join(map(csv_line, letters)),
+    }
+    paths = {}
+    for name, text in shapes.items():
+        paths[name] = tmp_path / f"{name}.csv"
+        paths[name].write_text(text, encoding="utf-8")
+    answers = [1, "c", "red"]  # index, letter (any case), a choice's text
+    paths["jsonl"] = write_jsonl(tmp_path / "mc.jsonl", [{"question": q, "choices": c, "answer": a}
+                                                         for (q, c, _), a in zip(QUESTIONS, answers)])
+    return paths
+
+
+@pytest.mark.parametrize("fmt", ["mmlu", "choices"])
+def test_every_multiple_choice_shape_parses_to_the_same_items(tmp_path, fmt):
+    parsed = {name: load_items(path, fmt) for name, path in _mc_shapes(tmp_path).items()}
+    assert {kind for _, kind in parsed.values()} == {fmt}
+    strip = [[{**vars(i), "where": ""} for i in items] for items, _ in parsed.values()]
+    assert all(s == strip[0] for s in strip), parsed
+    items = parsed["index"][0]
+    assert [i.gold for i in items] == [g for _, _, g in QUESTIONS]
+    assert [i.question for i in items] == [q for q, _, _ in QUESTIONS]
+    if fmt == "choices":
+        assert [i.choices for i in items] == [c for _, c, _ in QUESTIONS]
+    else:
+        assert items[1].text == "Pick the prime, please\nA. 4\nB. 6\nC. 7\nD. 9\nAnswer:"
+    assert parsed["letters"][0][0].where.endswith("letters.csv:2") and parsed["hendrycks"][0][0].where.endswith(":1")
+
+
+def test_csv_choice_columns_of_any_count_and_mapped_question(tmp_path):
+    path = tmp_path / "five.csv"
+    path.write_text("prompt,choice0,choice1,choice2,choice3,choice4,answer\nq,a,b,c,d,e,4\n")
+    items, fmt = load_items(path, columns={"question": "prompt"})
+    assert fmt == "mmlu" and items[0].gold == 4 and items[0].choices == list("ABCDE")
+
+
+@pytest.mark.parametrize("header", ["prompt,opt1,opt2,opt3,opt4,label",           # nothing known
+                                    "question,choice1,choice2,choice3,choice4,answer",  # 1-based: ambiguous
+                                    "question,A,B,C,D"])                              # no answer column
+def test_unrecognised_csv_header_names_it_and_the_shapes_accepted(tmp_path, header):
+    path = tmp_path / "odd.csv"
+    path.write_text(header + "\n" + "q,w,x,y,z,1\n")
+    with pytest.raises(DataError) as err:
+        load_items(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:1: unrecognised multiple-choice CSV header {header!r}")
+    assert "question,A,B,C,D,answer" in msg and "question,choice0,...,choiceN,answer" in msg and "no header" in msg
+    with pytest.raises(DataError, match=r"not as arc"):
+        load_items(path, "arc")
 
 
 @needs_lm_eval

@@ -5,11 +5,13 @@ Formats (`task.format`, or detected from the file):
 - hellaswag: JSONL {ctx_a, ctx_b, activity_label, endings, label} (lm-eval hellaswag), or the
              6-lines-per-item text file (.txt / .txt.bz2: "<activity_label>: <ctx>", gold 0-3, four
              endings) as mirrored from llama.cpp's extraction.
-- mmlu:      CSV question,A,B,C,D,answer (hendrycks' files, with or without that header; the
-             subject comes from a `<subject>_test.csv` name), or JSONL {question, choices, answer}
+- mmlu:      CSV in one of the shapes of CSV_SHAPES: question,A,B,C,D,answer (letter);
+             question,choice0,...,choiceN,answer (index); hendrycks' files without a header (the
+             subject comes from a `<subject>_test.csv` name). Or JSONL {question, choices, answer}
              with a `subject` (lm-eval mmlu default template).
-- choices:   JSONL {question, choices: [...], answer: a choice's text, else an index (int or digits)
-             or a letter A..}, prompted as ARC.
+- choices:   JSONL {question, choices: [...]} without a subject, or a CSV with task.format: choices;
+             prompted as ARC.
+In every shape the answer may be a choice's text, an index (int or digits) or a letter A..
 
 Each item carries `text` (lm-eval's doc_to_text), `choices` (doc_to_choice, scored with a leading
 space: lm-eval's target_delimiter) and `gold`. A bad row stops with DataError naming file:line.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import bz2
 import csv
 import io
+import itertools
 import re
 import string
 from dataclasses import dataclass
@@ -124,24 +127,27 @@ def hellaswag_item(rec: dict, pos: int, where: str) -> MCItem:
                   _gold(rec.get("label"), len(endings), where), [str(i) for i in range(len(endings))], where=where)
 
 
+def _answer(value, choices: list[str], where: str) -> int:
+    """An answer given as a choice's text, an index or a letter -> index. The text of a choice wins
+    over reading it as a letter (choices "A", "B", ... are common)."""
+    if isinstance(value, str) and value in choices:
+        return choices.index(value)
+    return _gold(value, len(choices), where)
+
+
 def mmlu_item(rec: dict, pos: int, where: str, subject: str = "") -> MCItem:
     question = _need(rec, "question", str, where, "MMLU")
     choices = [str(c) for c in _string_list(rec, "choices", where, "MMLU")]
     subject = str(rec.get("subject") or subject).replace("_", " ")
     return MCItem(rec.get("id", pos), question, mmlu_text(question, choices), list(LETTERS[:len(choices)]),
-                  _gold(rec.get("answer"), len(choices), where), list(LETTERS[:len(choices)]),
+                  _answer(rec.get("answer"), choices, where), list(LETTERS[:len(choices)]),
                   description=mmlu_description(subject), where=where)
 
 
 def choices_item(rec: dict, pos: int, where: str) -> MCItem:
     question = _need(rec, "question", str, where, "multiple-choice")
     choices = _string_list(rec, "choices", where, "multiple-choice")
-    answer = rec.get("answer")
-    if isinstance(answer, str) and answer in choices:  # the text of a choice wins over reading it as a letter
-        gold = choices.index(answer)
-    else:
-        gold = _gold(answer, len(choices), where)
-    return MCItem(rec.get("id", pos), question, arc_text(question), choices, gold,
+    return MCItem(rec.get("id", pos), question, arc_text(question), choices, _answer(rec.get("answer"), choices, where),
                   list(LETTERS[:len(choices)]), where=where)
 
 
@@ -217,38 +223,72 @@ def csv_subject(path: Path) -> str:
     return ""
 
 
-def mmlu_csv_items(path: Path) -> list[MCItem]:
-    subject = csv_subject(path)
+CSV_SHAPES = ("question,A,B,C,D,answer (answer a letter; any number of letter columns A, B, ...), "
+              "question,choice0,...,choiceN,answer (answer an index 0-N), or hendrycks' MMLU rows with no header "
+              "(question, four choices, answer letter)")
+
+
+def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
     try:
         with _open_text(path) as f:
             reader = csv.reader(f, strict=True)
-            rows = []
-            for row in reader:
-                rows.append((reader.line_num, row))
+            return [(reader.line_num, row) for row in reader if row]
     except csv.Error as exc:
         raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc}); check quotes in this row") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason}); re-encode the file as UTF-8") from None
-    header = MMLU_HEADER
-    if rows and [c.strip().lower() for c in rows[0][1]] == MMLU_HEADER:
+
+
+def _is_answer(cell: str) -> bool:
+    cell = cell.strip()
+    return cell.isdigit() or (len(cell) == 1 and cell.upper() in LETTERS)
+
+
+def _choice_columns(header: list[str]) -> list[str] | None:
+    """The header's choice columns in order: letters A, B, ... or choice0, choice1, ...; None when
+    neither run is there (a run must start at A / choice0 and have no gaps, or the answer index is ambiguous)."""
+    for names in ([c.lower() for c in LETTERS], [f"choice{i}" for i in range(len(LETTERS))]):
+        run = list(itertools.takewhile(lambda n: n in header, names))
+        if len(run) >= 2:
+            return run
+    return None
+
+
+def csv_header(first: list[str], where: str, columns: dict[str, str]) -> tuple[list[str] | None, list[str]]:
+    """(the header, or None when the first row is already a question, and the choice columns).
+    hendrycks' files have no header: a first row whose last field is an answer (a letter or digits) is data."""
+    if len(first) == len(MMLU_HEADER) and _is_answer(first[-1]):
+        return None, list("abcd")
+    alias = {col.strip().lower(): canon for canon, col in columns.items()}  # task.columns: canonical -> column
+    header = [alias.get(c.strip().lower(), c.strip().lower()) for c in first]
+    choices = _choice_columns(header)
+    if {"question", "answer"} <= set(header) and choices and len(set(header)) == len(header):
+        return header, choices
+    raise DataError(f"{where}: unrecognised multiple-choice CSV header {','.join(first)!r}; accepted shapes: "
+                    f"{CSV_SHAPES}; rename the columns, or map question/answer with task.columns")
+
+
+def csv_records(path: Path, columns: dict[str, str] | None = None) -> list[tuple[str, dict]]:
+    """(file:line, {question, choices, answer, subject}) per row of a multiple-choice CSV."""
+    rows = _csv_rows(path)
+    if not rows:
+        raise DataError(f"{path}: the file holds no questions")
+    header, choice_cols = csv_header(rows[0][1], f"{path}:{rows[0][0]}", columns or {})
+    if header is None:
+        header = MMLU_HEADER
+    else:
         rows = rows[1:]
-    elif rows and {"question", "answer"} <= {c.strip().lower() for c in rows[0][1]}:
-        header = [c.strip().lower() for c in rows[0][1]]
-        rows = rows[1:]
-    items = []
+    subject = csv_subject(path)
+    out = []
     for line, row in rows:
         where = f"{path}:{line}"
-        if not row:
-            continue
         if len(row) != len(header):
-            raise DataError(f"{where}: MMLU CSV rows have {len(header)} fields (question,A,B,C,D,answer), "
+            raise DataError(f"{where}: the CSV's rows have {len(header)} fields ({','.join(header)}), "
                             f"this one has {len(row)}; quote fields that contain commas")
         rec = dict(zip(header, row))
-        rec["choices"] = [rec.get(k, "") for k in header if len(k) == 1 and k in "abcdefgh"]
-        items.append(mmlu_item(rec, len(items), where, subject))
-    if not items:
-        raise DataError(f"{path}: the file holds no questions")
-    return items
+        rec = {"subject": subject, **rec, "choices": [rec[k] for k in choice_cols]}
+        out.append((where, rec))
+    return out
 
 
 def _map_columns(rec: dict, columns: dict[str, str]) -> dict:
@@ -286,9 +326,11 @@ def load_items(path: str | Path, fmt: str = "auto", columns: dict[str, str] | No
             raise DataError(f"{path}: a text file is read as the HellaSwag 6-line layout, not as {fmt}")
         return hellaswag_text_items(path), "hellaswag"
     if name.endswith(".csv"):
-        if fmt not in ("auto", "mmlu"):
-            raise DataError(f"{path}: a CSV file is read as MMLU (question,A,B,C,D,answer), not as {fmt}")
-        return mmlu_csv_items(path), "mmlu"
+        # A CSV holds question, choices and answer, prompted as MMLU unless task.format says choices.
+        kind = "mmlu" if fmt == "auto" else fmt
+        if kind not in ("mmlu", "choices"):
+            raise DataError(f"{path}: a CSV file is read as mmlu or choices ({CSV_SHAPES}), not as {fmt}")
+        return [BUILDERS[kind](rec, pos, where) for pos, (where, rec) in enumerate(csv_records(path, columns))], kind
     items, kind = record_items(path, fmt, columns or {})
     if not items:
         raise DataError(f"{path}: the file holds no questions")
