@@ -7,6 +7,7 @@ load + validate, tokenise with the chat template and loss mask, exact and MinHas
 search, PII scan. Prints each stage's time; the last line is exactly `records/s=<n> wall_s=<n>`.
 
     python benchmarks/data_audit.py [--records 50000] [--workers 0] [--model smollm2-135m-instruct]
+    python benchmarks/data_audit.py --near-dup-quality   # recall and false pairs of near-dup search
 """
 from __future__ import annotations
 
@@ -63,10 +64,21 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=0, help="0: every core")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--near-dup-quality", action="store_true",
+                    help="instead of timing: near-duplicate recall on generated one-word edits and false pairs on "
+                         "the shared sets, before/after the one-word-apart criterion (near_dup_quality.py)")
+    ap.add_argument("--pairs", type=int, default=3000, help="--near-dup-quality: planted pairs")
+    ap.add_argument("--show", type=int, default=0, help="--near-dup-quality: new pairs printed per set")
     args = ap.parse_args()
     if not DATA.is_dir():
         print(f"needs the shared datasets at {DATA}", file=sys.stderr)
         return 1
+    if args.near_dup_quality:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from near_dup_quality import run
+
+        run(DATA, args.pairs, args.show)
+        return 0
     os.environ.setdefault("TUNESMITH_HOME", str(ROOT / ".tunesmith-home"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from tunesmith.data.audit import AuditSettings, audit

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import SHARED_DATA
 from tunesmith.data import dedup, pii
 from tunesmith.data.contamination import EvalIndex, build_index
 
@@ -71,6 +72,97 @@ def test_signatures_are_stable_across_calls():
     s1, _ = dedup.signatures([sentence(5)], 64, 3)
     s2, _ = dedup.signatures([sentence(6), sentence(5)], 64, 3)
     assert (s1[0] == s2[1]).all()
+
+
+def one_word_edit(w: list[str], rng: random.Random, kind: str) -> list[str]:
+    e, at = list(w), rng.randrange(len(w))
+    if kind == "insert":
+        e.insert(rng.randrange(len(w) + 1), rng.choice(WORDS))
+    elif kind == "delete":
+        del e[at]
+    else:
+        e[at] = rng.choice([x for x in WORDS[:20] if x != w[at]])
+    return e
+
+
+def near_with_edits(texts, threshold=0.85, one_word=True):
+    sigs, has_words = dedup.signatures(texts, num_perm=128, shingle_size=3)
+    keys = [dedup.edit_keys(dedup.line_words(t)) for t in texts] if one_word else None
+    return {(i, j) for i, j, _ in dedup.near_pairs(sigs, [i for i in range(len(texts)) if has_words[i]],
+                                                   threshold, keys=keys)}
+
+
+def test_one_word_edits_in_short_rows_are_found():
+    """Rows of 5-30 words beside a copy with one word inserted, deleted or substituted: 3-word
+    shingles at Jaccard 0.85 miss most of them (a middle substitution leaves (n-5)/(n+1))."""
+    rng = random.Random(0)
+    texts, planted = [], set()
+    for k in range(300):
+        w = sentence(1000 + k, rng.randint(5, 30)).split()
+        planted.add((len(texts), len(texts) + 1))
+        texts += [" ".join(w), " ".join(one_word_edit(w, rng, ("insert", "delete", "substitute")[k % 3]))]
+    before, after = near_with_edits(texts, one_word=False), near_with_edits(texts)
+    assert len(before & planted) / len(planted) < 0.5
+    assert len(after & planted) / len(planted) >= 0.95
+    assert after == planted  # and nothing else: the originals are unrelated
+
+
+def within_one_word(a: list[str], b: list[str]) -> bool:
+    """Reference: equal, one substitution, or one is the other less one word (by enumeration)."""
+    if len(a) == len(b):
+        return sum(x != y for x, y in zip(a, b)) <= 1
+    short, long_ = sorted((a, b), key=len)
+    return len(long_) == len(short) + 1 and any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+
+
+def test_one_word_pairs_equal_brute_force():
+    """Every pair at most one word apart, and only those, on rows from a 3-word vocabulary (many
+    keys collide, deletions of different rows coincide) of 4-8 words, one line each."""
+    rng = random.Random(1)
+    rows = [[rng.choice("abc") for _ in range(rng.randint(4, 8))] for _ in range(400)]
+    keys = [dedup.edit_keys([r]) for r in rows]
+    expected = {(i, j) for i, j in itertools.combinations(range(len(rows)), 2)
+                if max(len(rows[i]), len(rows[j])) >= dedup.EDIT_MIN_WORDS and within_one_word(rows[i], rows[j])
+                or rows[i] == rows[j]}
+    assert dedup.one_word_pairs(keys, list(range(len(rows)))) == expected
+    assert len(expected) > 500
+
+
+def test_many_rows_one_slot_apart_form_one_cluster_without_all_pairs():
+    texts = [f"please set the colour to {w} now" for w in WORDS[:150]]
+    pairs = near_with_edits(texts)
+    assert dedup.clusters([(i, j, 1.0) for i, j in pairs]) == [list(range(150))]
+    assert len(pairs) == 149  # a star, not 150*149/2 pairs
+
+
+@pytest.mark.parametrize("a, b", [
+    ("how do i top up my card\npending_top_up", "how do i top up my card\ntop_up_reverted"),  # a one-word label
+    ("where is my card now", "where is my pin today"),                       # two words apart
+    ("cancel my card", "cancel my order"),                                    # under 5 words
+])
+def test_rows_more_than_one_word_apart_or_short_are_not_near_duplicates(a, b):
+    assert near_with_edits([a, b]) == set()
+
+
+def test_one_word_apart_in_a_long_enough_line_of_a_chat_row():
+    q = "how do i know when my card will arrive"
+    assert near_with_edits([f"{q}\ncard_arrival", f"{q.replace('know', 'find out')}\ncard_arrival"]) == set()
+    assert near_with_edits([f"{q}\ncard_arrival", f"{q.replace('know', 'see')}\ncard_arrival"]) == {(0, 1)}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "banking77").is_dir(), reason="needs ../shared/data/banking77")
+def test_no_more_false_pairs_on_a_real_intent_set():
+    """banking77 as `data prepare` sees it (text, then the category): a pair whose categories
+    differ is false. The one-word criterion finds many more pairs, and no more false ones."""
+    from tunesmith.data.dataset import load_examples
+
+    texts = [ex.all_text() for ex in load_examples(SHARED_DATA / "banking77" / "train.csv",
+                                                   columns={"instruction": "text", "output": "category"}).examples]
+    label = [t.rsplit("\n", 1)[-1] for t in texts]
+    before, after = near_with_edits(texts, one_word=False), near_with_edits(texts)
+    false_before, false_after = ({p for p in ps if label[p[0]] != label[p[1]]} for ps in (before, after))
+    assert len(false_after) <= len(false_before) <= 2
+    assert len(after) > 10 * len(before) and before <= after
 
 
 # --- PII ---------------------------------------------------------------------------------------

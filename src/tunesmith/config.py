@@ -149,7 +149,9 @@ class PrepareSection(_Section):
         "near", description="exact: drop copies (case/whitespace folded); near: also MinHash near-duplicates; "
                             "none. Across splits the train copy is the one dropped.")
     near_dup_threshold: float = Field(0.85, gt=0, le=1, description="Jaccard similarity of word shingles "
-                                                                    "at which two rows are near-duplicates.")
+                                                                    "at which two rows are near-duplicates "
+                                                                    "(rows of up to 100 words one word apart "
+                                                                    "are too: see data/dedup.py).")
     shingle_words: int = Field(3, gt=0, description="Words per shingle for near-duplicate detection.")
     num_perm: int = Field(128, ge=16, description="MinHash permutations: more is more accurate and slower.")
     pii: Literal["keep", "redact", "drop"] = Field(

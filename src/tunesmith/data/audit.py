@@ -1,5 +1,6 @@
 """One pass over the examples that computes, per row, everything `data inspect` and `data prepare`
-need: token length and loss-mask statistics, the exact-duplicate key, the MinHash signature, the
+need: token length and loss-mask statistics, the exact-duplicate key, the MinHash signature and
+the one-word-edit keys of short rows, the
 PII kinds found and the first overlap with an eval set.
 
 The pass runs in worker processes, one per core: tokenising and hashing are CPU-bound Python.
@@ -55,6 +56,7 @@ class Audit:
     keys: list[bytes] = field(default_factory=list)
     signatures: np.ndarray | None = None
     has_words: np.ndarray | None = None
+    edit_keys: list[np.ndarray | None] = field(default_factory=list)  # one-word neighbourhoods of short rows
     pii: list[tuple[str, ...]] = field(default_factory=list)
     tokens: list[TokenStats | None] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)  # why a row could not be tokenised
@@ -63,7 +65,7 @@ class Audit:
     @classmethod
     def join(cls, parts: list[Audit]) -> Audit:
         out = cls()
-        for name in ("keys", "pii", "tokens", "errors", "contamination"):
+        for name in ("keys", "edit_keys", "pii", "tokens", "errors", "contamination"):
             setattr(out, name, [x for p in parts for x in getattr(p, name)])
         for name in ("signatures", "has_words"):
             arrays = [getattr(p, name) for p in parts if getattr(p, name) is not None]
@@ -125,7 +127,10 @@ def _audit_range(span: tuple[int, int]) -> Audit:
     texts = [ex.all_text() for ex in rows]
     out = Audit(keys=[dedup.exact_key(t) for t in texts])
     if s.near:
-        out.signatures, out.has_words = dedup.signatures(texts, s.num_perm, s.shingle_size)
+        lines = [dedup.line_words(t) for t in texts]
+        out.signatures, out.has_words = dedup.word_signatures([[w for ln in ls for w in ln] for ls in lines], s.num_perm,
+                                                              s.shingle_size)
+        out.edit_keys = [dedup.edit_keys(ls) for ls in lines]
     out.pii = [tuple(f.kind for f in pii.find(t)) if s.scan_pii else () for t in texts]
     out.contamination = [index.match(t) if index is not None else None for t in texts]
     for ex in rows:

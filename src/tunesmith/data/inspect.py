@@ -85,7 +85,8 @@ def representatives(a: Audit, groups: list[list[int]]) -> list[int]:
 
 def near_section(load: LoadResult, a: Audit, rows: list[int], opts: InspectOptions) -> dict:
     pairs = [] if a.signatures is None else dedup.near_pairs(a.signatures, rows, opts.near_dup_threshold,
-                                                             Progress("near-duplicate search", len(rows)).update)
+                                                             Progress("near-duplicate search", len(rows)).update,
+                                                             a.edit_keys)
     groups = dedup.clusters(pairs)
     cluster_of = {i: n for n, g in enumerate(groups) for i in g}
     weakest = [1.0] * len(groups)  # the lowest similarity of a pair that joined the cluster
@@ -96,6 +97,7 @@ def near_section(load: LoadResult, a: Audit, rows: list[int], opts: InspectOptio
               "min_similarity": round(weakest[n], 3), "previews": [preview(ex[i].all_text()) for i in groups[n][:2]]}
              for n in sorted(range(len(groups)), key=lambda n: -len(groups[n]))[:SHOWN]]
     return {"threshold": opts.near_dup_threshold, "num_perm": opts.num_perm, "shingle_words": opts.shingle_words,
+            "one_word_apart_rows": [dedup.EDIT_MIN_WORDS, dedup.EDIT_MAX_WORDS],
             "pairs": len(pairs), "clusters": len(groups), "rows": sum(len(g) - 1 for g in groups), "examples": shown}
 
 

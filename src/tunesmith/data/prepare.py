@@ -89,7 +89,7 @@ def _duplicates(a: Audit, split: list[str], p: PrepareSection, examples: list[Ex
         return
     rows = [i for i in alive if i not in removed and a.has_words[i]]
     progress = Progress("near-duplicate search", len(rows)).update
-    pairs = dedup.near_pairs(a.signatures, rows, p.near_dup_threshold, progress)
+    pairs = dedup.near_pairs(a.signatures, rows, p.near_dup_threshold, progress, a.edit_keys)
     # A cluster is a connected component: a row may reach the kept one through a chain of
     # near-duplicates, so its own similarity to the kept row can sit below the threshold.
     for cluster in dedup.clusters(pairs):

@@ -81,7 +81,10 @@ def _duplicates(r: dict) -> list[str]:
     lines = [f"exact duplicates: {ex['groups']} groups, {ex['rows']} extra rows"]
     lines += [f"   {g['count']}x  {', '.join(g['locations'][:3])}  \"{g['preview'][:70]}\""
               for g in ex["examples"][:LISTED]]
-    lines.append(f"near duplicates (MinHash Jaccard >= {near['threshold']}, {near['shingle_words']}-word shingles): "
+    lo, hi = near.get("one_word_apart_rows", (None, None))
+    apart = f", or one word apart in rows of {lo}-{hi} words" if lo else ""
+    lines.append(f"near duplicates (MinHash Jaccard >= {near['threshold']}, {near['shingle_words']}-word shingles"
+                 f"{apart}): "
                  f"{near['pairs']} pairs in {near['clusters']} clusters, {near['rows']} extra rows")
     lines += [f"   {g['size']}x  {', '.join(g['locations'][:3])}  (similarity >= {g['min_similarity']})"
               for g in near["examples"][:LISTED]]
