@@ -14,12 +14,13 @@ TEMPLATES = {"sft-lora": {}}  # template name -> overrides of the defaults
 
 
 def cmd_init(path: str, template: str, force: bool) -> int:
+    from tunesmith.atomic import write_text
     from tunesmith.config import commented_template, parse_config
 
     out = Path(path)
     if out.exists() and not force:
         raise TunesmithError(f"{out} already exists; pass --force to overwrite it")
-    out.write_text(commented_template(parse_config(TEMPLATES[template], template)), encoding="utf-8")
+    write_text(out, commented_template(parse_config(TEMPLATES[template], template)))
     print(f"wrote {out} (template {template}); edit it, then: tunesmith train {out}")
     return 0
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from tunesmith.atomic import atomic_write
 from tunesmith.errors import TunesmithError
 from tunesmith.training.logging import read_metrics
 
@@ -103,5 +104,6 @@ def _plot_losses(runs: list[Path], out_png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    with atomic_write(out_png, "wb") as f:
+        fig.savefig(f, dpi=110, format=Path(out_png).suffix.lstrip(".") or "png")
     plt.close(fig)

@@ -193,7 +193,8 @@ def parse_columns(items: list[str]) -> dict[str, str]:
 
 def run_inspect(path: str, opts: InspectOptions, json_out: str | None = None,
                 plot_out: str | None = None) -> Inspection:
-    from tunesmith.data.report import plot_lengths, render_text, write_json
+    from tunesmith.atomic import write_json
+    from tunesmith.data.report import plot_lengths, render_text
 
     result = inspect_file(path, opts)
     print(render_text(result.report), flush=True)

@@ -19,13 +19,13 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tunesmith.atomic import atomic_write, write_json
 from tunesmith.config import Config, PrepareSection
 from tunesmith.data import dedup, pii
 from tunesmith.data.audit import Audit, AuditSettings, Progress, audit
 from tunesmith.data.contamination import build_index
 from tunesmith.data.dataset import LoadResult, load_examples
 from tunesmith.data.records import Example
-from tunesmith.data.report import atomic_output, write_json
 from tunesmith.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
@@ -124,7 +124,7 @@ def _write_splits(out: Path, rows: dict[str, list[Example]]) -> dict[str, str]:
         if not rows[name]:
             path.unlink(missing_ok=True)  # a stale file from an earlier run would not match the report
             continue
-        with atomic_output(path) as f:
+        with atomic_write(path) as f:
             for ex in rows[name]:
                 f.write(json.dumps(to_record(ex), ensure_ascii=False) + "\n")
         written[name] = str(path)

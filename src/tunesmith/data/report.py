@@ -1,39 +1,14 @@
-"""Presenting an inspection: terminal summary, JSON, token-length histogram; atomic file writes.
+"""Presenting an inspection: terminal summary, JSON, token-length histogram.
 
 matplotlib is called only here (headless Agg backend: inspect runs on servers without a display).
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
+from tunesmith.atomic import atomic_write
+
 LISTED = 5  # examples per finding on the terminal; the JSON has more
-
-
-@contextmanager
-def atomic_output(path: str | Path, mode: str = "w"):
-    """Write to a temporary file beside `path` and rename it into place on success, so a crash or
-    Ctrl-C never leaves a half-written file under the real name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    with atomic_output(path) as f:
-        f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def plot_lengths(lengths: list[int], max_length: int, path: str | Path, title: str = "") -> None:
@@ -50,7 +25,7 @@ def plot_lengths(lengths: list[int], max_length: int, path: str | Path, title: s
            title=title or f"{len(lengths)} examples, {over:.1%} longer than max_length")
     ax.legend()
     fig.tight_layout()
-    with atomic_output(path, "wb") as f:
+    with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 

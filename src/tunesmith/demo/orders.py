@@ -10,6 +10,8 @@ import json
 import random
 from pathlib import Path
 
+from tunesmith.atomic import write_text
+
 FIELDS = ("customer", "item", "quantity", "color", "city", "shipping")
 
 SYSTEM = ("Extract the order as JSON with keys customer, item, quantity (a number), color, city, "
@@ -87,9 +89,5 @@ def write_splits(directory: Path, splits: dict[str, list[dict]]) -> dict[str, Pa
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, rows in splits.items():
-        path = directory / f"{split}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
-        paths[split] = path
+        paths[split] = write_text(directory / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return paths

@@ -3,10 +3,10 @@ LoRA, evaluate the tuned model, print and save the before -> after table."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
+from tunesmith.atomic import atomic_write, write_json
 from tunesmith.config import parse_config
 from tunesmith.demo.orders import FIELDS, SYSTEM, make_splits, write_splits
 from tunesmith.eval.json_fields import json_metrics
@@ -69,10 +69,8 @@ def run_demo(model: str = DEFAULT_MODEL, output_dir: str = "runs", name: str | N
 
     eval_dir = run / "eval"
     eval_dir.mkdir(exist_ok=True)
-    tmp = eval_dir / "compare.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, eval_dir / "compare.json")
-    with open(eval_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+    write_json(eval_dir / "compare.json", result)
+    with atomic_write(eval_dir / "predictions.jsonl") as f:
         for row, b, t in zip(test_rows, base_preds, tuned_preds):
             f.write(json.dumps({"note": row["messages"][1]["content"], "expected": row["messages"][-1]["content"],
                                 "base": b, "tuned": t}) + "\n")

@@ -231,7 +231,7 @@ def _read_source(side_dir: Path) -> dict:
 
 
 def _write_source(side_dir: Path, model: dict, tasks: dict) -> None:
-    from tunesmith.data.report import write_json
+    from tunesmith.atomic import write_json
 
     write_json(side_dir / SOURCE_FILE, {"model": model, "tasks": tasks})
 
@@ -277,7 +277,7 @@ def compare(base_spec, tuned_spec, tasks: list[EvalTaskSection], out_dir, thresh
             log=_log) -> Comparison:
     """Evaluate both models on the same tasks (out_dir/base/, out_dir/tuned/), compare, and write
     out_dir/compare.json. base_adapter=False evaluates a run directory's base model."""
-    from tunesmith.data.report import write_json
+    from tunesmith.atomic import write_json
 
     if not tasks:
         raise ConfigError("compare: no tasks; list them under eval.tasks in the config or pass "

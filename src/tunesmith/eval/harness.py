@@ -11,10 +11,10 @@ file with lm-eval's own arc_easy prompt (dataset_path: json, data_files).
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
+from tunesmith.atomic import write_text
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.results import TaskResult, write_result
 
@@ -48,14 +48,7 @@ def local_task_yaml(data_file: str | Path, out_path: str | Path, task_name: str 
         "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
         "metadata": {"version": 1.0},
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_path
+    return write_text(out_path, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
 
 
 def _split_specs(tasks: list[str]) -> tuple[list[str], list[str], bool]:

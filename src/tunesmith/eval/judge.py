@@ -205,7 +205,7 @@ def run_judge(results: list[str], endpoint: str | None = None, judge_model: str 
     `tunesmith eval`/`compare` write them), judged pairwise; a = base (first file), b = tuned."""
     from pathlib import Path
 
-    from tunesmith.data.report import write_json
+    from tunesmith.atomic import write_json
     from tunesmith.eval.results import read_result
 
     if len(results) != 2:

@@ -236,9 +236,6 @@ def render_html(c: Comparison, cap: int = DIFFS_PER_TASK) -> str:
 
 def write_html(comparison: Comparison, path: str | Path, cap: int = DIFFS_PER_TASK) -> Path:
     """Render fully, then write atomically: an error leaves no file, never a half-written one."""
-    from tunesmith.data.report import atomic_output
+    from tunesmith.atomic import write_text
 
-    text = render_html(comparison, cap)
-    with atomic_output(path) as f:
-        f.write(text)
-    return Path(path)
+    return write_text(path, render_html(comparison, cap))

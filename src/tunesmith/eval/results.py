@@ -8,9 +8,10 @@ that two models' rows can be paired, and a `score` in [0, 1] (1 = right) where t
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from tunesmith.atomic import write_json
 
 LOWER_IS_BETTER = {"perplexity", "loss", "nll", "bits_per_byte"}
 
@@ -41,16 +42,7 @@ def higher_is_better(metric: str) -> bool:
 
 def write_result(eval_dir: Path, result: TaskResult) -> Path:
     """eval_dir/<task>.json, written to a temporary file and renamed: never half-written."""
-    eval_dir = Path(eval_dir)
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    out = eval_dir / f"{result.task}.json"
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(result.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return write_json(Path(eval_dir) / f"{result.task}.json", result.to_json(), indent=1)
 
 
 def read_result(path: Path) -> TaskResult:

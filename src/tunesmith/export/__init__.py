@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from tunesmith.atomic import atomic_dir
 from tunesmith.errors import ModelError
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -23,17 +23,10 @@ GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 def staged_dir(out: Path, force: bool):
     if out.exists() and not force:
         raise ModelError(f"{out} already exists; pass --force to replace it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete-", dir=out.parent))
-    try:
+    # A failed --force keeps the old export: it is swapped out only once the new one is whole.
+    with atomic_dir(out, if_exists="replace" if force else "error") as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _usual_permissions(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+        _usual_permissions(tmp)
 
 
 def _usual_permissions(root: Path) -> None:

@@ -13,13 +13,12 @@ differently) is refused with a ModelError rather than written as a file that loa
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
 
+from tunesmith.atomic import atomic_path
 from tunesmith.errors import ModelError
 
 OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -311,11 +310,8 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16") -> Path:
     model_dir, out_path = Path(model_dir), Path(out_path)
     cfg = _check(model_dir, outtype)
     tokenizer = load_tokenizer(model_dir)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
-    os.close(fd)
     notes: list[str] = []
-    try:
+    with atomic_path(out_path) as tmp:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         _add_hparams(w, cfg, out_path.stem, _file_type(outtype))
         _add_tokenizer(w, tokenizer, cfg["vocab_size"])
@@ -326,10 +322,6 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16") -> Path:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     for note in notes:
         print(f"note: {note}", flush=True)
     return out_path

@@ -12,12 +12,11 @@ and no Modelfile, never a TEMPLATE that would serve a different prompt format th
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunesmith.atomic import write_text
 from tunesmith.errors import ModelError
 
 
@@ -215,14 +214,4 @@ def modelfile_text(gguf_path: Path, tokenizer, out_dir: Path, name: str = "Model
 
 def write_modelfile(gguf_path: Path, tokenizer, out_dir: Path, name: str = "Modelfile") -> Path:
     """Write out_dir/<name> for `gguf_path` (atomically)."""
-    text = modelfile_text(gguf_path, tokenizer, out_dir, name)
-    out = Path(out_dir) / name
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_text(Path(out_dir) / name, modelfile_text(gguf_path, tokenizer, out_dir, name))

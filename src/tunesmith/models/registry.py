@@ -10,11 +10,10 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunesmith.atomic import atomic_dir
 from tunesmith.errors import ModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -86,9 +85,8 @@ def _check_hf_dir(path: Path) -> None:
 def _convert_gguf(gguf: Path, dest: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    # if_exists="keep": another process that converted the same file meanwhile made the same thing.
+    with atomic_dir(dest, if_exists="keep") as tmp:
         print(f"converting {gguf.name} to safetensors (once) -> {dest}", flush=True)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # dequantize=True: a still-quantised GGUF model cannot be saved or trained.
@@ -97,10 +95,6 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "tunesmith.json").write_text(json.dumps({"source": str(gguf), "sha256": sha256_file(gguf)}))
-        os.replace(tmp, dest) if not dest.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _from_gguf(gguf: Path, model_id: str, source: str) -> ResolvedModel:

@@ -8,7 +8,6 @@ which refuses arbitrary pickled objects.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunesmith.atomic import atomic_dir
 from tunesmith.errors import TunesmithError
 
 
@@ -57,27 +57,18 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 
 def save_checkpoint(root: Path, model, optimizer, scheduler, state: TrainState, keep_last: int) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
-    tmp = root / f".tmp-step-{state.step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-                   tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(asdict(state)))  # written last: marks completeness
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
+        with atomic_dir(final, if_exists="replace") as tmp:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": _rng_state()}, tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps(asdict(state)))  # written last: marks completeness
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         done = checkpoint_dirs(root)
         kept = f"the previous checkpoint {done[-1].name} is intact" if done else "no earlier checkpoint exists"
         raise TunesmithError(f"could not write checkpoint step-{state.step} in {root} ({exc.strerror or exc}); "
                              f"{kept}. Free disk space, then resume with --resume") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _prune(root, keep_last, state.best_step)
     return final
 

@@ -1,11 +1,12 @@
 """manifest.json: what is needed to reproduce a run and to trust where its numbers came from."""
 from __future__ import annotations
 
-import json
 import platform
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from tunesmith import atomic
 
 
 def _version(pkg: str) -> str | None:
@@ -25,4 +26,4 @@ def now_iso() -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    atomic.write_json(path, data)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from tunesmith.atomic import write_text
 from tunesmith.config import Config, dump_config
 from tunesmith.errors import ConfigError
 from tunesmith.methods import save_trained
@@ -38,7 +39,7 @@ def resume_target(cfg: Config) -> tuple[str, Path, Path]:
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop records logged after the checkpoint: those steps are trained again."""
     rows = [r for r in read_metrics(path) if r["step"] <= step] if path.is_file() else []
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 @dataclass

@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from tunesmith.atomic import atomic_dir
 from tunesmith.errors import ConfigError
 from tunesmith.training.checkpoint import checkpoint_dirs
 
@@ -87,15 +88,13 @@ def staged_run_dir(output_dir: str | Path, name: str, adopt: Path | None = None)
         os.rename(adopt, tmp)
     else:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    try:
+    with atomic_dir(final, staging=tmp, keep_staging=_keep_for_resume) as tmp:
         yield tmp
-    except BaseException:
-        if _has_checkpoints(tmp):
-            last = checkpoint_dirs(tmp / "checkpoints")[-1].name
-            print(f"kept {tmp} with checkpoints up to {last}; continue with: tunesmith train CONFIG --resume",
-                  flush=True)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.rename(tmp, final)
+
+
+def _keep_for_resume(tmp: Path) -> bool:
+    if not _has_checkpoints(tmp):
+        return False
+    last = checkpoint_dirs(tmp / "checkpoints")[-1].name
+    print(f"kept {tmp} with checkpoints up to {last}; continue with: tunesmith train CONFIG --resume", flush=True)
+    return True
