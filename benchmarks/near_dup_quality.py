@@ -12,7 +12,7 @@ row: there a one-word edit often changes the intent ("activate my card" / "cance
 no text-only criterion can tell from a paraphrase; the label, once in the row, does.
 
 "before": MinHash on 3-word shingles only (Jaccard >= 0.85); "after": the same plus one word apart.
-    python benchmarks/data_audit.py --near-dup-quality [--pairs 2000] [--show 5]
+    python benchmarks/data_audit.py --near-dup-quality [--pairs 3000] [--show 5]
 """
 from __future__ import annotations
 

@@ -76,31 +76,36 @@ def test_directory_is_renamed_into_place_whole(tmp_path, umask_022):
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
 
 
-@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
-def test_failed_replace_keeps_the_old_directory(tmp_path, error):
+def old_export(tmp_path):
     out = tmp_path / "export"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(error):
-        with atomic.atomic_dir(out, if_exists="replace") as tmp:
-            (tmp / "new.txt").write_text("new")
-            raise error()
-    assert listing(out) == ["old.txt"] and listing(tmp_path) == ["export"]
-    with atomic.atomic_dir(out, if_exists="replace") as tmp:
+    return out
+
+
+def write_new(out, error=None, **kwargs):
+    with atomic.atomic_dir(out, **kwargs) as tmp:
         (tmp / "new.txt").write_text("new")
+        if error:
+            raise error()
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_failed_replace_keeps_the_old_directory(tmp_path, error):
+    out = old_export(tmp_path)
+    with pytest.raises(error):
+        write_new(out, error, if_exists="replace")
+    assert listing(out) == ["old.txt"] and listing(tmp_path) == ["export"]
+    write_new(out, if_exists="replace")
     assert listing(out) == ["new.txt"] and listing(tmp_path) == ["export"]
 
 
 def test_existing_directory_error_or_keep(tmp_path):
-    out = tmp_path / "d"
-    out.mkdir()
-    (out / "theirs").write_text("")
+    out = old_export(tmp_path)
     with pytest.raises(FileExistsError, match="already exists"):
-        with atomic.atomic_dir(out) as tmp:
-            (tmp / "mine").write_text("")
-    with atomic.atomic_dir(out, if_exists="keep") as tmp:
-        (tmp / "mine").write_text("")
-    assert listing(out) == ["theirs"] and listing(tmp_path) == ["d"]
+        write_new(out)
+    write_new(out, if_exists="keep")  # another process made it meanwhile: theirs stays
+    assert listing(out) == ["old.txt"] and listing(tmp_path) == ["export"]
 
 
 def test_named_staging_is_adopted_and_kept_when_asked(tmp_path):
