@@ -36,10 +36,15 @@ def register_method(name: str, saves: str = "adapter", load_kwargs: Callable = _
     return wrap
 
 
-def get_method(name: str) -> Method:
+def method_names() -> list[str]:
+    """Every registered method (config validation and `tunesmith methods` list these)."""
     from tunesmith.methods import full, peft_methods  # noqa: F401  (register their builders)
 
-    if name not in METHODS:
+    return list(METHODS)
+
+
+def get_method(name: str) -> Method:
+    if name not in method_names():
         raise ConfigError(f"method.name '{name}' is not one of {sorted(METHODS)}")
     return METHODS[name]
 
