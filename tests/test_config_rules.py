@@ -1,6 +1,7 @@
 """Config keys that would do nothing are refused at load, naming the key: per recipe (every field
 of the schema is classified, so a new field cannot slip in as a silent no-op), and across keys
 (restore_best without checkpoints, patience without an evaluation, ...)."""
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -90,6 +91,22 @@ def test_dpo_refuses_objective_options_its_loss_does_not_read():
     assert get_preference_loss("simpo").keywords("simpo", obj) == {"beta": 2.0, "gamma": 1.0, "label_smoothing": 0.0}
 
 
+def test_every_method_option_is_read_by_some_method_and_refused_by_the_others():
+    from tunesmith.config import MethodSection
+    from tunesmith.methods import METHODS, get_method
+
+    get_method("lora")
+    options = set(MethodSection.model_fields) - {"name"}
+    assert options == {o for m in METHODS.values() for o in m.options}  # a new method.* field must be claimed
+    load_config(None, ["method.name=qlora", "method.r=8", "method.double_quant=false"])
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["method.name=full", "method.r=8", "method.num_virtual_tokens=4"])
+    assert "method.r=8, method.num_virtual_tokens=4 does nothing with method.name=full" in str(e.value)
+    with pytest.raises(ConfigError, match=r"method.r=8 does nothing with method.name=prefix \(it reads "
+                                          r"method.num_virtual_tokens\)"):
+        load_config(None, ["method.name=prefix", "method.r=8"])
+
+
 # --- cross-field checks: before any work, naming both keys ----------------------------------------
 
 TASKS = "eval.tasks=[{name: ppl, kind: perplexity, path: notes.txt}]"
@@ -149,3 +166,9 @@ def test_max_length_above_the_model_context_is_refused_before_reading_data(tiny_
             recipe_for(cfg)(cfg)
         assert "data.max_length=1024" in str(e.value) and "512 positions" in str(e.value)
         assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_example_configs_pass_every_check(path):
+    load_config(path)

@@ -124,7 +124,8 @@ def test_interrupted_dpo_resumes_to_the_uninterrupted_result(tiny_model_dir, pre
     assert steps == sorted(set(steps)) == list(range(1, 7))   # steps after the checkpoint are not logged twice
 
 
-@pytest.mark.parametrize("setup", [("method.name=full",), ("objective.reference=precomputed",), ()])
+# (full fine-tuning reads no rank: method.r goes back to its default)
+@pytest.mark.parametrize("setup", [("method.name=full", "method.r=16"), ("objective.reference=precomputed",), ()])
 def test_first_step_loss_is_log2_whatever_the_reference(setup, tiny_model_dir, pref_data, tmp_path):
     """At the first step the policy is the reference, so every pair's sigmoid-DPO loss is log 2.
     With validation pairs numbered like training pairs, the precomputed reference of training

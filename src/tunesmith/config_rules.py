@@ -16,7 +16,25 @@ def config_errors(cfg: Config) -> list[str]:
     from tunesmith.recipes import get_recipe, refused_settings
 
     recipe = get_recipe(cfg.objective.name)
-    return refused_settings(recipe, lambda key: value_and_default(cfg, key)) + _cross_field_errors(cfg)
+    return (refused_settings(recipe, lambda key: value_and_default(cfg, key)) + _method_option_errors(cfg)
+            + _cross_field_errors(cfg))
+
+
+def _method_option_errors(cfg: Config) -> list[str]:
+    """method.* fields the chosen method does not read (methods/ registers what each reads)."""
+    from tunesmith.methods import get_method
+
+    method = get_method(cfg.method.name)
+    unused = []
+    for name in type(cfg.method).model_fields:
+        value, default = value_and_default(cfg, f"method.{name}")
+        if name != "name" and name not in method.options and value != default:
+            unused.append(f"method.{name}={value!r}")
+    if not unused:
+        return []
+    reads = ", ".join(f"method.{f}" for f in method.options) or "no other method.* key"
+    return [f"{', '.join(unused)} does nothing with method.name={method.name} (it reads {reads}); remove "
+            f"{'it' if len(unused) == 1 else 'them'}"]
 
 
 def value_and_default(cfg: Config, dotted: str) -> tuple[Any, Any]:
