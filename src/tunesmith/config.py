@@ -176,9 +176,9 @@ class PrepareSection(_Section):
 
 
 class ObjectiveSection(_Section):
-    name: Registered("objective") = Field("sft", description="sft (supervised) or dpo (preference optimisation).")
+    name: Registered("objective") = Field("sft", description="Training objective: the recipe that runs (recipes/).")
     loss: Registered("preference loss") = Field(
-        "sigmoid", description="Preference loss: sigmoid DPO, robust DPO, IPO, SimPO, ORPO or KTO.")
+        "sigmoid", description="Preference loss of objective dpo (training/preference.py).")
     beta: float = Field(0.1, gt=0, description="Preference strength (DPO/IPO/SimPO/KTO beta; ORPO lambda).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped labels (robust DPO).")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin.")
