@@ -1,6 +1,7 @@
 """The DPO recipe on a tiny model: every loss trains, the reference needs no second model, and
 held-out preference accuracy rises on a learnable preference."""
 import json
+import math
 
 import pytest
 import torch
@@ -121,3 +122,87 @@ def test_interrupted_dpo_resumes_to_the_uninterrupted_result(tiny_model_dir, pre
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
     steps = [r["step"] for r in read_metrics(resumed / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(set(steps)) == list(range(1, 7))   # steps after the checkpoint are not logged twice
+
+
+# (full fine-tuning reads no rank: method.r goes back to its default)
+@pytest.mark.parametrize("setup", [("method.name=full", "method.r=16"), ("objective.reference=precomputed",), ()])
+def test_first_step_loss_is_log2_whatever_the_reference(setup, tiny_model_dir, pref_data, tmp_path):
+    """At the first step the policy is the reference, so every pair's sigmoid-DPO loss is log 2.
+    With validation pairs numbered like training pairs, the precomputed reference of training
+    pairs was overwritten by validation pairs' and the first loss was another number; the
+    adapter-disabled base computed on the fly (the last case) is the cross-check."""
+    run = run_dpo(cfg(tiny_model_dir, pref_data, tmp_path, "train.max_steps=1", "train.batch_size=24",
+                      "train.lr=1e-3", *setup))
+    rows = read_metrics(run / "metrics.jsonl")
+    first = next(r for r in rows if "loss" in r)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert rows[0]["step"] == 0 and rows[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["reference"] == ("adapter-disabled base" if not setup else "precomputed")
+
+
+def test_training_and_validation_pairs_are_numbered_apart(tiny_tokenizer, pref_data):
+    train = load_examples(pref_data["train"]).examples
+    items = encode_pairs(tiny_tokenizer, train, 256, "t")
+    val = encode_pairs(tiny_tokenizer, load_examples(pref_data["validation"]).examples, 256, "v",
+                       first_index=len(train))
+    assert not {it.index for it in items} & {it.index for it in val}
+    with pytest.raises(ValueError, match="repeat"):
+        precompute_reference(None, items[:2] + items[:1], tiny_tokenizer.pad_token_id, 2)
+
+
+def _loss_grads(model, batch, objective):
+    model.zero_grad()
+    loss, _ = PreferenceLoss(objective, None)(model, batch)
+    loss.backward()
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_prompt_learning_methods_get_a_preference_gradient(method, tiny_model_dir, pref_data, tiny_tokenizer):
+    """Prefix and prompt tuning act inside PEFT's forward: a loss computed on the bare decoder
+    would leave their virtual tokens without a gradient (training nothing, silently)."""
+    from tunesmith.config import MethodSection, ObjectiveSection
+
+    items = encode_pairs(tiny_tokenizer, load_examples(pref_data["train"]).examples, 256, "t")[:4]
+    model = get_method(method).build(load_model(tiny_model_dir), MethodSection(name=method, num_virtual_tokens=4))
+    model.train()
+    loss, grads = _loss_grads(model, collate_pairs(items, tiny_tokenizer.pad_token_id), ObjectiveSection(name="dpo"))
+    # the reference is the adapter-disabled base: the loss is log 2 only if the virtual tokens do nothing
+    assert abs(loss - math.log(2)) > 1e-3
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and set(grads) == trainable and all(float(g.abs().sum()) > 0 for g in grads.values())
+
+
+def test_activation_budget_recomputes_layers_with_the_same_gradients(tiny_model_dir, pref_data, tiny_tokenizer):
+    """train.activation_memory_mb applies to preference training too (it was installed and never used)."""
+    from tunesmith.config import MethodSection, ObjectiveSection
+    from tunesmith.training.memory import install_budget
+
+    items = encode_pairs(tiny_tokenizer, load_examples(pref_data["train"]).examples, 256, "t")[:4]
+    batch = collate_pairs(items, tiny_tokenizer.pad_token_id)
+    model = get_method("lora").build(load_model(tiny_model_dir), MethodSection(r=4))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)
+    model.train()
+    obj = ObjectiveSection(name="dpo")
+    loss, plain = _loss_grads(model, batch, obj)
+    budget = install_budget(model, 0.01)
+    loss_b, budgeted = _loss_grads(model, batch, obj)
+    assert budget.recomputed_layers > 0 and loss_b == pytest.approx(loss, abs=1e-6)
+    for name in plain:
+        torch.testing.assert_close(budgeted[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_dpo_honours_threads_and_trackers(tiny_model_dir, pref_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    before = torch.get_num_threads()
+    try:
+        run = run_dpo(cfg(tiny_model_dir, pref_data, tmp_path, "train.max_steps=1", "train.threads=1",
+                          "train.trackers=[tensorboard]"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))

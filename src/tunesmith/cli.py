@@ -129,9 +129,7 @@ def cmd_data_prepare(config: str, overrides: list[str]) -> int:
 
 
 def _data_commands(sub) -> None:
-    from typing import get_args
-
-    from tunesmith.config import DataSection, FormatName, PrepareSection
+    from tunesmith.config import DataSection, PrepareSection, allowed_values, registered_names
     from tunesmith.models.registry import DEFAULT_MODEL
 
     dsub = sub.add_parser("data", help="data: inspect a data file, prepare clean splits").add_subparsers(
@@ -141,7 +139,7 @@ def _data_commands(sub) -> None:
     s.add_argument("--model", default=DEFAULT_MODEL, help="model whose tokenizer and chat template measure lengths")
     s.add_argument("--max-length", type=int, default=DataSection.model_fields["max_length"].default,
                    help="tokens kept per example in training; longer rows are reported as truncated")
-    s.add_argument("--format", default="auto", choices=get_args(FormatName))
+    s.add_argument("--format", default="auto", choices=registered_names("data format"))
     s.add_argument("--columns", nargs="+", action="extend", default=[], metavar="FIELD=COLUMN",
                    help="map columns to a format's fields, e.g. instruction=question output=answer")
     prepare = PrepareSection.model_fields
@@ -151,8 +149,9 @@ def _data_commands(sub) -> None:
                    help="eval files to check for contamination (word n-gram overlap)")
     s.add_argument("--ngram", type=int, default=prepare["contamination_ngram"].default,
                    help="words per n-gram for the contamination check")
-    s.add_argument("--train-on", default="all_assistant", choices=["all_assistant", "last_assistant", "all"])
-    s.add_argument("--template", default=None, choices=["chatml", "llama-3", "alpaca"],
+    s.add_argument("--train-on", default="all_assistant",
+                   choices=allowed_values(DataSection.model_fields["train_on"].annotation))
+    s.add_argument("--template", default=None, choices=registered_names("chat template"),
                    help="named chat template (default: the tokenizer's own)")
     s.add_argument("--skip-invalid", action="store_true", help="list invalid rows and go on instead of stopping")
     s.add_argument("--json", default=None, metavar="OUT", help="write the full report as JSON")
@@ -225,9 +224,9 @@ def cmd_eval(model: str, config: str | None, task: list[str], metrics: list[str]
 
 
 def _eval_commands(sub) -> None:
-    from typing import get_args
+    from tunesmith.config import registered_names
 
-    from tunesmith.config import GenerationMetric
+    metrics = registered_names("generation metric")
 
     s = sub.add_parser("eval", help="evaluate a run or model on eval tasks: tunesmith eval RUN_OR_MODEL")
     s.add_argument("model", help="run directory, alias, model directory, .gguf file or hub id")
@@ -235,9 +234,9 @@ def _eval_commands(sub) -> None:
                    help="config whose eval.tasks to run (default: a run directory's own config.yaml)")
     s.add_argument("--task", action="append", default=[], metavar="NAME=KIND:PATH",
                    help="extra task (repeatable), e.g. ppl=perplexity:notes.txt or qa=generation:test.jsonl")
-    s.add_argument("--metrics", nargs="+", default=None, choices=get_args(GenerationMetric),
+    s.add_argument("--metrics", nargs="+", default=None, choices=metrics,
                    metavar="METRIC", help="metrics of the --task generation tasks (the first is the primary): "
-                                          f"{', '.join(get_args(GenerationMetric))}")
+                                          f"{', '.join(metrics)}")
     s.add_argument("--limit", type=int, default=None, help="evaluate only the first N records of every task")
     s.add_argument("--no-adapter", action="store_true",
                    help="evaluate a run's base model (results go to RUN/eval/base/)")

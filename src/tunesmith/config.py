@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tunesmith.errors import ConfigError
+from tunesmith.names import Registered, allowed_values, registered_names  # noqa: F401 (re-exported for the CLI)
 
 
 class _Section(BaseModel):
@@ -28,8 +29,7 @@ class ModelSection(_Section):
     trust_remote_code: bool = Field(False, description="Run model code shipped with the weights.")
 
 
-FormatName = Literal["auto", "messages", "sharegpt", "alpaca", "self_instruct", "prompt_completion", "text",
-                     "preference", "oasst"]
+FormatName = Registered("data format")
 
 
 class SourceSection(_Section):
@@ -48,7 +48,7 @@ class DataSection(_Section):
     format: FormatName = Field("auto", description="Record format of data.train/validation; auto detects it.")
     columns: dict[str, str] = Field(default_factory=dict,
                                     description="Canonical field -> column for data.train/validation.")
-    template: Literal["chatml", "llama-3", "alpaca"] | None = Field(
+    template: Registered("chat template") | None = Field(
         None, description="Named chat template; None uses the tokenizer's own (chatml if it has none).")
     train_on: Literal["all_assistant", "last_assistant", "all"] = Field(
         "all_assistant", description="Trained tokens: every assistant turn, the last one, or all (prompts too).")
@@ -62,8 +62,8 @@ class DataSection(_Section):
 
 
 class MethodSection(_Section):
-    name: Literal["full", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "selective"] = Field(
-        "lora", description="Fine-tuning method (see `tunesmith methods`).")
+    name: Registered("method") = Field(
+        "lora", description="Fine-tuning method (methods/).")
     r: int = Field(16, gt=0, description="LoRA/DoRA/QLoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
@@ -105,7 +105,7 @@ class TrainSection(_Section):
                              "to the OS when freed, so resident memory follows the live tensors instead of a "
                              "fragmented heap's high-water mark (about -0.9 GB peak for SmolLM2 LoRA) at the cost "
                              "of page faults (slower); e.g. 131072. 0: glibc's default.")
-    allocator: Literal["auto", "tcmalloc", "jemalloc", "mimalloc", "system"] = Field(
+    allocator: Registered("allocator") = Field(
         "auto", description="Memory allocator of the `tunesmith train` process (Linux): auto picks tcmalloc, "
                             "jemalloc or mimalloc (shipped as a dependency), whichever is found first; their "
                             "reuse of freed activations keeps resident memory near the live tensors, where "
@@ -129,8 +129,20 @@ class TrainSection(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     spike_factor: float = Field(3.0, gt=1, description="Warn when a step's loss exceeds this x the recent mean.")
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default.")
-    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+    trackers: list[Registered("tracker")] = Field(
         default_factory=list, description="Also log to these (written inside the run directory, offline).")
+
+    @model_validator(mode="after")
+    def _whole_micro_batches(self):
+        k, per_step = self.parallel_examples, self.batch_size * self.grad_accum
+        if k and self.micro_batch == "batch":
+            raise ValueError(f"train.parallel_examples={k} needs train.micro_batch=example (or auto on CPU); "
+                             "train.micro_batch=batch runs padded batches")
+        if k and per_step % k:
+            raise ValueError(f"train.parallel_examples={k} must divide train.batch_size x train.grad_accum = "
+                             f"{self.batch_size} x {self.grad_accum} = {per_step}: a step runs whole groups of "
+                             "examples at once")
+        return self
 
 
 class RunSection(_Section):
@@ -166,9 +178,9 @@ class PrepareSection(_Section):
 
 
 class ObjectiveSection(_Section):
-    name: Literal["sft", "dpo"] = Field("sft", description="sft (supervised) or dpo (preference optimisation).")
-    loss: Literal["sigmoid", "robust", "ipo", "simpo", "orpo", "kto"] = Field(
-        "sigmoid", description="Preference loss: sigmoid DPO, robust DPO, IPO, SimPO, ORPO or KTO.")
+    name: Registered("objective") = Field("sft", description="Training objective: the recipe that runs (recipes/).")
+    loss: Registered("preference loss") = Field(
+        "sigmoid", description="Preference loss of objective dpo (training/preference.py).")
     beta: float = Field(0.1, gt=0, description="Preference strength (DPO/IPO/SimPO/KTO beta; ORPO lambda).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped labels (robust DPO).")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin.")
@@ -179,9 +191,8 @@ class ObjectiveSection(_Section):
                             "once (full fine-tuning); precomputed: always precompute them before training.")
 
 
-TaskKind = Literal["perplexity", "generation", "multiple_choice"]
-GenerationMetric = Literal["exact_match", "normalized_match", "accuracy", "macro_f1", "json", "rouge_l", "bleu",
-                           "chrf"]
+TaskKind = Registered("eval task kind")
+GenerationMetric = Registered("generation metric")
 
 
 class EvalTaskSection(_Section):
@@ -242,6 +253,16 @@ class Config(_Section):
     prepare: PrepareSection = Field(default_factory=PrepareSection)
     eval: EvalSection = Field(default_factory=EvalSection)
 
+    @model_validator(mode="after")
+    def _consistent(self):
+        """Keys that do nothing under this objective, or without another key: refused before any work."""
+        from tunesmith.config_rules import config_errors
+
+        errors = config_errors(self)
+        if errors:
+            raise ValueError("\n  ".join(errors))
+        return self
+
 
 def _fields_at(path: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Config
@@ -274,6 +295,9 @@ def _explain(exc: ValidationError, source: str) -> str:
             hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else (
                 f"valid keys here: {', '.join(valid)}")
             lines.append(f"  unknown key '{dotted}': {hint}")
+        elif err["type"] == "value_error":  # our validators' messages name their keys and the fix
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  field '{dotted}': {msg}" if dotted else f"  {msg}")
         else:
             lines.append(f"  field '{dotted}': expected {_type_name(err)}, got {err.get('input')!r} ({err['msg']})")
     return "\n".join(lines)
@@ -346,7 +370,8 @@ def commented_template(cfg: Config | None = None) -> str:
         out.append(f"{section_name}:")
         for name, field in type(section).model_fields.items():
             value = yaml.safe_dump({name: getattr(section, name)}, default_flow_style=True).strip()[1:-1]
-            out.append(f"  # {field.description}")
+            allowed = allowed_values(field.annotation, field.metadata)
+            out.append(f"  # {field.description}" + (f" One of: {', '.join(map(str, allowed))}." if allowed else ""))
             out.append(f"  {value}")
         out.append("")
     return "\n".join(out)

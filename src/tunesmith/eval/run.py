@@ -1,6 +1,6 @@
 """Running evaluation tasks: one model load, every task through its kind's evaluator, results written.
 
-EVALUATORS maps a task kind to "module:function"; each function is
+EVALUATORS (eval/__init__.py) maps a task kind to "module:function"; each function is
 `evaluate(im: InferenceModel, task: EvalTaskSection) -> TaskResult` and is imported only when a
 task of its kind runs (multiple choice pulls in nothing that a perplexity run needs).
 """
@@ -14,14 +14,9 @@ from typing import Callable
 
 from tunesmith.config import EvalTaskSection
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.eval import EVALUATORS
 from tunesmith.eval.results import TaskResult, write_result
 from tunesmith.generation import InferenceModel, is_run_dir, load_for_inference
-
-EVALUATORS: dict[str, str] = {
-    "perplexity": "tunesmith.eval.perplexity:evaluate",
-    "generation": "tunesmith.eval.tasks:evaluate",
-    "multiple_choice": "tunesmith.eval.multiple_choice:evaluate",
-}
 
 
 def get_evaluator(kind: str) -> Callable[[InferenceModel, EvalTaskSection], TaskResult]:

@@ -20,6 +20,7 @@ class Method:
     load_kwargs: Callable      # (method_cfg) -> extra from_pretrained kwargs for the base model
     saves: str                 # "adapter" (PEFT format) or "model" (whole HF directory)
     summary: str
+    options: tuple[str, ...] = ()  # method.* fields it reads: the others must stay at their defaults
 
 
 METHODS: dict[str, Method] = {}
@@ -29,17 +30,24 @@ def _no_kwargs(cfg) -> dict:
     return {}
 
 
-def register_method(name: str, saves: str = "adapter", load_kwargs: Callable = _no_kwargs, summary: str = ""):
+def register_method(name: str, saves: str = "adapter", load_kwargs: Callable = _no_kwargs, summary: str = "",
+                    options: tuple[str, ...] = ()):
     def wrap(fn: Callable) -> Callable:
-        METHODS[name] = Method(name, fn, load_kwargs, saves, summary or (fn.__doc__ or "").strip().split("\n")[0])
+        METHODS[name] = Method(name, fn, load_kwargs, saves, summary or (fn.__doc__ or "").strip().split("\n")[0],
+                               options)
         return fn
     return wrap
 
 
-def get_method(name: str) -> Method:
+def method_names() -> list[str]:
+    """Every registered method (config validation and `tunesmith methods` list these)."""
     from tunesmith.methods import full, peft_methods  # noqa: F401  (register their builders)
 
-    if name not in METHODS:
+    return list(METHODS)
+
+
+def get_method(name: str) -> Method:
+    if name not in method_names():
         raise ConfigError(f"method.name '{name}' is not one of {sorted(METHODS)}")
     return METHODS[name]
 

@@ -13,7 +13,7 @@ def build_full(model, cfg):
     return model
 
 
-@register_method("selective", saves="model")
+@register_method("selective", saves="model", options=("trainable",))
 def build_selective(model, cfg):
     """Train only parameters whose name contains one of method.trainable (biases, norms, layers...)."""
     chosen = 0

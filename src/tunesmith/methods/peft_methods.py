@@ -20,13 +20,16 @@ def _wrap(model, peft_cfg):
     return get_peft_model(model, peft_cfg)
 
 
-@register_method("lora")
+LORA_OPTIONS = ("r", "alpha", "dropout", "rslora", "target_modules")
+
+
+@register_method("lora", options=LORA_OPTIONS)
 def build_lora(model, cfg):
     """LoRA: low-rank updates on the target linear layers."""
     return _wrap(model, _lora_config(cfg, use_dora=False))
 
 
-@register_method("dora")
+@register_method("dora", options=LORA_OPTIONS)
 def build_dora(model, cfg):
     """DoRA: LoRA with a learned magnitude per output feature."""
     return _wrap(model, _lora_config(cfg, use_dora=True))
@@ -53,7 +56,8 @@ def qlora_load_kwargs(cfg) -> dict:
         bnb_4bit_compute_dtype=compute_dtype(cfg))}
 
 
-@register_method("qlora", load_kwargs=qlora_load_kwargs)
+@register_method("qlora", load_kwargs=qlora_load_kwargs,
+                 options=(*LORA_OPTIONS, "quant_compute_dtype", "double_quant"))
 def build_qlora(model, cfg):
     """QLoRA: LoRA over a base model quantized to 4-bit NF4 (bitsandbytes; CPU and CUDA)."""
     from peft import prepare_model_for_kbit_training
@@ -63,7 +67,7 @@ def build_qlora(model, cfg):
     return _wrap(model, _lora_config(cfg, use_dora=False))
 
 
-@register_method("ia3")
+@register_method("ia3", options=("target_modules",))
 def build_ia3(model, cfg):
     """IA3: learned rescaling of attention keys/values and feed-forward activations."""
     from peft import IA3Config
@@ -73,7 +77,7 @@ def build_ia3(model, cfg):
     return _wrap(model, IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=ff))
 
 
-@register_method("prefix")
+@register_method("prefix", options=("num_virtual_tokens",))
 def build_prefix(model, cfg):
     """Prefix tuning: learned key/value prefixes in every attention layer."""
     from peft import PrefixTuningConfig
@@ -81,7 +85,7 @@ def build_prefix(model, cfg):
     return _wrap(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens))
 
 
-@register_method("prompt")
+@register_method("prompt", options=("num_virtual_tokens",))
 def build_prompt(model, cfg):
     """Prompt tuning: learned virtual token embeddings before the input."""
     from peft import PromptTuningConfig

@@ -18,6 +18,8 @@ from tunesmith.data.tokenize import IGNORE, Encoded, EncodedPair, encode_prefere
 from tunesmith.errors import DataError
 from tunesmith.models.load import decoder_and_head
 from tunesmith.training import preference as pref
+from tunesmith.training.losses import _virtual_tokens
+from tunesmith.training.memory import forward_budget
 
 
 @dataclass
@@ -48,11 +50,12 @@ def _mismatched(items: list[PairItem]) -> list[Encoded]:
     return out
 
 
-def collate_pairs(items: list[PairItem], pad_id: int, kto: bool = False) -> dict:
-    """Chosen rows first, then rejected rows, right-padded into one batch (one forward pass)."""
+def collate_pairs(items: list[PairItem], pad_id: int, kl_rows: bool = False) -> dict:
+    """Chosen rows first, then rejected rows, right-padded into one batch (one forward pass);
+    `kl_rows` adds the mismatched rows an unpaired loss (KTO) needs for its reference point."""
     batch = collate([it.pair.chosen for it in items] + [it.pair.rejected for it in items], pad_id)
     batch.update(units=len(items), index=torch.tensor([it.index for it in items]))
-    if kto:
+    if kl_rows:
         batch["kl"] = collate(_mismatched(items), pad_id)
     return batch
 
@@ -60,9 +63,13 @@ def collate_pairs(items: list[PairItem], pad_id: int, kto: bool = False) -> dict
 def sequence_logps(model, batch: dict) -> pref.SeqLogps:
     """Summed log-prob of each row's trained tokens and their count, projecting only trained
     positions through the LM head."""
+    if _virtual_tokens(model) is not None:  # prefix/prompt tuning act inside PEFT's own forward: full logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return pref.sequence_logps(logits, batch["labels"])
     decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     use_cache=False).last_hidden_state
+    with forward_budget(model, batch["input_ids"].numel()):  # train.activation_memory_mb (training/memory.py)
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         use_cache=False).last_hidden_state
     return pref.sequence_logps_from_hidden(hidden, head, batch["labels"])
 
 
@@ -72,6 +79,7 @@ class PreferenceLoss:
     def __init__(self, objective, reference_logps: dict[int, tuple[float, float]] | None):
         self.obj, self.cache = objective, reference_logps
         self.spec = pref.get_preference_loss(objective.loss)
+        self.kwargs = self.spec.keywords(objective.loss, objective)
         self._metrics: list[dict] = []
 
     def _reference(self, model, batch: dict, rows: dict | None = None) -> torch.Tensor:
@@ -83,22 +91,20 @@ class PreferenceLoss:
             return sequence_logps(model, rows or batch).sum
 
     def _loss(self, model, batch: dict, logps: pref.SeqLogps):
-        o, n = self.obj, batch["units"]
-        chosen, rejected = pref.SeqLogps(logps.sum[:n], logps.tokens[:n]), pref.SeqLogps(logps.sum[n:], logps.tokens[n:])
-        name = o.loss
-        if name == "simpo":
-            return pref.simpo_loss(chosen, rejected, beta=o.beta, gamma=o.simpo_gamma, label_smoothing=o.label_smoothing)
-        if name == "orpo":
-            return pref.orpo_loss(chosen, rejected, beta=o.beta)
-        ref = self._reference(model, batch)
-        if name == "kto":
-            with torch.no_grad():
-                kl = pref.kto_kl(sequence_logps(model, batch["kl"]).sum, self._reference(model, batch, batch["kl"]))
-            desirable = torch.arange(2 * n) < n
-            return pref.kto_loss(logps, ref, desirable, kl, beta=o.beta, desirable_weight=o.desirable_weight,
-                                 undesirable_weight=o.undesirable_weight)
-        extra = {"label_smoothing": o.label_smoothing} if name in ("sigmoid", "robust") else {}
-        return self.spec.loss(chosen, rejected, ref[:n], ref[n:], beta=o.beta, **extra)
+        n, spec = batch["units"], self.spec
+        if not spec.paired:  # every row is its own example: the chosen rows desirable, the rejected not
+            return spec.loss(logps, self._reference(model, batch), torch.arange(2 * n) < n, self._kl(model, batch),
+                             **self.kwargs)
+        args = [pref.SeqLogps(logps.sum[:n], logps.tokens[:n]), pref.SeqLogps(logps.sum[n:], logps.tokens[n:])]
+        if spec.needs_reference:
+            ref = self._reference(model, batch)
+            args += [ref[:n], ref[n:]]
+        return spec.loss(*args, **self.kwargs)
+
+    def _kl(self, model, batch: dict) -> torch.Tensor:
+        """The unpaired loss's reference point: policy vs reference on the mismatched rows, no gradient."""
+        with torch.no_grad():
+            return pref.kto_kl(sequence_logps(model, batch["kl"]).sum, self._reference(model, batch, batch["kl"]))
 
     def __call__(self, model, batch: dict):
         n = batch["units"]
@@ -117,6 +123,8 @@ class PreferenceLoss:
 @torch.no_grad()
 def precompute_reference(model, items: list[PairItem], pad_id: int, batch_size: int) -> dict[int, tuple]:
     """Reference log-probs of every pair, once, with the model as it is before training."""
+    if len({it.index for it in items}) != len(items):  # the cache is keyed by index: a repeat would overwrite
+        raise ValueError("precompute_reference: pair indices repeat (training and validation must be numbered apart)")
     was = model.training
     model.eval()
     out = {}
@@ -140,7 +148,7 @@ def preference_accuracy(model, items: list[PairItem], loss: PreferenceLoss, pad_
     model.eval()
     total, correct, n_all, prefers = 0.0, 0.0, 0, 0
     for start in range(0, len(items), batch_size):
-        batch = collate_pairs(items[start:start + batch_size], pad_id, kto=loss.obj.loss == "kto")
+        batch = collate_pairs(items[start:start + batch_size], pad_id, kl_rows=not loss.spec.paired)
         value, n = loss(model, batch)
         total, n_all = total + float(value), n_all + n
         m = loss._metrics[-1]
@@ -155,7 +163,9 @@ def preference_accuracy(model, items: list[PairItem], loss: PreferenceLoss, pad_
             "val_policy_prefers_chosen": prefers / max(n_all, 1)}
 
 
-def encode_pairs(tokenizer, examples, max_length: int, source: str) -> list[PairItem]:
+def encode_pairs(tokenizer, examples, max_length: int, source: str, first_index: int = 0) -> list[PairItem]:
+    """Pairs numbered from `first_index`: a split's numbers must not repeat another's (the
+    precomputed reference log-probs are keyed by them)."""
     pairs = [ex for ex in examples if ex.kind == "preference"]
     if len(pairs) != len(examples):
         raise DataError(f"{source}: objective dpo needs preference rows (prompt/chosen/rejected); "
@@ -164,7 +174,7 @@ def encode_pairs(tokenizer, examples, max_length: int, source: str) -> list[Pair
     for i, ex in enumerate(pairs):
         enc = encode_preference(tokenizer, ex, max_length)
         if enc.chosen.trained_tokens and enc.rejected.trained_tokens:  # both sides must keep a response
-            items.append(PairItem(i, enc))
+            items.append(PairItem(first_index + i, enc))
     if len(items) < len(pairs) // 2:
         raise DataError(f"{source}: {len(pairs) - len(items)} of {len(pairs)} pairs lose their response to "
                         f"truncation at data.max_length={max_length}; raise data.max_length")
@@ -178,32 +188,38 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
     from tunesmith.methods import count_parameters, get_method
     from tunesmith.models.load import load_model, load_tokenizer
     from tunesmith.models.registry import resolve_model, sha256_file
-    from tunesmith.recipes.sft import data_files_of, load_split, load_training_examples, prepare_model
+    from tunesmith.recipes.sft import (apply_process_settings, check_context, data_files_of, load_split,
+                                       load_training_examples, metrics_logger, prepare_model)
     from tunesmith.training.device import choose_placement
-    from tunesmith.training.logging import MetricsLogger, read_metrics
+    from tunesmith.training.logging import read_metrics
     from tunesmith.training.loop import total_steps, train
     from tunesmith.training.manifest import now_iso, write_json
     from tunesmith.training.run import manifest_base, open_run, save_run_outputs
 
     started, tcfg, obj = now_iso(), cfg.train, cfg.objective
+    spec = pref.get_preference_loss(obj.loss)
+    spec.keywords(obj.loss, obj)  # objective options this loss does not read: refused before any work
+    method = get_method(cfg.method.name)
+    adapter = method.saves == "adapter"
+    if spec.needs_adapter and not adapter:
+        raise ConfigError(f"objective.loss={obj.loss} needs an adapter method, not method.name={cfg.method.name} "
+                          "(its KL estimate scores mismatched pairs under the adapter-disabled base)")
+    apply_process_settings(tcfg)
     torch.manual_seed(tcfg.seed)
     resolved = resolve_model(cfg.model.name)
+    check_context(cfg, resolved.path)
     tokenizer = load_tokenizer(resolved.path)
     template = apply_template(tokenizer, cfg.data.template)
     data = load_training_examples(cfg)
     items = encode_pairs(tokenizer, data.examples, cfg.data.max_length, "training data")
     val = encode_pairs(tokenizer, load_split(cfg, cfg.data.validation).examples, cfg.data.max_length,
-                       cfg.data.validation) if cfg.data.validation else None
+                       cfg.data.validation, first_index=len(data.examples)) if cfg.data.validation else None
     print(f"data: {len(items)} preference pairs" + (f", {len(val)} held out" if val else "") +
           f"; loss: {obj.loss}; chat template: {template}", flush=True)
 
     placement = choose_placement(tcfg.precision)
-    method = get_method(cfg.method.name)
-    adapter = method.saves == "adapter"
-    if obj.loss == "kto" and not adapter:
-        raise ConfigError("objective.loss=kto needs an adapter method (its KL estimate uses the adapter-disabled base)")
     model = load_model(resolved.path, trust_remote_code=cfg.model.trust_remote_code, **method.load_kwargs(cfg.method))
-    precompute = pref.get_preference_loss(obj.loss).needs_reference and (obj.reference == "precomputed" or not adapter)
+    precompute = spec.needs_reference and (obj.reference == "precomputed" or not adapter)
     cache = None
     if precompute:  # the reference is the model before training: score every pair once, keep no copy
         print("computing reference log-probs once", flush=True)
@@ -212,13 +228,12 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
     trainable, total = count_parameters(model)
     print(f"model: {resolved.id}  method: {cfg.method.name}  trainable {trainable:,} of {total:,}", flush=True)
     loss_fn = PreferenceLoss(obj, cache)
-    kto = obj.loss == "kto"
 
     def evaluator(step: int | None = None) -> dict:
         return preference_accuracy(model, val, loss_fn, tokenizer.pad_token_id, tcfg.batch_size)
 
     with open_run(cfg, resume, prefix="dpo") as run:
-        logger = MetricsLogger(run.dir / "metrics.jsonl", total_steps(len(items), tcfg))
+        logger = metrics_logger(run, tcfg, total_steps(len(items), tcfg))
         start = evaluator() if val and run.checkpoint is None else None
         if start:
             logger.log(0, **{k: round(v, 6) for k, v in start.items()})
@@ -227,7 +242,7 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
         try:
             result = train(model, items, tcfg, loss_fn, tokenizer.pad_token_id, logger, val, run_dir=run.dir,
                            resume=run.checkpoint, placement=placement, evaluator=evaluator if val else None,
-                           collate_fn=lambda group, pad: collate_pairs(group, pad, kto))
+                           collate_fn=lambda group, pad: collate_pairs(group, pad, not spec.paired))
         finally:
             logger.close()
         save_run_outputs(run, model, tokenizer)

@@ -24,6 +24,7 @@ from tunesmith.training.loop import total_steps, train
 from tunesmith.training.losses import sft_loss_sum
 from tunesmith.training.trackers import Trackers
 from tunesmith.training.manifest import now_iso, write_json
+from tunesmith.errors import ConfigError
 from tunesmith.eval.during import keep_results_of
 from tunesmith.training import allocator
 from tunesmith.training.concurrent import has_dropout
@@ -60,6 +61,39 @@ def packed_if_asked(cfg: Config, model, train_set, val_set):
     return rows, val_set and pack_examples(val_set, cfg.data.max_length)
 
 
+def apply_process_settings(tcfg) -> None:
+    """train.threads and train.malloc_mmap_threshold: process-wide, so set before anything fills the heap."""
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    if tcfg.malloc_mmap_threshold:
+        set_malloc_mmap_threshold(tcfg.malloc_mmap_threshold)
+
+
+def model_context(model_path: Path) -> int | None:
+    """Longest sequence the model's positions cover, from its config.json (None if it does not say)."""
+    import json
+
+    config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    config = config.get("text_config", config)  # multimodal configs nest the language model's
+    return next((int(config[k]) for k in ("max_position_embeddings", "n_positions", "n_ctx") if config.get(k)), None)
+
+
+def check_context(cfg: Config, model_path: Path) -> None:
+    """data.max_length against the model's context, right after resolving the model (before any data
+    is read): longer examples would train on positions the model never learned, or fail mid-run."""
+    context = model_context(model_path)
+    if context is not None and cfg.data.max_length > context:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} is longer than the context of model.name="
+                          f"{cfg.model.name} ({context} positions); set data.max_length <= {context}")
+
+
+def metrics_logger(run, tcfg, steps: int) -> MetricsLogger:
+    """metrics.jsonl, and train.trackers fed the same records."""
+    trackers = (Trackers(tcfg.trackers, run.dir, run.name, run.config.model_dump(mode="json"))
+                if tcfg.trackers else None)
+    return MetricsLogger(run.dir / "metrics.jsonl", steps, trackers=trackers)
+
+
 def prepare_model(model, cfg: Config, placement):
     """Device, precision and memory options, applied the same way for every method."""
     if not getattr(model, "is_loaded_in_4bit", False):  # bitsandbytes places 4-bit weights itself
@@ -85,10 +119,14 @@ def micro_batching(tcfg, placement, model):
     if mode == "auto":
         mode = "example" if placement.device.type == "cpu" else "batch"
     if mode == "batch":
+        if tcfg.parallel_examples:
+            raise ConfigError(f"train.parallel_examples={tcfg.parallel_examples} needs train.micro_batch=example; "
+                              f"train.micro_batch={tcfg.micro_batch} runs padded batches on {placement.device.type}")
         return tcfg, collate, f"micro-batches of {tcfg.batch_size} padded examples"
     per_step = tcfg.batch_size * tcfg.grad_accum
-    k = tcfg.parallel_examples or (2 if placement.device.type == "cpu" else 1)
-    k = max(d for d in range(1, min(k, per_step) + 1) if per_step % d == 0)  # whole micro-batches per step
+    # an explicit train.parallel_examples must divide the step (config.py checks it); auto takes the
+    # largest count up to 2 on CPU that does, so every micro-batch of the step is whole
+    k = tcfg.parallel_examples or max(d for d in (1, 2 if placement.device.type == "cpu" else 1) if per_step % d == 0)
     loop_cfg = tcfg.model_copy(update={"batch_size": k, "grad_accum": per_step // k})
     at_once = f"{k} at once"
     if k > 1 and placement.device.type != "cpu":
@@ -117,14 +155,12 @@ def with_task_evaluation(cfg: Config, loop_cfg, model, tokenizer, run_dir: Path,
 def run_sft(cfg: Config, resume: bool = False) -> Path:
     started = now_iso()
     tcfg = cfg.train
-    if tcfg.threads:
-        torch.set_num_threads(tcfg.threads)
-    if tcfg.malloc_mmap_threshold:
-        set_malloc_mmap_threshold(tcfg.malloc_mmap_threshold)  # before the model and data fill the heap
+    apply_process_settings(tcfg)
     torch.manual_seed(tcfg.seed)
 
     # --- setup: model, tokenizer, data -----------------------------------------------------
     resolved = resolve_model(cfg.model.name)
+    check_context(cfg, resolved.path)
     tokenizer = load_tokenizer(resolved.path)
     template = apply_template(tokenizer, cfg.data.template)
     train_data = load_training_examples(cfg)
@@ -153,9 +189,7 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
     with open_run(cfg, resume, prefix="sft") as run:
         # --- train ---------------------------------------------------------------------------
         steps = total_steps(len(train_items), loop_cfg)
-        trackers = (Trackers(tcfg.trackers, run.dir, run.name, run.config.model_dump(mode="json"))
-                    if tcfg.trackers else None)
-        logger = MetricsLogger(run.dir / "metrics.jsonl", steps, trackers=trackers)
+        logger = metrics_logger(run, tcfg, steps)
         loop_cfg, evaluator = with_task_evaluation(cfg, loop_cfg, model, tokenizer, run.dir, val_items, placement)
         try:
             result = train(model, train_items, loop_cfg, sft_loss_sum, tokenizer.pad_token_id, logger, val_items,

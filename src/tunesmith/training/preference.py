@@ -207,19 +207,47 @@ def kto_loss(policy: SeqLogps, ref: torch.Tensor, desirable: torch.Tensor, kl: t
 
 @dataclass(frozen=True)
 class PreferenceLoss:
+    """How a recipe calls a loss. Paired losses take (chosen, rejected[, ref_chosen, ref_rejected]);
+    unpaired ones (KTO) take (logps, ref, desirable, kl) over every example, chosen rows first."""
+
     loss: Callable[..., tuple[torch.Tensor, Metrics]]
     needs_reference: bool  # True: pass the reference model's summed log-probs after the policy's
     paired: bool = True    # False: KTO's unpaired examples with a desirable flag and a KL estimate
+    # objective.* field -> keyword of `loss`; beta is every loss's. A field a loss does not read
+    # must stay at its default (see `keywords`): a set value that does nothing is an error.
+    options: tuple[tuple[str, str], ...] = ()
+    # the KL estimate scores mismatched pairs under the reference as it runs, so the reference
+    # must be the adapter-disabled base (no precomputed log-probs can cover those pairs)
+    needs_adapter: bool = False
+
+    def keywords(self, name: str, objective) -> dict:
+        """Keyword arguments of `loss` from the objective config (a pydantic model); ConfigError
+        naming any objective.* option set away from its default that this loss does not read."""
+        read = dict((("beta", "beta"), *self.options))
+        fields = type(objective).model_fields
+        unused = [f for f in sorted(TUNABLE - set(read)) if getattr(objective, f) != fields[f].default]
+        if unused:
+            raise ConfigError(f"objective.loss={name} does not use {', '.join('objective.' + f for f in unused)}; "
+                              f"remove {'it' if len(unused) == 1 else 'them'} (it reads "
+                              f"{', '.join('objective.' + f for f in read)})")
+        if not self.needs_reference and objective.reference != fields["reference"].default:
+            raise ConfigError(f"objective.reference={objective.reference} does nothing with objective.loss={name}: "
+                              "it uses no reference model; remove it")
+        return {kw: getattr(objective, f) for f, kw in read.items()}
 
 
+_SMOOTHING = ("label_smoothing", "label_smoothing")
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
-    "sigmoid": PreferenceLoss(dpo_loss, needs_reference=True),
-    "robust": PreferenceLoss(robust_dpo_loss, needs_reference=True),
+    "sigmoid": PreferenceLoss(dpo_loss, needs_reference=True, options=(_SMOOTHING,)),
+    "robust": PreferenceLoss(robust_dpo_loss, needs_reference=True, options=(_SMOOTHING,)),
     "ipo": PreferenceLoss(ipo_loss, needs_reference=True),
-    "simpo": PreferenceLoss(simpo_loss, needs_reference=False),
+    "simpo": PreferenceLoss(simpo_loss, needs_reference=False, options=(("simpo_gamma", "gamma"), _SMOOTHING)),
     "orpo": PreferenceLoss(orpo_loss, needs_reference=False),
-    "kto": PreferenceLoss(kto_loss, needs_reference=True, paired=False),
+    "kto": PreferenceLoss(kto_loss, needs_reference=True, paired=False, needs_adapter=True,
+                          options=(("desirable_weight", "desirable_weight"),
+                                   ("undesirable_weight", "undesirable_weight"))),
 }
+TUNABLE = {f for spec in PREFERENCE_LOSSES.values() for f, _ in spec.options}  # options some loss reads
 
 
 def get_preference_loss(name: str) -> PreferenceLoss:
