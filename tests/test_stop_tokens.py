@@ -186,3 +186,21 @@ def test_gguf_export_modelfile_stops_on_the_end_of_turn_then_eos(styled_runs, tm
     (path,) = out.glob("*.gguf")
     im_end = styled_tokenizer("chatml").convert_tokens_to_ids("<|im_end|>")
     assert _gguf_field(path, "tokenizer.ggml.eos_token_id") == im_end
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_llama_cpp_stops_on_the_end_of_turn(styled_runs, tmp_path, style):
+    """llama.cpp itself reads the exported file's EOS as the end of turn and counts it as an
+    end-of-generation token."""
+    from tunesmith.export import export_run
+    from tunesmith.export.gguf import write_gguf
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not built (the test extras build it)")
+    merged = export_run(styled_runs[style], "merged", tmp_path / "merged")
+    path = write_gguf(merged, tmp_path / "m.gguf", "f32")
+    eot_id = styled_tokenizer(style).convert_tokens_to_ids(STYLES[style][0])
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, n_threads_batch=1, verbose=False)
+    try:
+        assert llm.token_eos() == eot_id and llama_cpp.llama_vocab_is_eog(llm._model.vocab, eot_id)
+    finally:
+        llm.close()
