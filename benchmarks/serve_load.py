@@ -15,7 +15,11 @@ reports (so a row that stops early counts what it produced, nothing more).
 
 Rows of the table:
   * sequential generate: transformers `model.generate` on each prompt alone (KV cache, greedy,
-    the same EOS ids), one after the other: plain one-request-at-a-time generation, no server;
+    the same stop ids as the server), one after the other: plain one-request-at-a-time
+    generation, no server. It runs exactly the requests of the "base, 32 clients" row (the same
+    prompts, as many, the same max_tokens), so the speedup compares the same work; the table
+    shows both rows' token counts (greedy either way, they differ only where batched float
+    arithmetic flips a near-tie);
   * base, 1 / 8 / 32 clients: each client sends its requests back to back (a fixed count each);
   * lora0 x32: 32 clients all asking for one adapter; 4 adapters x32: client i asks for adapter i % 4,
     so every batch mixes 4 adapters (PEFT per-row adapter_names).
@@ -135,6 +139,12 @@ class HTTPServer:
         self.thread.join()
 
 
+def sent(convs: list, clients: int, per_client: int) -> list:
+    """The conversations a row of `clients` clients sends, client by client: client c sends
+    per_client of them back to back (drive); the sequential baseline sends the same list."""
+    return [convs[(c * per_client + k) % len(convs)] for c in range(clients) for k in range(per_client)]
+
+
 async def drive(engine, server, convs, clients: int, per_client: int, models: list[str], max_tokens: int) -> int:
     """clients concurrent clients, each sending per_client requests back to back; completion tokens."""
     import httpx
@@ -142,12 +152,11 @@ async def drive(engine, server, convs, clients: int, per_client: int, models: li
     from tunesmith.data.tokenize import prompt_ids
     from tunesmith.serve.engine import GenRequest
 
-    counts = []
+    counts, requests = [], sent(convs, clients, per_client)
 
     async def client(c: int, http) -> None:
         model = models[c % len(models)]
-        for k in range(per_client):
-            conv = convs[(c * per_client + k) % len(convs)]
+        for conv in requests[c * per_client:(c + 1) * per_client]:
             if http is not None:
                 r = await http.post(f"{server.url}/v1/chat/completions", json={
                     "model": model, "messages": conv, "max_tokens": max_tokens, "temperature": 0})
@@ -170,9 +179,10 @@ async def drive(engine, server, convs, clients: int, per_client: int, models: li
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--quick", action="store_true", help="a tiny smoke run (a few requests, 8 tokens)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run (one request per client, 8 tokens)")
     args = ap.parse_args()
     from tunesmith.cli import quiet_upstream
+    from tunesmith.data.templates import stop_ids
     from tunesmith.models.load import load_model, load_tokenizer
     from tunesmith.models.registry import resolve_model
     from tunesmith.serve.engine import Engine, off_main_thread
@@ -180,10 +190,9 @@ def main() -> int:
     quiet_upstream()
     max_tokens = 8 if args.quick else args.max_tokens
     per_client = {1: 1, 8: 1, 32: 1} if args.quick else {1: 6, 8: 3, 32: 2}
-    n_sequential = 2 if args.quick else 6
     path = off_main_thread(lambda: resolve_model(BASE).path)  # a first run converts the GGUF: computing
     model, tok = load_model(path).eval(), load_tokenizer(path)
-    eos = sorted({tok.eos_token_id} | set(_ids(model.generation_config.eos_token_id)))
+    eos = stop_ids(tok, model.generation_config)  # what the engine stops on too
     convs = conversations(64)
     rows = []
 
@@ -197,8 +206,9 @@ def main() -> int:
     # The server never computes on its main thread (engine.off_main_thread says why); the baseline
     # must not either, or it would slow every later row of this process by ~40%.
     off_main_thread(lambda: sequential_generate(model, tok, convs[:1], 4, eos))  # warm-up
-    record("sequential generate", 1, n_sequential,
-           lambda: off_main_thread(lambda: sequential_generate(model, tok, convs[:n_sequential], max_tokens, eos)))
+    same = sent(convs, 32, per_client[32])  # the "base, 32 clients" row's requests, one at a time
+    record("sequential generate", 1, len(same),
+           lambda: off_main_thread(lambda: sequential_generate(model, tok, same, max_tokens, eos)))
 
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         write_adapters(model, Path(tmp))
@@ -235,18 +245,15 @@ def main() -> int:
         flag = "  <- machine busy" if other > 0.1 else ""
         print(f"{label:<22}{clients:>8}{requests:>9}{tokens:>8}{wall:>8.1f}{requests / wall:>8.2f}"
               f"{tokens / wall:>8.1f}{other:>10.2f}c{flag}")
+    made = {r[0]: r[3] for r in rows}
+    print(f"same work: sequential generate and base, 32 clients each ran the same {len(same)} requests "
+          f"(max_tokens {max_tokens}) and produced {made['sequential generate']} / {made['base, 32 clients']} tokens")
     speedup = tps["base, 32 clients"] / tps["sequential generate"]
     print(f"32 clients vs 1 client through the same server: {tps['base, 32 clients'] / tps['base, 1 clients']:.2f}x "
           f"tokens/s; 1 client vs sequential generate: {tps['base, 1 clients'] / tps['sequential generate']:.2f}x")
     overhead = tps["lora0 x32"] / tps["4 adapters x32"] - 1
     print(f"speedup_32_clients={speedup:.2f} multi_adapter_overhead={overhead:.3f}")
     return 0
-
-
-def _ids(value) -> list[int]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 if __name__ == "__main__":

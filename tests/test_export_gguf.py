@@ -15,7 +15,8 @@ import torch
 
 from conftest import CHATML, build_tokenizer
 from tunesmith.errors import ModelError
-from tunesmith.export.gguf import end_of_turn_token, permute_qk, write_gguf
+from tunesmith.data.templates import stop_tokens
+from tunesmith.export.gguf import permute_qk, write_gguf
 from tunesmith.export.modelfile import detect_family, render_go, write_modelfile
 
 PROBE = "Hello there. What is the capital of France? 0123 {\"a\": 1}"
@@ -354,7 +355,8 @@ def test_alpaca_family_and_unknown_templates(tmp_path):
     odd = build_tokenizer("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
     with pytest.raises(ModelError, match="matches none of the Ollama templates"):
         write_modelfile(tmp_path / "m.gguf", odd, tmp_path / "x")
-    assert end_of_turn_token(tok) == "<|im_end|>" and end_of_turn_token(odd) is None
+    # the alpaca template ends a turn with the tokenizer's EOS; one that writes no token there gets EOS too
+    assert stop_tokens(tok).end_of_turn == "<|im_end|>" == stop_tokens(odd).end_of_turn == tok.eos_token
 
 
 def _llama3_tokenizer(adds_bos: bool):
@@ -382,7 +384,7 @@ def test_llama3_template_leaves_bos_to_llama_cpp_only_when_the_tokenizer_adds_it
     conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "r"}]
     go, hf = _go_vs_hf(tok, family, system, conv)
     assert (tok.bos_token if adds_bos else "") + go == hf
-    assert end_of_turn_token(tok) == "<|eot_id|>"
+    assert stop_tokens(tok).end_of_turn == "<|eot_id|>"
 
 
 # ---------------------------------------------------------------- the embedded model's original GGUF

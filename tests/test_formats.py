@@ -46,6 +46,7 @@ def tokenizer(request):
         tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>",
                                                              "<|eot_id|>"]})
     apply_template(tok, request.param)
+    tok.template_name = request.param
     return tok
 
 
@@ -55,8 +56,9 @@ def test_trained_spans_are_assistant_contents_plus_eos(fmt, tokenizer):
     examples = normalise(RECORDS[fmt], "auto", "f.jsonl:1")
     assert all(ex.kind == "chat" and ex.format == fmt for ex in examples)
     spans = trained_spans(encode_example(tokenizer, examples[0], 1024))
-    eos = tokenizer.eos_token_id
-    assert [s[-1] for s in spans] == [eos] * len(spans)
+    # each span ends with the template's end of turn (alpaca ends a turn with the tokenizer's EOS)
+    eot = {"chatml": "<|im_end|>", "llama-3": "<|eot_id|>", "alpaca": tokenizer.eos_token}[tokenizer.template_name]
+    assert [s[-1] for s in spans] == [tokenizer.convert_tokens_to_ids(eot)] * len(spans)
     assert [tokenizer.decode(s[:-1]) for s in spans] == EXPECTED_ANSWERS[fmt]
     # and the spans are the tokenizer's own tokens of each answer, not a re-tokenised approximation
     assert [s[:-1] for s in spans] == [tokenizer(a, add_special_tokens=False)["input_ids"]

@@ -414,6 +414,49 @@ def test_a_failing_step_fails_its_rows_and_the_engine_goes_on(tok):
         assert eng.submit(GenRequest(p, BASE, max_tokens=10)).result().token_ids == reference(fresh_base(tok), p, 10)
 
 
+@pytest.mark.parametrize("phase", ["prefill", "step"])
+def test_a_poisoned_adapter_fails_only_its_own_requests(tok, adapters, phase):
+    """Rows of 4 adapters and the base share a batch; every forward that holds a 'lora1' row raises
+    (from the prefill on, or from its 4th decode step on). The lora1 requests fail with that error;
+    every other request completes with exactly the tokens it gets alone, and the engine goes on."""
+    ps = prompts(tok)
+    names = [BASE, "lora0", "lora1", "lora2", BASE, "lora1", "lora3"]
+    reqs = [GenRequest(ps[i], n, max_tokens=8) for i, n in enumerate(names)]
+    with Engine(fresh_base(tok), tok, BASE, adapters_dir=adapters, batch_wait_ms=500, preload=True) as eng:
+        real, steps = eng.adapters.forward, []
+
+        def poisoned(names, **inputs):
+            if "lora1" in names:
+                steps.append(inputs["input_ids"].shape[1] == 1)
+                if phase == "prefill" or sum(steps) > 3:
+                    raise RuntimeError("poisoned adapter (simulated)")
+            return real(names, **inputs)
+
+        eng.adapters.forward = poisoned
+        handles = [eng.submit(r) for r in reqs]
+        for r, h in zip(reqs, handles):
+            if r.model == "lora1":
+                with pytest.raises(RuntimeError, match="poisoned"):
+                    h.result()
+            else:
+                ref = (reference(fresh_base(tok), r.prompt_ids, 8) if r.model == BASE
+                       else reference_adapter(tok, adapters / r.model, r.prompt_ids, 8))
+                assert h.result().token_ids == ref, r.model
+        assert eng.stats["max_rows"] == len(reqs) or phase == "prefill"  # they did share a batch
+        eng.adapters.forward = real
+        assert eng.submit(GenRequest(ps[2], "lora1", max_tokens=8)).result().token_ids == \
+            reference_adapter(tok, adapters / "lora1", ps[2], 8)
+
+
+def test_a_row_whose_sampling_fails_fails_alone():
+    from tunesmith.serve.decode import choose, make_generator
+
+    logits = torch.randn(3, 20)
+    logits[1] = float("nan")
+    out = choose(logits, [(0.0, 1.0, None), (1.0, 1.0, make_generator(1)), (1.0, 0.9, make_generator(2))])
+    assert out[0] == int(logits[0].argmax()) and isinstance(out[1], RuntimeError) and isinstance(out[2], int)
+
+
 def test_off_main_thread_returns_raises_and_leaves_the_calling_thread_idle():
     import threading
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.data.templates import stop_ids
 from tunesmith.data.tokenize import ensure_chat_template, prompt_ids
 from tunesmith.errors import ModelError
 from tunesmith.models.load import attach_adapter, load_model, load_tokenizer
@@ -130,13 +131,15 @@ def generate(im: InferenceModel, conversations: list[list[dict]], max_new_tokens
 
     Greedy when temperature is 0; otherwise sampled (temperature, top_p, no top-k) with torch's
     RNG seeded with `seed` inside a fork, so the same call gives the same replies and the
-    caller's RNG state is left as it was. A reply ends at EOS, at max_new_tokens, or just before
+    caller's RNG state is left as it was. A reply ends at the template's end of turn or EOS
+    (data/templates.stop_ids), at max_new_tokens, or just before
     the first of `stop`; a row that has produced a stop string stops generating. Prompts are
     sorted by length so batches carry little padding."""
     from transformers import StoppingCriteriaList
 
     tok, model = im.tokenizer, im.model
     stops = [s for s in stop if s]
+    eos = stop_ids(tok, getattr(model, "generation_config", None))
     prompts = [prompt_ids(tok, conv) for conv in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
@@ -149,7 +152,7 @@ def generate(im: InferenceModel, conversations: list[list[dict]], max_new_tokens
             ids, mask = _left_padded([prompts[i] for i in idx], tok.pad_token_id, device)
             criteria = StoppingCriteriaList([_StopOnStrings(tok, stops, ids.shape[1])] if stops else [])
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True,
+                                 eos_token_id=eos, pad_token_id=tok.pad_token_id, use_cache=True,
                                  stopping_criteria=criteria, **_sampling_kwargs(temperature, top_p))
             replies = tok.batch_decode(gen[:, ids.shape[1]:].tolist(), skip_special_tokens=True)
             for i, reply in zip(idx, replies):

@@ -83,8 +83,11 @@ def _side(enc: Encoded, max_length: int, eos: int) -> tuple[int, int, bool]:
 
 def token_stats(tokenizer, ex: Example, max_length: int, train_on: str) -> TokenStats:
     # Encoded once untruncated: the full length is what the histogram shows, and comparing the
-    # trained EOS before and after the cut tells whether truncation removed one.
-    eos = tokenizer.eos_token_id
+    # trained EOS before and after the cut tells whether truncation removed one. A chat turn
+    # ends with the template's end-of-turn token, a text document with the tokenizer's EOS.
+    from tunesmith.data.templates import stop_tokens
+
+    eos = tokenizer.eos_token_id if ex.kind == "text" else stop_tokens(tokenizer).end_of_turn_id
     if ex.kind == "preference":
         pair = encode_preference(tokenizer, ex, UNTRUNCATED)
         sides = [_side(e, max_length, eos) for e in (pair.chosen, pair.rejected)]

@@ -1,7 +1,21 @@
-"""Chat templates. The tokenizer's own template by default; named templates for models without
-one (or to override). The template and EOS chosen here are saved with the run's tokenizer and
-reused by generate, eval, export and serve, so training and serving render chats identically."""
+"""Chat templates, and the one rule for what a model stops on.
+
+The tokenizer's own template by default; named templates for models without one (or to
+override). The template chosen here is saved with the run's tokenizer and reused by generate,
+eval, export and serve, so training and serving render chats identically.
+
+`stop_tokens` is the only place that decides which token ends an assistant turn: the special
+token the template writes right after an assistant message (<|im_end|>, <|eot_id|>,
+<end_of_turn>), else the tokenizer's EOS. Training appends exactly that token to each trained
+turn, and every consumer (generate, the server, the merged export's generation_config, the GGUF's
+EOS/EOT, the Modelfile's stop lines) stops on it and on the tokenizer's EOS. The tokenizer's EOS
+is left as it is (a document still ends with it in continued pre-training), so the rule reads the
+same from a run's saved tokenizer as it did in training.
+"""
 from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
 
 from tunesmith.errors import DataError
 
@@ -16,7 +30,7 @@ ALPACA = ("{% for message in messages %}{% if message['role'] == 'system' %}{{ m
           "{% else %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}"
           "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}")
 
-# name -> (template, end-of-turn token it needs, or None to use the tokenizer's EOS)
+# name -> (template, end-of-turn token it needs, or None when it ends turns with the tokenizer's EOS)
 NAMED = {"chatml": (CHATML, "<|im_end|>"), "llama-3": (LLAMA3, "<|eot_id|>"), "alpaca": (ALPACA, None)}
 
 
@@ -25,7 +39,7 @@ def _has_token(tokenizer, token: str) -> bool:
 
 
 def apply_template(tokenizer, name: str | None = None) -> str:
-    """Set the tokenizer's chat template (and EOS = the template's end of turn). Returns the name used."""
+    """Set the tokenizer's chat template. Returns the name used."""
     if name is None:
         if getattr(tokenizer, "chat_template", None):
             return "tokenizer"
@@ -38,6 +52,78 @@ def apply_template(tokenizer, name: str | None = None) -> str:
         if not _has_token(tokenizer, eot):
             raise DataError(f"data.template '{name}' needs the special token {eot}, which this tokenizer lacks; "
                             "use data.template=alpaca (it ends turns with the tokenizer's own EOS)")
-        tokenizer.eos_token = eot  # the token that ends an assistant turn is the one generation stops on
     tokenizer.chat_template = template
     return name
+
+
+@dataclass(frozen=True)
+class StopTokens:
+    end_of_turn: str      # the token a trained assistant turn ends with
+    end_of_turn_id: int
+    eos: str              # the tokenizer's own EOS (the same token for templates that end turns with it)
+    eos_id: int
+
+    @property
+    def ids(self) -> list[int]:
+        """What generation stops on: the end of turn first, then EOS."""
+        return list(dict.fromkeys([self.end_of_turn_id, self.eos_id]))
+
+    @property
+    def texts(self) -> list[str]:
+        return list(dict.fromkeys([self.end_of_turn, self.eos]))
+
+
+_PROBE = "PROBE-REPLY-7"
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def stop_tokens(tokenizer) -> StopTokens:
+    """The run's stop tokens, read off its tokenizer and chat template (see the module docstring).
+    The end of turn is the longest special or added token that the template renders right after
+    an assistant message (spaces allowed between them); a template that writes none there (or no
+    template at all) ends turns with the tokenizer's EOS."""
+    template = getattr(tokenizer, "chat_template", None)
+    key = (template if isinstance(template, str) else repr(template), tokenizer.eos_token, len(tokenizer))
+    try:
+        cached = _CACHE.get(tokenizer)
+    except TypeError:  # not weak-referenceable: compute every time
+        cached = None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    if eos_id is None:
+        raise DataError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
+    eot = _template_end_of_turn(tokenizer) if template else None
+    stops = StopTokens(eot, tokenizer.convert_tokens_to_ids(eot), eos, eos_id) if eot else \
+        StopTokens(eos, eos_id, eos, eos_id)
+    try:
+        _CACHE[tokenizer] = (key, stops)
+    except TypeError:
+        pass
+    return stops
+
+
+def _template_end_of_turn(tokenizer) -> str | None:
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": _PROBE}], tokenize=False)
+    except Exception as exc:  # the template's own error (e.g. raise_exception) says what it wants
+        raise DataError(f"the chat template cannot render a plain user/assistant chat "
+                        f"({type(exc).__name__}: {exc}), so the token that ends a turn cannot be read off it") from None
+    if _PROBE not in text:
+        raise DataError("the chat template rewrites the assistant's text, so the token that ends a turn "
+                        "cannot be read off it")
+    after = text[text.rindex(_PROBE) + len(_PROBE):].lstrip(" ")
+    specials = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
+    return next((t for t in sorted(specials, key=len, reverse=True) if t and after.startswith(t)), None)
+
+
+def stop_ids(tokenizer, generation_config=None) -> list[int]:
+    """Token ids generation stops on: the rule's (end of turn, EOS), then any other EOS id the
+    model's own generation_config lists (a base model may end text with one of its own)."""
+    ids = stop_tokens(tokenizer).ids
+    extra = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    for i in extra if isinstance(extra, (list, tuple)) else [extra]:
+        if i is not None and int(i) not in ids:
+            ids.append(int(i))
+    return ids

@@ -2,10 +2,11 @@
 
 The conversation is rendered once with the tokenizer's chat template (the same one saved in the
 run directory and used by generate/eval/serve). The rendered text is cut into segments: template
-text and user turns (not trained), each assistant content and the EOS that follows it (trained).
-Each segment is tokenised on its own, so the trained span is, by construction, exactly the
-assistant content followed by one EOS token: no offset arithmetic that a tokenizer merge across a
-boundary could silently shift.
+text and user turns (not trained), each assistant content and the end-of-turn token that follows
+it (trained; data/templates.stop_tokens says which token that is). Each segment is tokenised on
+its own, so the trained span is, by construction, exactly the assistant content followed by one
+end-of-turn token: no offset arithmetic that a tokenizer merge across a boundary could silently
+shift.
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
 
 
 def _segments(tokenizer, messages: list[dict], where: str, train_on: str = "all_assistant") -> list[tuple[str, bool]]:
+    from tunesmith.data.templates import stop_tokens
+
     full = render(tokenizer, messages)
-    eos = tokenizer.eos_token
+    eot = stop_tokens(tokenizer).end_of_turn
     segments: list[tuple[str, bool]] = []
     cursor = 0
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
@@ -48,10 +51,15 @@ def _segments(tokenizer, messages: list[dict], where: str, train_on: str = "all_
                             "(trimming or rewriting it); the trained text would not match the data")
         end = start + len(msg["content"])
         segments += [(full[cursor:start], False), (msg["content"], trained)]
-        # The EOS after each assistant turn is trained so the model learns to stop; templates
-        # that do not emit one get it added.
-        segments.append((eos, trained))
-        cursor = end + len(eos) if full.startswith(eos, end) else end
+        # The end-of-turn token after each assistant turn is trained so the model learns to stop
+        # on what every consumer stops on; a turn the template does not end with it gets it added.
+        rest = full[end:]
+        gap = rest[:len(rest) - len(rest.lstrip(" "))]  # spaces some templates put before the token
+        if full.startswith(eot, end + len(gap)):
+            segments.append((gap, trained))
+            end += len(gap) + len(eot)
+        segments.append((eot, trained))
+        cursor = end
     segments.append((full[cursor:], False))
     if train_on == "all":  # prompts too: every token is a target
         return [(text, True) for text, _ in segments if text]
@@ -86,7 +94,7 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int, where:
 
 
 def encode_text(tokenizer, text: str, max_length: int) -> Encoded:
-    """Continued pre-training: every token is a target, and the document ends with EOS."""
+    """Continued pre-training: every token is a target, and the document ends with the tokenizer's EOS."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return Encoded(ids[:max_length], ids[:max_length], len(ids))
 

@@ -5,8 +5,9 @@ byte-level BPE tokenizers, following llama.cpp's convert_hf_to_gguf.py (MIT): th
 names, the Q/K row permutation llama.cpp's RoPE expects, the same tensor-type rules, and the
 tokenizer written as llama.cpp's 'gpt2' vocabulary (tokens, token types, merges, the
 pre-tokenizer name). The chat template written is the directory's tokenizer's, i.e. the one the
-run trained with, and the end-of-turn token of that template is written as EOS and EOT, so
-llama.cpp stops where the trained model stops. Anything else (another architecture, a
+run trained with, and the end-of-turn token of that template (data/templates.stop_tokens, the
+token training ended each reply with) is written as EOS and EOT, so llama.cpp stops where the
+trained model stops. Anything else (another architecture, a
 SentencePiece vocabulary, an unknown pre-tokenizer, a RoPE scaling llama.cpp would read
 differently) is refused with a ModelError rather than written as a file that loads but is wrong.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tunesmith.atomic import atomic_path
+from tunesmith.data.templates import stop_tokens
 from tunesmith.errors import ModelError
 
 OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -120,19 +122,6 @@ def vocab_arrays(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def end_of_turn_token(tokenizer) -> str | None:
-    """The special token the chat template writes right after an assistant message (the token
-    generation must stop on), or None when the template ends turns with plain text."""
-    probe = "PROBE-REPLY-7"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
-                                         tokenize=False)
-    after = text[text.rindex(probe) + len(probe):]
-    for token in sorted(tokenizer.get_added_vocab(), key=len, reverse=True):
-        if after.lstrip(" ").startswith(token):
-            return token
-    return None
-
-
 def _adds(tokenizer, token_id: int | None, first: bool) -> bool:
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     return token_id is not None and bool(ids) and ids[0 if first else -1] == token_id
@@ -151,15 +140,14 @@ def _add_tokenizer(w, tokenizer, vocab_size: int) -> None:
     w.add_token_types(types)
     w.add_token_merges(_merges(model))
     w.add_add_space_prefix(bool((spec.get("pre_tokenizer") or {}).get("add_prefix_space", False)))
-    eot = end_of_turn_token(tokenizer)
-    eos_id = tokenizer.eos_token_id
-    eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
-    if eot_id is not None and eos_id != eot_id:
-        print(f"note: GGUF EOS set to the chat template's end of turn {eot!r} (tokenizer EOS was "
-              f"{tokenizer.eos_token!r})", flush=True)
-        eos_id = eot_id
-    ids = {"bos": tokenizer.bos_token_id, "eos": eos_id, "unk": tokenizer.unk_token_id,
-           "pad": tokenizer.pad_token_id, "eot": eot_id}
+    stops = stop_tokens(tokenizer)
+    if stops.end_of_turn_id != stops.eos_id:
+        print(f"note: GGUF EOS and EOT set to the chat template's end of turn {stops.end_of_turn!r}, the token "
+              f"the run trained replies to end with (tokenizer EOS: {stops.eos!r})", flush=True)
+    # EOS = EOT = the end of turn: readers that know only EOS stop there too. llama.cpp also
+    # stops on the tokens it recognises as end-of-generation by name (<|endoftext|>, <|im_end|> ...).
+    ids = {"bos": tokenizer.bos_token_id, "eos": stops.end_of_turn_id, "unk": tokenizer.unk_token_id,
+           "pad": tokenizer.pad_token_id, "eot": stops.end_of_turn_id}
     for name, value in ids.items():
         if value is not None:
             getattr(w, f"add_{name}_token_id")(int(value))

@@ -4,7 +4,8 @@ QLoRA trained its adapter against the 4-bit base as dequantised on the fly, so t
 exactly those dequantised weights (the base is loaded as it was trained, then dequantised to a
 float type) and never writes the sum back into 4 bits, where rounding would undo much of a
 small adapter. The tokenizer saved is the run's own (the chat template it trained with), and the
-generation config stops on the token that ends an assistant turn in that template.
+generation config stops on the token that ends an assistant turn in that template (the one
+training ended replies with, data/templates.stop_tokens), then on the EOS ids.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.data.templates import stop_ids
 from tunesmith.errors import ModelError
 from tunesmith.generation import load_run_base, run_base_path, run_config
 
@@ -37,17 +39,6 @@ def merged_model(run: Path, dtype: torch.dtype = torch.float32):
     return merge_adapter(attach_adapter(base, run / "adapter"))
 
 
-def end_of_turn_ids(tokenizer, base_generation_config) -> list[int]:
-    """Token ids generation must stop on: the run tokenizer's EOS (set to the chat template's end
-    of turn, data/templates.py) first, then any the base model already stopped on."""
-    ids = [tokenizer.eos_token_id]
-    base = getattr(base_generation_config, "eos_token_id", None) if base_generation_config else None
-    for i in base if isinstance(base, list) else [base]:
-        if i is not None and i not in ids:
-            ids.append(i)
-    return ids
-
-
 def merge_run(run: Path, out: Path, dtype: str = "float32") -> Path:
     """Save the merged model, the run's tokenizer and a generation config into `out` (which the
     caller stages; see export/__init__.py)."""
@@ -64,7 +55,7 @@ def merge_run(run: Path, out: Path, dtype: str = "float32") -> Path:
     except (OSError, ModelError):
         base_gen = None
     gen = base_gen or GenerationConfig()
-    gen.eos_token_id = end_of_turn_ids(tokenizer, base_gen)
+    gen.eos_token_id = stop_ids(tokenizer, base_gen)  # end of turn first, then EOS, then the base's
     gen.pad_token_id = tokenizer.pad_token_id
     gen.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else gen.bos_token_id
     model.config.eos_token_id = gen.eos_token_id

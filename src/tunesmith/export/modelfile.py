@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.atomic import write_text
+from tunesmith.data.templates import stop_tokens
 from tunesmith.errors import ModelError
 
 
@@ -24,7 +25,7 @@ from tunesmith.errors import ModelError
 class Family:
     name: str
     template: str             # Ollama TEMPLATE (Go text/template over .Messages)
-    stops: tuple[str, ...]    # PARAMETER stop lines (besides the tokenizer's EOS)
+    stops: tuple[str, ...]    # PARAMETER stop lines (besides the run's end of turn and EOS)
 
 
 CHATML = Family("chatml", "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
@@ -202,7 +203,7 @@ def modelfile_text(gguf_path: Path, tokenizer, out_dir: Path, name: str = "Model
     family, system = detect_family(tokenizer)
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     source = f"./{gguf_path.name}" if gguf_path.resolve().parent == out_dir.resolve() else str(gguf_path.resolve())
-    stops = list(dict.fromkeys([tokenizer.eos_token, *family.stops] if tokenizer.eos_token else family.stops))
+    stops = list(dict.fromkeys([*stop_tokens(tokenizer).texts, *family.stops]))
     template = family.template.replace("{{ .Eos }}", tokenizer.eos_token or "")
     lines = [f"# Ollama Modelfile written by tunesmith; chat template family: {family.name}",
              f"# in this folder: ollama create NAME -f {name}", f"FROM {source}", f"TEMPLATE {_quoted(template)}"]

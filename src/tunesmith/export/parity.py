@@ -165,6 +165,7 @@ def parity(run_dir: str | Path, formats: tuple[str, ...] = ("f16", "q8_0", "q4_0
     """Compare the run's adapter-on-base (reference) with its merged HF model and with each GGUF
     type in `formats` run by llama.cpp. `merged_dir` / `gguf_files` reuse exports already written;
     missing ones are written to a temporary folder. Returns the report described in the module doc."""
+    from tunesmith.data.templates import stop_tokens
     from tunesmith.data.tokenize import prompt_ids
     from tunesmith.export.gguf import write_gguf
     from tunesmith.models.load import load_model, load_tokenizer
@@ -177,7 +178,7 @@ def parity(run_dir: str | Path, formats: tuple[str, ...] = ("f16", "q8_0", "q4_0
     tok = load_tokenizer(run / "tokenizer")
     texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     ids = [prompt_ids(tok, c) for c in conversations]
-    stop = {tok.eos_token_id}
+    stop = set(stop_tokens(tok).ids)  # where the trained model ends a reply (data/templates.py)
     ref = _reference(run, ids, max_new_tokens, stop)
     report["reference_outputs"] = [r["tokens"] for r in ref]
     report["reference_texts"] = [tok.decode(r["tokens"], skip_special_tokens=True) for r in ref]

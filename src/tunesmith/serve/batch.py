@@ -6,6 +6,8 @@ mask hides each row's padding and position ids count only a row's real tokens, s
 padding nor the other rows change what a row computes. Joining rows are prefilled on their own
 and their cache is merged by padding the shorter one on the left (zeros, masked out); leaving rows
 are selected out, and columns that have become padding for every remaining row are trimmed.
+A step that raises leaves the batch as it was before it (so its rows can be retried), and a batch
+can be split in two (so the engine can find the row that makes a step fail).
 """
 from __future__ import annotations
 
@@ -53,10 +55,31 @@ class KVBatch:
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed each row its last token; next-token logits [rows, vocab]."""
         positions = self.mask.sum(-1, keepdim=True)  # a row's real tokens so far = the new one's position
+        before = self.mask
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=-1)
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-        return self.forward(self.names, input_ids=ids, attention_mask=self.mask, position_ids=positions,
-                            past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        try:
+            return self.forward(self.names, input_ids=ids, attention_mask=self.mask, position_ids=positions,
+                                past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        except BaseException:
+            self._roll_back(before)
+            raise
+
+    def _roll_back(self, mask: torch.Tensor) -> None:
+        """Undo a step that raised: the layers it reached had appended the new column to their cache."""
+        from transformers import DynamicCache
+
+        width = mask.shape[1]
+        self.cache = DynamicCache(ddp_cache_data=[(k[:, :, :width], v[:, :, :width]) for k, v, *_ in self.cache])
+        self.mask = mask
+
+    def split(self, rows: list[int]) -> "KVBatch":
+        """Move these rows into a new batch (returned); the others stay here, in their order."""
+        other = KVBatch(self.forward, self.pad_id, self.device)
+        other.cache, other.mask, other.names = self.cache, self.mask, list(self.names)
+        other.keep(rows)  # builds its own cache: self's is not touched
+        self.keep([i for i in range(len(self)) if i not in set(rows)])
+        return other
 
     def _join(self, cache, mask: torch.Tensor, names: list[str | None]) -> None:
         from transformers import DynamicCache

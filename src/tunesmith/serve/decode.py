@@ -25,10 +25,18 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def choose(logits: torch.Tensor, params: list[tuple[float, float, torch.Generator | None]]) -> list[int]:
-    """Next token of each row: params[i] = (temperature, top_p, generator); temperature 0 is greedy."""
+def choose(logits: torch.Tensor, params: list[tuple[float, float, torch.Generator | None]]) -> list[int | Exception]:
+    """Next token of each row: params[i] = (temperature, top_p, generator); temperature 0 is greedy.
+    A row whose sampling raises (NaN logits from a bad adapter ...) gets the exception in its place,
+    so the caller fails that row alone."""
     greedy = logits.argmax(dim=-1).tolist()
-    return [greedy[i] if t <= 0 else sample(logits[i], t, p, g) for i, (t, p, g) in enumerate(params)]
+    out: list[int | Exception] = []
+    for i, (t, p, g) in enumerate(params):
+        try:
+            out.append(greedy[i] if t <= 0 else sample(logits[i], t, p, g))
+        except RuntimeError as exc:
+            out.append(exc)
+    return out
 
 
 class RowText:

@@ -8,6 +8,12 @@ token. A row leaves the batch as soon as it ends (EOS, stop string, max_tokens, 
 requests join at step boundaries instead of waiting for the whole batch. Rows of different LoRA
 adapters and of the base share a batch (PEFT's per-row adapter_names); DoRA adapters, which PEFT
 cannot mix, get a batch of their own. Each row has its own sampling settings and RNG.
+
+A failure in the model fails only the requests it belongs to: a prefill that raises is retried
+half by half, a step that raises is undone and its batch split in two (repeated failures bisect
+down to the bad rows), and a row whose sampling or text fails ends alone. Rows run in any batch
+compute what they would alone, so the others' outputs do not change. A row ends at the end of
+turn or EOS of its model's tokenizer (data/templates.stop_ids) or a stop string.
 """
 from __future__ import annotations
 
@@ -15,22 +21,21 @@ import copy
 import queue
 import secrets
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 
+from tunesmith.data.templates import stop_ids
 from tunesmith.errors import DataError, ModelError, TunesmithError
 from tunesmith.serve.adapters import AdapterDir, LoadedAdapters
 from tunesmith.serve.batch import KVBatch
 from tunesmith.serve.decode import RowText, choose, make_generator
 from tunesmith.serve.handle import Completion, Delta, Handle
+from tunesmith.serve.threads import off_main_thread
 
-__all__ = ["Completion", "Delta", "Engine", "GenRequest", "Handle"]
-T = TypeVar("T")
+__all__ = ["Completion", "Delta", "Engine", "GenRequest", "Handle", "off_main_thread"]
 MIXED = "__mixed__"  # batch key for rows the base and plain-LoRA adapters share
 
 
@@ -68,7 +73,7 @@ class Engine:
         self.adapters = LoadedAdapters(model)
         self.device = next(model.parameters()).device
         self.context = getattr(model.config, "max_position_embeddings", None)
-        self._model_eos = _as_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+        self._gen_config = getattr(model, "generation_config", None)
         self._tokenizers: dict[str, object] = {}
         self._decoders: dict[str, object] = {}
         self._pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
@@ -82,6 +87,7 @@ class Engine:
         self._after: list[tuple] = []             # commands to run once this iteration's rows are in
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._splits = 0                          # batches split off to isolate a failing row
         # prefills, decode steps, the most rows one step ran, rows decoded over all steps
         self.stats = {"prefills": 0, "steps": 0, "max_rows": 0, "row_steps": 0}
         if preload:
@@ -195,7 +201,7 @@ class Engine:
         sampled = req.temperature > 0
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         return _Row(req, Handle(n), adapter, RowText(tok, list(req.stop)),
-                    frozenset(_as_ids(tok.eos_token_id) | self._model_eos), limit,
+                    frozenset(stop_ids(tok, self._gen_config)), limit,
                     make_generator(seed % 2 ** 64) if sampled else None)
 
     # ------------------------------------------------------------------ scheduler thread
@@ -244,7 +250,8 @@ class Engine:
                     self._run_command(*self._after.pop(0))
                 for key in list(self._rows):
                     self._step(key)
-            except Exception as exc:  # a failure ends the rows it touched, never the server
+            except Exception as exc:  # noqa: BLE001 - a bug in the scheduler itself (a model's failure is
+                # isolated to its rows in _prefill / _step / _advance): end what is running, keep serving
                 for rows in self._rows.values():
                     for row in rows:
                         row.handle._fail(exc)
@@ -313,35 +320,72 @@ class Engine:
             if key not in self._batches:
                 self._batches[key] = KVBatch(self.adapters.forward, self._pad_id, self.device)
                 self._rows[key] = []
-            try:
-                logits = self._batches[key].prefill([r.req.prompt_ids for r in group], [r.adapter for r in group])
-            except Exception as exc:  # these rows fail; the rows already running go on
-                for row in group:
-                    row.handle._fail(exc)
-                if not self._rows[key]:
-                    del self._rows[key], self._batches[key]
-                continue
-            self._rows[key] += group
-            self.stats["prefills"] += 1
-            self._advance(key, logits, start=len(self._rows[key]) - len(group))
+            self._prefill(key, group)
+            if not self._rows[key]:
+                del self._rows[key], self._batches[key]
+
+    def _prefill(self, key: str, group: list[_Row]) -> None:
+        """Prefill new rows into batch `key`. When that raises, each half is tried on its own, so a
+        bad row (or adapter) fails only its own request; the rows already running are untouched."""
+        try:
+            logits = self._batches[key].prefill([r.req.prompt_ids for r in group], [r.adapter for r in group])
+        except Exception as exc:  # noqa: BLE001 - handed to the request's caller
+            if len(group) == 1:
+                group[0].handle._fail(exc)
+                return
+            for half in (group[:len(group) // 2], group[len(group) // 2:]):
+                self._prefill(key, half)
+            return
+        self._rows[key] += group
+        self.stats["prefills"] += 1
+        self._advance(key, logits, start=len(self._rows[key]) - len(group))
 
     def _step(self, key: str) -> None:
         live = [i for i, r in enumerate(self._rows[key]) if not r.handle.cancelled]
         self._keep(key, live)
         if key not in self._rows:
             return
-        logits = self._batches[key].step([r.tokens[-1] for r in self._rows[key]])
+        try:
+            logits = self._batches[key].step([r.tokens[-1] for r in self._rows[key]])
+        except Exception as exc:  # noqa: BLE001 - handed to the request's caller
+            self._isolate(key, exc)
+            return
         n = len(self._rows[key])
         self.stats.update(steps=self.stats["steps"] + 1, max_rows=max(self.stats["max_rows"], n),
                           row_steps=self.stats["row_steps"] + n)
         self._advance(key, logits)
 
+    def _isolate(self, key: str, exc: Exception) -> None:
+        """A step of batch `key` raised (and left the batch as it was): a lone row fails with the
+        error; a larger batch is split in two, each half stepped on its own from the next iteration,
+        so repeated failures bisect down to the bad rows and every other row goes on unchanged."""
+        rows = self._rows[key]
+        if len(rows) == 1:
+            rows[0].handle._fail(exc)
+            self._keep(key, [])
+            return
+        half = list(range(len(rows) // 2, len(rows)))
+        self._splits += 1
+        new = f"{key}#{self._splits}"  # never a key new requests are admitted to
+        self._batches[new] = self._batches[key].split(half)
+        self._rows[new], self._rows[key] = [rows[i] for i in half], rows[:len(rows) // 2]
+
     def _advance(self, key: str, logits: torch.Tensor, start: int = 0) -> None:
         """Choose each row's next token from logits (rows start.. of the batch) and end the rows
         that are done."""
         rows = self._rows[key]
-        tokens = choose(logits, [(r.req.temperature, r.req.top_p, r.gen) for r in rows[start:]])
-        done = {start + i for i, tok in enumerate(tokens) if self._emit(rows[start + i], tok)}
+        done = set()
+        for i, token in enumerate(choose(logits, [(r.req.temperature, r.req.top_p, r.gen) for r in rows[start:]]),
+                                  start):
+            try:
+                if isinstance(token, Exception):  # this row's sampling failed (choose says why)
+                    raise token
+                ended = self._emit(rows[i], token)
+            except Exception as exc:  # noqa: BLE001 - handed to the request's caller; the others go on
+                rows[i].handle._fail(exc)
+                ended = True
+            if ended:
+                done.add(i)
         if done:
             self._keep(key, [i for i in range(len(rows)) if i not in done])
 
@@ -374,33 +418,6 @@ class Engine:
         row.handle._finish(Delta(piece, reason), Completion(
             row.text.text, reason, row.handle.prompt_tokens, len(row.tokens), list(row.tokens)))
         return True
-
-
-def off_main_thread(fn: Callable[[], T]) -> T:
-    """fn() run on a short-lived thread, its exceptions re-raised. Multi-threaded torch work on a
-    thread leaves that thread's OpenMP team alive, and with more OpenMP threads than cores libgomp
-    stops spinning between parallel regions: measured on 2 cores, the scheduler thread then decodes
-    ~40% slower for the rest of the process. So model loading (a GGUF's dequantisation) and any
-    other computing a serving process does besides the scheduler's go through here."""
-    out: dict = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            out["error"] = exc
-    t = threading.Thread(target=run, name="tunesmith-setup")
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
-
-
-def _as_ids(value) -> set[int]:
-    if value is None:
-        return set()
-    return {int(v) for v in value} if isinstance(value, (list, tuple, set)) else {int(value)}
 
 
 def _load_tokenizer(path: Path):
