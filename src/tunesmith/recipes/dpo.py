@@ -202,7 +202,8 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
     adapter = method.saves == "adapter"
     if obj.loss == "kto" and not adapter:
         raise ConfigError("objective.loss=kto needs an adapter method (its KL estimate uses the adapter-disabled base)")
-    model = load_model(resolved.path, trust_remote_code=cfg.model.trust_remote_code, **method.load_kwargs(cfg.method))
+    model = load_model(resolved.path, dtype=placement.frozen_dtype(method), trust_remote_code=cfg.model.trust_remote_code,
+                       **method.load_kwargs(cfg.method))
     precompute = pref.get_preference_loss(obj.loss).needs_reference and (obj.reference == "precomputed" or not adapter)
     cache = None
     if precompute:  # the reference is the model before training: score every pair once, keep no copy

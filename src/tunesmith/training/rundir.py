@@ -90,12 +90,13 @@ def staged_run_dir(output_dir: str | Path, name: str, adopt: Path | None = None)
         tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
+        # what became of the folder travels with the exception (the CLI prints it after the error)
         if _has_checkpoints(tmp):
             last = checkpoint_dirs(tmp / "checkpoints")[-1].name
-            print(f"kept {tmp} with checkpoints up to {last}; continue with: tunesmith train CONFIG --resume",
-                  flush=True)
+            exc.add_note(f"kept {tmp} with checkpoints up to {last}; continue with: tunesmith train CONFIG --resume")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+            exc.add_note(f"removed the unfinished run folder {tmp} (it held no checkpoint)")
         raise
     os.rename(tmp, final)
