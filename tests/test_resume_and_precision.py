@@ -161,6 +161,10 @@ def test_adapters_on_a_half_precision_gpu_keep_the_frozen_base_in_it_and_train_i
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    # PEFT upcasts its adapters itself; a method that does not (selective layers) is upcast all the same
+    selective = get_method("selective").build(tiny_llama(256).to(torch.bfloat16), MethodSection(name="selective"))
+    assert {p.dtype for p in selective.parameters() if p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in trainable_in_fp32(selective).parameters() if p.requires_grad} == {torch.float32}
 
 
 def test_the_recipe_loads_the_frozen_base_in_the_placement_precision(tiny_model_dir, order_data, tmp_path,

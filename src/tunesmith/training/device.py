@@ -70,7 +70,8 @@ def choose_placement(precision: str = "auto") -> Placement:
 
 def trainable_in_fp32(model):
     """Trainable parameters in fp32 whatever the base was loaded in: optimizer updates smaller than a
-    bf16/fp16 weight's resolution would otherwise round away."""
+    bf16/fp16 weight's resolution would otherwise round away. PEFT already upcasts the adapters it
+    creates (autocast_adapter_dtype); this holds for every method, whatever a builder does."""
     for p in model.parameters():
         if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
             p.data = p.data.float()
