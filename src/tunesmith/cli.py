@@ -461,7 +461,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:  # what was kept or removed is in the notes (training/rundir.py)
         print(_with_notes("interrupted", exc), file=sys.stderr)
+        if argv is None:
+            _leave_if_examples_running(130)
         return 130
+    finally:
+        interrupt.clear()
+
+
+def _leave_if_examples_running(code: int) -> None:
+    """Exit now, the run being cleaned up already, rather than wait at interpreter exit for example
+    threads to finish the examples they are in (training/concurrent.py): those cannot be stopped
+    mid-example, and on a large model one can take many seconds. Only for a real command line."""
+    concurrent = sys.modules.get("tunesmith.training.concurrent")
+    if concurrent is not None and concurrent.examples_running():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _with_notes(message: str, exc: BaseException) -> str:

@@ -16,6 +16,7 @@ examples one after the other (see draws_random_numbers).
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -24,6 +25,14 @@ import torch
 from tunesmith.training import interrupt
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_RUNNING = [0]  # examples being computed on worker threads right now
+_RUNNING_LOCK = threading.Lock()
+
+
+def examples_running() -> bool:
+    """Whether a worker thread is inside an example. A thread cannot be interrupted mid-example, and
+    Python joins ThreadPoolExecutor threads at exit, so an interrupted process would wait for it."""
+    return _RUNNING[0] > 0
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -46,8 +55,14 @@ def _in_caller_modes(fn: Callable) -> Callable:
 
     def run(*args):
         interrupt.check()
-        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype, enabled=autocast):
-            return fn(*args)
+        with _RUNNING_LOCK:
+            _RUNNING[0] += 1
+        try:
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype, enabled=autocast):
+                return fn(*args)
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING[0] -= 1
     return run
 
 

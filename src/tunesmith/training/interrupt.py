@@ -33,6 +33,11 @@ def install() -> None:
         signal.signal(sig, _handler)
 
 
+def clear() -> None:
+    """The stop was handled (the command returned): a caller that goes on may train again."""
+    _STOP.clear()
+
+
 def requested() -> bool:
     return _STOP.is_set()
 
