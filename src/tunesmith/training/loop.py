@@ -199,7 +199,7 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else math.inf)
         lr = scheduler.get_last_lr()[0]
-        scaled = _optimizer_step(optimizer, scheduler, scaler)
+        scale_log = _optimizer_step(optimizer, scheduler, scaler)
         optimizer.zero_grad(set_to_none=True)
         logger.count(sum(getattr(e, "n_tokens", None) or len(e.input_ids) for g in step_groups for e in g),
                      n_step)  # real tokens, no padding
@@ -207,7 +207,7 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
                            stopper.best, stopper.best_step, stopper.bad)
         if step % tcfg.log_every == 0 or step == steps:
             extra = loss_fn.pop_metrics() if hasattr(loss_fn, "pop_metrics") else {}
-            logger.progress(step, loss_value, lr, grad_norm=round(float(grad_norm), 6), **extra, **scaled,
+            logger.progress(step, loss_value, lr, grad_norm=round(float(grad_norm), 6), **extra, **scale_log,
                             **({"spike": 1} if spike else {}))
         is_best = False
         if (val_examples or evaluator) and (step == steps or (tcfg.eval_every and step % tcfg.eval_every == 0)):
