@@ -102,7 +102,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model_dir, order_dat
     a, b = adapter(baseline), adapter(resumed)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-    assert json.loads((resumed / "manifest.json").read_text())["resumed_from_step"] >= 6
+    m = json.loads((resumed / "manifest.json").read_text())
+    assert m["resumed_from_step"] >= 6
+    # tokens/s is this process's: the tokens of the steps after the checkpoint over this process's seconds
+    before = [r["tokens"] for r in read_metrics(resumed / "metrics.jsonl") if r["step"] == m["resumed_from_step"]
+              and "tokens" in r]
+    assert m["tokens_this_process"] == m["tokens"] - before[0] > 0
+    assert m["tokens_per_s"] == pytest.approx(m["tokens_this_process"] / m["train_seconds"], rel=0.02)
     steps = [r["step"] for r in read_metrics(resumed / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 25))  # no step logged twice, none missing
     assert not list(out.glob(".r.incomplete-*"))

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import signal
+import re
 import sys
 import warnings
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
+from tunesmith.training import interrupt
 
 TEMPLATES = {"sft-lora": {}}  # template name -> overrides of the defaults
 
@@ -374,22 +376,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Upstream messages that tell a tunesmith user nothing they can act on, by logger and exact enough a
+# pattern to catch nothing else. Reports of missing, unexpected or newly initialised weights (the
+# transformers LOAD REPORT) are a real mistake signal and never belong here.
+KNOWN_NOISE = {
+    # greedy decoding of a model whose generation_config carries sampling settings (SmolLM2's does)
+    "transformers": [r"The following generation flags are not valid and may be ignored"],
+    # bitsandbytes' optional CPU kernel package, printed at import for every run (peft imports it)
+    "bitsandbytes.backends.cpu.ops": [r"Failed to load CPU gemm_4bit_forward from kernels-community"],
+}
+# FutureWarnings raised inside these packages are deprecations between them (peft calling a renamed
+# transformers API); ones raised in other code, the user's included, still show.
+QUIET_FUTURE_WARNINGS = r"(transformers|peft)(\.|$)"
+
+
+class _DropKnownNoise(logging.Filter):
+    def __init__(self, patterns: list[str]):
+        super().__init__()
+        self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
 def quiet_upstream() -> None:
-    """Upstream deprecation chatter and per-tensor progress bars hide our own progress lines."""
+    """Keep upstream chatter (progress bars per tensor, deprecations between libraries, the
+    KNOWN_NOISE messages) from hiding our progress lines, and let every other warning through."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=QUIET_FUTURE_WARNINGS)
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
+        hf_logging.set_verbosity_warning()
     except ImportError:
         pass
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: staged run folders are removed
+    for name, patterns in KNOWN_NOISE.items():
+        noise = _DropKnownNoise(patterns)
+        logger = logging.getLogger(name)
+        logger.addFilter(noise)  # records logged on this logger itself
+        for handler in logger.handlers:  # and, for a library root logger, those of its modules
+            handler.addFilter(noise)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -425,16 +452,35 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and args.command in ("train", "demo"):
         _with_allocator(args)
     quiet_upstream()
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt.install()  # SIGINT and SIGTERM stop any command, in any phase (training/interrupt.py)
     kwargs = {k: v for k, v in vars(args).items() if k != "fn" and k != "command" and not k.endswith("_command")}
     try:
         return args.fn(**kwargs)
     except TunesmithError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(_with_notes(f"error: {exc}", exc), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing half-written was kept", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # what was kept or removed is in the notes (training/rundir.py)
+        print(_with_notes("interrupted", exc), file=sys.stderr)
+        if argv is None:
+            _leave_if_examples_running(130)
         return 130
+    finally:
+        interrupt.clear()
+
+
+def _leave_if_examples_running(code: int) -> None:
+    """Exit now, the run being cleaned up already, rather than wait at interpreter exit for example
+    threads to finish the examples they are in (training/concurrent.py): those cannot be stopped
+    mid-example, and on a large model one can take many seconds. Only for a real command line."""
+    concurrent = sys.modules.get("tunesmith.training.concurrent")
+    if concurrent is not None and concurrent.examples_running():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _with_notes(message: str, exc: BaseException) -> str:
+    return "\n".join([message, *getattr(exc, "__notes__", [])])
 
 
 if __name__ == "__main__":

@@ -105,21 +105,52 @@ def _from_gguf(gguf: Path, model_id: str, source: str) -> ResolvedModel:
     return ResolvedModel(model_id, dest, source, digest)
 
 
-def _from_hub(repo_id: str) -> ResolvedModel:
-    from huggingface_hub import snapshot_download
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 
-    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+
+def _hub_failure(repo_id: str, exc: Exception) -> str:
+    """What went wrong fetching `repo_id`, as what it is: offline, unreachable, not found, gated,
+    refused credentials, or an HTTP error; each with what to do about it."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError)
+
+    local = (f"Or download it where the hub is reachable (hf download {repo_id} --local-dir DIR) and set "
+             f"model.name=DIR; or use a local .gguf file or the alias '{DEFAULT_MODEL}'.")
+    cause = exc.__cause__ if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ is not None else exc
+    status = getattr(getattr(cause, "response", None), "status_code", None)
+    if isinstance(cause, GatedRepoError):
+        return (f"model '{repo_id}' is gated on the Hugging Face hub (HTTP {status}): accept its terms at "
+                f"https://huggingface.co/{repo_id} and log in (hf auth login, or set HF_TOKEN). {local}")
+    if isinstance(cause, RepositoryNotFoundError):
+        return (f"model '{repo_id}' was not found on the Hugging Face hub (HTTP {status}): check the id, or, if "
+                f"it is private, log in with a token that can read it (hf auth login, or set HF_TOKEN). {local}")
+    if isinstance(cause, HfHubHTTPError) and status == 401:
+        return (f"the Hugging Face hub refused the credentials for '{repo_id}' (HTTP 401): the token is invalid "
+                f"or expired; log in again (hf auth login) or unset HF_TOKEN. {local}")
+    if isinstance(cause, HfHubHTTPError):
+        return f"downloading '{repo_id}' failed: the Hugging Face hub answered HTTP {status} ({cause}). {local}"
+    if isinstance(cause, OfflineModeIsEnabled) or (isinstance(exc, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE):
+        return (f"model '{repo_id}' is not in the Hugging Face cache, and downloads are off (HF_HUB_OFFLINE=1): "
+                f"unset HF_HUB_OFFLINE to download it. {local}")
+    if isinstance(exc, LocalEntryNotFoundError):
+        return (f"model '{repo_id}' is not in the Hugging Face cache and the hub could not be reached "
+                f"({type(cause).__name__}: {cause}); check the network or proxy. {local}")
+    return f"downloading '{repo_id}' failed ({type(exc).__name__}: {exc}). {local}"
+
+
+def _from_hub(repo_id: str) -> ResolvedModel:
+    from huggingface_hub import constants, snapshot_download
+
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:
+        path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except Exception as cached_miss:  # not cached (or partly): download it, unless offline
         try:
-            path = Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=5))
+            if constants.HF_HUB_OFFLINE:
+                raise cached_miss
+            path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, etag_timeout=5))
         except Exception as exc:
-            raise ModelError(
-                f"model '{repo_id}' is not in the Hugging Face cache and could not be downloaded "
-                f"({type(exc).__name__}). Download it where the hub is reachable "
-                f"(huggingface-cli download {repo_id} --local-dir DIR), then set model.name=DIR; "
-                f"or use a local .gguf file or the alias '{DEFAULT_MODEL}'.") from None
+            raise ModelError(_hub_failure(repo_id, exc)) from exc
     _check_hf_dir(path)
     return ResolvedModel(repo_id, path, "hub", _sha256_weights(path))
 

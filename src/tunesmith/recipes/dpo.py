@@ -218,7 +218,8 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
           f"; loss: {obj.loss}; chat template: {template}", flush=True)
 
     placement = choose_placement(tcfg.precision)
-    model = load_model(resolved.path, trust_remote_code=cfg.model.trust_remote_code, **method.load_kwargs(cfg.method))
+    model = load_model(resolved.path, dtype=placement.frozen_dtype(method), trust_remote_code=cfg.model.trust_remote_code,
+                       **method.load_kwargs(cfg.method))
     precompute = spec.needs_reference and (obj.reference == "precomputed" or not adapter)
     cache = None
     if precompute:  # the reference is the model before training: score every pair once, keep no copy

@@ -28,7 +28,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.eval.during import keep_results_of
 from tunesmith.training import allocator
 from tunesmith.training.concurrent import has_dropout
-from tunesmith.training.device import choose_placement, set_malloc_mmap_threshold
+from tunesmith.training.device import choose_placement, set_malloc_mmap_threshold, trainable_in_fp32
 from tunesmith.training.run import manifest_base, open_run, save_run_outputs
 
 
@@ -96,6 +96,7 @@ def metrics_logger(run, tcfg, steps: int) -> MetricsLogger:
 
 def prepare_model(model, cfg: Config, placement):
     """Device, precision and memory options, applied the same way for every method."""
+    trainable_in_fp32(model)  # the frozen base may be bf16/fp16 (Placement.frozen_dtype)
     if not getattr(model, "is_loaded_in_4bit", False):  # bitsandbytes places 4-bit weights itself
         model.to(placement.device)
     if cfg.train.gradient_checkpointing:
@@ -177,7 +178,8 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
     placement = choose_placement(tcfg.precision)
     print(f"device: {placement.reason}", flush=True)
     method = get_method(cfg.method.name)
-    model = load_model(resolved.path, trust_remote_code=cfg.model.trust_remote_code, **method.load_kwargs(cfg.method))
+    model = load_model(resolved.path, dtype=placement.frozen_dtype(method), trust_remote_code=cfg.model.trust_remote_code,
+                       **method.load_kwargs(cfg.method))
     model = prepare_model(method.build(model, cfg.method), cfg, placement)
     trainable, total = count_parameters(model)
     print(f"model: {resolved.id}  method: {cfg.method.name}  trainable {trainable:,} of {total:,} "

@@ -28,6 +28,7 @@ class TrainState:
     trained_tokens: int
     best_metric: float | None = None
     best_step: int | None = None
+    bad_evals: int = 0        # evaluations since the best (early stopping); absent, so 0, in older checkpoints
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -56,13 +57,16 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(root: Path, model, optimizer, scheduler, state: TrainState, keep_last: int) -> Path:
+def save_checkpoint(root: Path, model, optimizer, scheduler, state: TrainState, keep_last: int,
+                    scaler=None) -> Path:
     final = root / f"step-{state.step}"
     try:
         with atomic_dir(final, if_exists="replace") as tmp:
             save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": _rng_state()}, tmp / "optimizer.pt")
+            extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+            if scaler is not None:  # fp16 loss scale: a resumed run must skip the same overflowing steps
+                extra["scaler"] = scaler.state_dict()
+            torch.save(extra, tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps(asdict(state)))  # written last: marks completeness
     except OSError as exc:
         done = checkpoint_dirs(root)
@@ -80,7 +84,7 @@ def _prune(root: Path, keep_last: int, best_step: int | None) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> TrainState:
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = set(weights) ^ {n for n, p in params.items() if p.requires_grad}
@@ -94,4 +98,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     _set_rng_state(extra["rng"])
+    if scaler is not None and "scaler" in extra:
+        scaler.load_state_dict(extra["scaler"])
     return TrainState(**json.loads((path / "state.json").read_text()))

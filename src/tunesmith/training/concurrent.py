@@ -16,12 +16,23 @@ examples one after the other (see draws_random_numbers).
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
 
+from tunesmith.training import interrupt
+
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_RUNNING = [0]  # examples being computed on worker threads right now
+_RUNNING_LOCK = threading.Lock()
+
+
+def examples_running() -> bool:
+    """Whether a worker thread is inside an example. A thread cannot be interrupted mid-example, and
+    Python joins ThreadPoolExecutor threads at exit, so an interrupted process would wait for it."""
+    return _RUNNING[0] > 0
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -36,13 +47,22 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 def _in_caller_modes(fn: Callable) -> Callable:
-    """Grad mode and CPU autocast are thread-local: run `fn` in a worker under the caller's."""
+    """Grad mode and CPU autocast are thread-local: run `fn` in a worker under the caller's. A
+    worker starts no example once a stop was requested: its KeyboardInterrupt travels through the
+    future to the main thread (signals are only ever delivered to the main thread)."""
     grad, autocast = torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")
     dtype = torch.get_autocast_dtype("cpu")
 
     def run(*args):
-        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype, enabled=autocast):
-            return fn(*args)
+        interrupt.check()
+        with _RUNNING_LOCK:
+            _RUNNING[0] += 1
+        try:
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype, enabled=autocast):
+                return fn(*args)
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING[0] -= 1
     return run
 
 
@@ -65,7 +85,10 @@ def rows_loss_sum_with(loss_fn: Callable, model, rows: list[dict], threads: int)
     device = next(model.parameters()).device
     rows = [{k: v.to(device) for k, v in r.items()} for r in rows]
     if threads <= 1 or len(rows) == 1 or device.type != "cpu" or draws_random_numbers(model):
-        results = [loss_fn(model, r) for r in rows]
+        results = []
+        for r in rows:
+            interrupt.check()
+            results.append(loss_fn(model, r))
         return sum(loss for loss, _ in results), sum(n for _, n in results)
     results = list(_pool(threads).map(_in_caller_modes(lambda r: loss_fn(model, r)), rows))
     losses, count = [loss for loss, _ in results], sum(n for _, n in results)

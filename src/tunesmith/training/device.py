@@ -27,8 +27,26 @@ class Placement:
     def autocast(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16 needs loss scaling: its 5-bit exponent flushes small gradients to zero, so the loss
+        is multiplied up before backward, gradients divided back before clipping, and steps whose
+        gradients overflowed are skipped. bf16 has fp32's exponent range and needs none."""
+        return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+    def frozen_dtype(self, method) -> torch.dtype:
+        """The dtype to load the base model in for `method`. Adapters on a GPU training in bf16/fp16
+        keep the frozen base in that precision: autocast would cast its fp32 weights down on every
+        matmul anyway, so fp32 copies only cost twice the memory. Trained weights stay fp32 (see
+        trainable_in_fp32); full fine-tuning trains every weight, so its model loads in fp32."""
+        if self.device.type == "cuda" and self.precision != "fp32" and method.saves == "adapter":
+            return self.dtype
+        return torch.float32
 
 
 def choose_placement(precision: str = "auto") -> Placement:
@@ -48,6 +66,16 @@ def choose_placement(precision: str = "auto") -> Placement:
     if precision == "bf16" and not native:
         print("warning: this CPU has no native bf16; bf16 will be emulated and much slower than fp32", flush=True)
     return Placement(dev, precision, f"CPU: {precision} as configured")
+
+
+def trainable_in_fp32(model):
+    """Trainable parameters in fp32 whatever the base was loaded in: optimizer updates smaller than a
+    bf16/fp16 weight's resolution would otherwise round away. PEFT already upcasts the adapters it
+    creates (autocast_adapter_dtype); this holds for every method, whatever a builder does."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def make_optimizer(params, name: str, lr: float, weight_decay: float, device: torch.device):

@@ -16,6 +16,7 @@ from tunesmith.data.tokenize import Encoded
 from tunesmith.errors import TunesmithError
 from tunesmith.training.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
 from tunesmith.training.device import Placement, choose_placement, make_optimizer
+from tunesmith.training import interrupt
 from tunesmith.training.distributed import global_count, sum_gradients, sum_scalar, world
 from tunesmith.training.logging import MetricsLogger
 
@@ -38,6 +39,13 @@ class TrainResult:
     best_step: int | None = None
     stopped_early: bool = False
     resumed_from: int | None = None
+    resumed_tokens: int = 0  # tokens trained before this process (by the run it resumed)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """This process's speed: the tokens of its own steps over its own seconds (a resumed run's
+        earlier tokens were trained in another process's time)."""
+        return (self.tokens - self.resumed_tokens) / max(self.seconds, 1e-9)
 
 
 def total_steps(n_examples: int, tcfg) -> int:
@@ -79,19 +87,23 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def accumulate(model, batches: list[dict], loss_fn: LossFn, placement: Placement) -> tuple[float, int]:
+def accumulate(model, batches: list[dict], loss_fn: LossFn, placement: Placement,
+               scaler: torch.amp.GradScaler | None = None) -> tuple[float, int]:
     """Backward over one optimizer step's micro-batches (this rank's share); returns
     (mean loss, trained targets) of the whole step, all ranks together.
 
     The step's loss is the mean over all its trained tokens: each micro-batch's summed loss is
     divided by the step total (counted across ranks), so neither accumulation nor data
-    parallelism re-weights short vs long batches; ranks then sum their gradients."""
+    parallelism re-weights short vs long batches; ranks then sum their gradients. With a `scaler`
+    (fp16) the gradients come out multiplied by its scale; the caller unscales them."""
     n_step = global_count(sum(loss_units(b) for b in batches))
     total = 0.0
     for batch in batches:
+        interrupt.check()
         with placement.autocast():
             loss_sum, _ = loss_fn(model, to_device(batch, placement.device))
-        (loss_sum / max(n_step, 1)).backward()
+        loss = loss_sum / max(n_step, 1)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss_sum.item()
     sum_gradients([p for p in model.parameters() if p.requires_grad])
     return sum_scalar(total) / max(n_step, 1), n_step
@@ -105,6 +117,7 @@ def evaluate_loss(model, examples: Items, loss_fn: LossFn, pad_id: int, batch_si
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
+        interrupt.check()
         with placement.autocast():
             loss_sum, n = loss_fn(model, to_device(collate(examples[start:start + batch_size], pad_id),
                                                    placement.device))
@@ -134,8 +147,8 @@ class LossWatch:
 
 
 class EarlyStopping:
-    def __init__(self, patience: int, best: float | None = None, best_step: int | None = None):
-        self.patience, self.best, self.best_step, self.bad = patience, best, best_step, 0
+    def __init__(self, patience: int, best: float | None = None, best_step: int | None = None, bad: int = 0):
+        self.patience, self.best, self.best_step, self.bad = patience, best, best_step, bad
 
     def update(self, step: int, value: float) -> bool:
         """Record an evaluation; True when it is a new best."""
@@ -162,34 +175,39 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
     params = [p for p in model.parameters() if p.requires_grad]  # frozen weights get no optimizer state
     optimizer = make_optimizer(params, tcfg.optimizer, tcfg.lr, tcfg.weight_decay, placement.device)
     scheduler = make_scheduler(optimizer, tcfg, steps)
+    scaler = placement.grad_scaler()
     state = TrainState(0, 0, 0, 0)
     if resume is not None:
-        state = load_checkpoint(resume, model, optimizer, scheduler)
+        state = load_checkpoint(resume, model, optimizer, scheduler, scaler)
         logger.resume_at(state.step, state.tokens, state.trained_tokens)
         print(f"resumed from {resume} (step {state.step})", flush=True)
     ckpt_root = run_dir / "checkpoints" if run_dir is not None and tcfg.save_every else None
     stream = micro_batches(examples, tcfg, skip=state.micro_batches)
-    watch, stopper = LossWatch(tcfg.spike_factor), EarlyStopping(tcfg.patience, state.best_metric, state.best_step)
+    watch = LossWatch(tcfg.spike_factor)
+    stopper = EarlyStopping(tcfg.patience, state.best_metric, state.best_step, state.bad_evals)
+    resumed_tokens = state.tokens
     loss_value, val_loss, stopped = float("nan"), None, False
     model.train()
     for step in range(state.step + 1, steps + 1):
+        interrupt.check()
         rank, size = world()
         step_groups = [next(stream) for _ in range(tcfg.grad_accum * size)]  # every rank draws the same order
         groups = step_groups[rank::size]  # and trains its own share of it
-        loss_value, n_step = accumulate(model, [collate_fn(g, pad_id) for g in groups], loss_fn, placement)
+        loss_value, n_step = accumulate(model, [collate_fn(g, pad_id) for g in groups], loss_fn, placement, scaler)
         spike = watch.check(step, loss_value, lambda: (checkpoint_dirs(ckpt_root) or [None])[-1] if ckpt_root else None)
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else math.inf)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
+        scale_log = _optimizer_step(optimizer, scheduler, scaler)
         optimizer.zero_grad(set_to_none=True)
         logger.count(sum(getattr(e, "n_tokens", None) or len(e.input_ids) for g in step_groups for e in g),
                      n_step)  # real tokens, no padding
         state = TrainState(step, state.micro_batches + len(step_groups), logger.tokens, logger.trained_tokens,
-                           stopper.best, stopper.best_step)
+                           stopper.best, stopper.best_step, stopper.bad)
         if step % tcfg.log_every == 0 or step == steps:
             extra = loss_fn.pop_metrics() if hasattr(loss_fn, "pop_metrics") else {}
-            logger.progress(step, loss_value, lr, grad_norm=round(float(grad_norm), 6), **extra,
+            logger.progress(step, loss_value, lr, grad_norm=round(float(grad_norm), 6), **extra, **scale_log,
                             **({"spike": 1} if spike else {}))
         is_best = False
         if (val_examples or evaluator) and (step == steps or (tcfg.eval_every and step % tcfg.eval_every == 0)):
@@ -198,13 +216,13 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
             val_loss = metrics.get("val_loss")
             select = metrics.pop("select", val_loss)
             is_best = select is not None and stopper.update(step, select)
-            state.best_metric, state.best_step = stopper.best, stopper.best_step
+            state.best_metric, state.best_step, state.bad_evals = stopper.best, stopper.best_step, stopper.bad
             logger.log(step, **{k: round(v, 6) for k, v in metrics.items()})
             shown = "".join(f"  {k.removeprefix('val_').replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
             print(f"step {step:>5}/{steps}  validation{shown}" + ("  (best)" if is_best else ""), flush=True)
         stopped = stopper.should_stop
         if ckpt_root and (step % tcfg.save_every == 0 or is_best or stopped or step == steps):
-            save_checkpoint(ckpt_root, model, optimizer, scheduler, state, tcfg.keep_last)
+            save_checkpoint(ckpt_root, model, optimizer, scheduler, state, tcfg.keep_last, scaler)
         if stopped:
             print(f"early stop at step {step}: no improvement in {tcfg.patience} evaluations "
                   f"(best {stopper.best:.4f} at step {stopper.best_step})", flush=True)
@@ -213,7 +231,25 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
         _restore_weights(model, ckpt_root, stopper.best_step)
     seconds = time.perf_counter() - logger.start
     return TrainResult(state.step, logger.tokens, logger.trained_tokens, loss_value, val_loss, seconds,
-                       stopper.best_step, stopped, None if resume is None else int(resume.name.split("-")[1]))
+                       stopper.best_step, stopped, None if resume is None else int(resume.name.split("-")[1]),
+                       resumed_tokens)
+
+
+def _optimizer_step(optimizer, scheduler, scaler) -> dict:
+    """One optimizer and schedule step; with an fp16 scaler, a step whose gradients overflowed is
+    skipped (the scaler lowers its scale instead) and so is its schedule step, as in transformers'
+    Trainer. Returns what to log: the loss scale, and whether the step was skipped."""
+    if scaler is None:
+        optimizer.step()
+        scheduler.step()
+        return {}
+    before = scaler.get_scale()
+    scaler.step(optimizer)  # skips optimizer.step() when unscale_ found inf/nan gradients
+    scaler.update()
+    skipped = scaler.get_scale() < before
+    if not skipped:
+        scheduler.step()
+    return {"loss_scale": scaler.get_scale(), **({"skipped": 1} if skipped else {})}
 
 
 def _restore_weights(model, ckpt_root: Path | None, step: int) -> None:

@@ -88,8 +88,9 @@ def manifest_base(kind: str, run: OpenRun, resolved_model, parameters: tuple[int
         "method": run.config.method.name, "parameters": {"trainable": trainable, "total": total},
         "seed": run.config.train.seed, "started": started, "finished": now_iso(),
         "steps": result.steps, "tokens": result.tokens, "trained_tokens": result.trained_tokens,
-        "train_seconds": round(result.seconds, 2),
-        "tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 2),
+        # speed of this process: after --resume, the tokens of its own steps over its own seconds
+        "train_seconds": round(result.seconds, 2), "tokens_this_process": result.tokens - result.resumed_tokens,
+        "tokens_per_s": round(result.tokens_per_s, 2),
         "final_loss": result.final_loss, "best_step": result.best_step, "stopped_early": result.stopped_early,
         "resumed_from_step": result.resumed_from, "precision": placement.precision, "device": str(placement.device),
     }

@@ -88,13 +88,18 @@ def staged_run_dir(output_dir: str | Path, name: str, adopt: Path | None = None)
         os.rename(adopt, tmp)
     else:
         shutil.rmtree(tmp, ignore_errors=True)
-    with atomic_dir(final, staging=tmp, keep_staging=_keep_for_resume) as tmp:
-        yield tmp
+    try:
+        with atomic_dir(final, staging=tmp, keep_staging=_has_checkpoints) as tmp:
+            yield tmp
+    except BaseException as exc:
+        # what became of the folder travels with the exception (the CLI prints it after the error);
+        # __notes__ by hand: BaseException.add_note is Python 3.11+
+        exc.__notes__ = [*getattr(exc, "__notes__", []), _fate_of(tmp)]
+        raise
 
 
-def _keep_for_resume(tmp: Path) -> bool:
-    if not _has_checkpoints(tmp):
-        return False
-    last = checkpoint_dirs(tmp / "checkpoints")[-1].name
-    print(f"kept {tmp} with checkpoints up to {last}; continue with: tunesmith train CONFIG --resume", flush=True)
-    return True
+def _fate_of(tmp: Path) -> str:
+    if tmp.is_dir():  # atomic_dir kept it: it holds checkpoints
+        last = checkpoint_dirs(tmp / "checkpoints")[-1].name
+        return f"kept {tmp} with checkpoints up to {last}; continue with: tunesmith train CONFIG --resume"
+    return f"removed the unfinished run folder {tmp} (it held no checkpoint)"
