@@ -3,7 +3,7 @@ import torch
 
 from conftest import tiny_llama
 from tunesmith.data.tokenize import prompt_ids
-from tunesmith.generation import InferenceModel, cut_at_stop, generate
+from tunesmith.generation import PRUNE_EVERY, InferenceModel, cut_at_stop, generate
 
 LONG = " ".join(["Deliver to Lyon, attention Grace Mori: 3 scarves, pink. Overnight delivery please."] * 6)
 PROMPTS = [[{"role": "user", "content": "Hi"}],
@@ -47,17 +47,32 @@ def test_cut_at_stop_uses_the_earliest_stop_string():
 
 
 def _spy_generate(monkeypatch, im):
-    """Record the token rows each model.generate call returns."""
+    """Record the number of rows of each model.generate call."""
     calls = []
     real = im.model.generate
 
     def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append((kwargs["input_ids"].shape[1], out))
-        return out
+        calls.append(kwargs["input_ids"].shape[0])
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(im.model, "generate", spy)
     return calls
+
+
+def _tokens_alone(im, conv, n, ended=lambda text: False) -> int:
+    """How many tokens one row generates on its own (un-pruned model.generate, greedy): up to and
+    with EOS, up to the first token after which ended(text) holds, or n."""
+    tok = im.tokenizer
+    ids = torch.tensor([prompt_ids(tok, conv)])
+    new = im.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    return next((i for i in range(1, len(new) + 1)
+                 if new[i - 1] == tok.eos_token_id or ended(tok.decode(new[:i], skip_special_tokens=True))), len(new))
+
+
+def _rows_per_call(lengths: list[int], n: int) -> list[int]:
+    """Rows in each PRUNE_EVERY-token call when a row leaves the batch after its last token."""
+    return [sum(k > start for k in lengths) for start in range(0, n, PRUNE_EVERY) if max(lengths) > start]
 
 
 def test_stop_string_cuts_the_reply_and_ends_that_rows_generation(im, monkeypatch):
@@ -66,18 +81,34 @@ def test_stop_string_cuts_the_reply_and_ends_that_rows_generation(im, monkeypatc
     assert len(reply) > 6
     stop = reply[3:5]
     k = reply.find(stop)
+    lengths = [_tokens_alone(im, c, 24, lambda text: stop in text) for c in PROMPTS[:2]]
     calls = _spy_generate(monkeypatch, im)
     cut = generate(im, PROMPTS[:2], max_new_tokens=24, batch_size=2, stop=[stop])
     assert cut[0] == reply[:k].strip()
     assert cut[1] == cut_at_stop(free[1], [stop]).strip()
-    (width, out), = calls
+    # the row left the batch as soon as its text held the stop string: later calls run without it
+    assert lengths[0] < 24 and calls == _rows_per_call(lengths, 24)
+    assert calls[-1] < 2  # so the other row did go on alone
+
+
+def test_stop_when_ends_each_row_where_the_predicate_first_holds(im, monkeypatch):
+    def long_enough(text):
+        return len(text) >= 12
+
+    free = generate(im, PROMPTS, max_new_tokens=20, batch_size=4)
+    lengths = [_tokens_alone(im, c, 20, long_enough) for c in PROMPTS]
     tok = im.tokenizer
-    assert len(prompt_ids(tok, PROMPTS[0])) < len(prompt_ids(tok, PROMPTS[1]))  # so it is row 0 (sorted by length)
-    new = out[0, width:].tolist()
-    # the row stopped as soon as its text held the stop string: the tokens after it are padding
-    n = next(i for i in range(1, len(new) + 1) if stop in tok.decode(new[:i], skip_special_tokens=True))
-    assert n < 24
-    assert all(t == tok.pad_token_id for t in new[n:])
+    expected = []
+    for c, n in zip(PROMPTS, lengths):  # each row alone, un-pruned, generating exactly that many tokens
+        ids = torch.tensor([prompt_ids(tok, c)])
+        new = im.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        expected.append(tok.decode(new, skip_special_tokens=True).strip())
+    calls = _spy_generate(monkeypatch, im)
+    cut = generate(im, PROMPTS, max_new_tokens=20, batch_size=4, stop_when=long_enough)
+    assert cut == expected
+    assert all(f.startswith(r) for f, r in zip(free, cut)) and cut != free
+    assert calls == _rows_per_call(lengths, 20) and sum(calls) < 4 * len(calls)  # ended rows left the batch
 
 
 def test_stop_string_in_the_prompt_does_not_end_the_reply(im):

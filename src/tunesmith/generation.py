@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,11 +90,19 @@ def _sampling_kwargs(temperature: float, top_p: float) -> dict:
 class _StopOnStrings:
     """A transformers stopping criterion, per row: done once the generated text (the prompt left
     out, so a prompt ending in a stop string does not end the reply before it starts) contains
-    one of the stop strings. Done rows are padded by generate while the others go on."""
+    one of the stop strings, or `stop_when` holds for the reply it would give. Done rows are padded
+    by generate while the others go on."""
 
-    def __init__(self, tokenizer, stops: list[str], prompt_width: int):
-        self.tokenizer, self.stops, self.width = tokenizer, stops, prompt_width
+    def __init__(self, tokenizer, stops: list[str], prompt_width: int,
+                 stop_when: Callable[[str], bool] | None = None):
+        self.tokenizer, self.stops, self.width, self.stop_when = tokenizer, stops, prompt_width, stop_when
         self.done: list[bool] | None = None
+
+    def _ended(self, text: str) -> bool:
+        if any(s in text for s in self.stops):
+            return True
+        # an ending that may grow into a stop string could still be cut off, so it is not judged yet
+        return self.stop_when is not None and self.stop_when(text[:len(text) - _stop_prefix(text, self.stops)])
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         if self.done is None:
@@ -101,8 +110,13 @@ class _StopOnStrings:
         rows = [r for r, d in enumerate(self.done) if not d]
         texts = self.tokenizer.batch_decode(input_ids[rows, self.width:].tolist(), skip_special_tokens=True)
         for r, text in zip(rows, texts):
-            self.done[r] = any(s in text for s in self.stops)
+            self.done[r] = self._ended(text)
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest ending of `text` that begins some stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def cut_at_stop(text: str, stops: list[str] | tuple[str, ...]) -> str:
@@ -123,20 +137,56 @@ def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.T
     return ids.to(device), mask.to(device)
 
 
+PRUNE_EVERY = 4  # new tokens per model.generate call; ended rows leave the batch between calls
+
+
+def _generate_rows(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, criterion, eos_ids,
+                   **kwargs) -> list[list[int]]:
+    """Each row's new tokens (padding after an end included). model.generate runs PRUNE_EVERY
+    tokens at a time on one KV cache, and between runs the rows that have ended (EOS, or
+    `criterion(width)` says so) leave the batch and the cache: an ended row costs no more compute,
+    and a long batch goes on with only its unfinished rows. Greedy replies are those of one
+    uninterrupted model.generate; each call continues from the cache of the last."""
+    from transformers import DynamicCache, StoppingCriteriaList
+
+    width, rows = ids.shape[1], list(range(ids.shape[0]))
+    eos = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or ())
+    out: list[list[int]] = [[] for _ in rows]
+    cache = DynamicCache()
+    while rows:
+        crit = criterion(width) if criterion else None
+        res = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, eos_token_id=eos_ids,
+                             max_new_tokens=min(PRUNE_EVERY, max_new_tokens - (ids.shape[1] - width)),
+                             stopping_criteria=StoppingCriteriaList([crit] if crit else []),
+                             return_dict_in_generate=True, use_cache=True, **kwargs)
+        ids, cache = res.sequences, res.past_key_values
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], ids.shape[1] - mask.shape[1]))], dim=1)
+        new = ids[:, width:].tolist()
+        live = []
+        for k, r in enumerate(rows):
+            out[r] = new[k]
+            if not (len(new[k]) >= max_new_tokens or eos & set(new[k]) or (crit and crit.done[k])):
+                live.append(k)
+        if len(live) < len(rows):
+            keep = torch.tensor(live, dtype=torch.long, device=ids.device)
+            cache.batch_select_indices(keep)
+            ids, mask, rows = ids[keep], mask[keep], [rows[k] for k in live]
+    return out
+
+
 @torch.no_grad()
 def generate(im: InferenceModel, conversations: list[list[dict]], max_new_tokens: int = 128,
              batch_size: int = 16, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             stop: list[str] | tuple[str, ...] = ()) -> list[str]:
+             stop: list[str] | tuple[str, ...] = (), stop_when: Callable[[str], bool] | None = None) -> list[str]:
     """Assistant replies to each conversation, generated in left-padded, KV-cached batches.
 
     Greedy when temperature is 0; otherwise sampled (temperature, top_p, no top-k) with torch's
     RNG seeded with `seed` inside a fork, so the same call gives the same replies and the
     caller's RNG state is left as it was. A reply ends at the template's end of turn or EOS
-    (data/templates.stop_ids), at max_new_tokens, or just before
-    the first of `stop`; a row that has produced a stop string stops generating. Prompts are
-    sorted by length so batches carry little padding."""
-    from transformers import StoppingCriteriaList
-
+    (data/templates.stop_ids), at max_new_tokens, just before the first of `stop`, or as soon as
+    `stop_when(reply so far)` is true (e.g. eval.json_fields.json_reply_decided: once the reply's
+    JSON score can no longer change); an ended row leaves its batch. Prompts are sorted by length
+    so batches carry little padding."""
     tok, model = im.tokenizer, im.model
     stops = [s for s in stop if s]
     eos = stop_ids(tok, getattr(model, "generation_config", None))
@@ -144,17 +194,16 @@ def generate(im: InferenceModel, conversations: list[list[dict]], max_new_tokens
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
+    criterion = (lambda width: _StopOnStrings(tok, stops, width, stop_when)) if stops or stop_when else None
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [],
                                device_type=device.type):
         torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             ids, mask = _left_padded([prompts[i] for i in idx], tok.pad_token_id, device)
-            criteria = StoppingCriteriaList([_StopOnStrings(tok, stops, ids.shape[1])] if stops else [])
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 eos_token_id=eos, pad_token_id=tok.pad_token_id, use_cache=True,
-                                 stopping_criteria=criteria, **_sampling_kwargs(temperature, top_p))
-            replies = tok.batch_decode(gen[:, ids.shape[1]:].tolist(), skip_special_tokens=True)
+            new = _generate_rows(model, ids, mask, max_new_tokens, criterion, eos,
+                                 pad_token_id=tok.pad_token_id, **_sampling_kwargs(temperature, top_p))
+            replies = tok.batch_decode(new, skip_special_tokens=True)
             for i, reply in zip(idx, replies):
                 out[i] = cut_at_stop(reply, stops).strip()
     return out

@@ -9,7 +9,7 @@ from pathlib import Path
 from tunesmith.atomic import atomic_write, write_json
 from tunesmith.config import parse_config
 from tunesmith.demo.orders import FIELDS, SYSTEM, make_splits, write_splits
-from tunesmith.eval.json_fields import json_metrics
+from tunesmith.eval.json_fields import json_metrics, json_reply_decided
 from tunesmith.generation import generate, load_for_inference
 from tunesmith.models.registry import DEFAULT_MODEL
 from tunesmith.recipes.sft import run_sft
@@ -29,11 +29,26 @@ def demo_config(model: str, data: dict[str, Path], output_dir: str, name: str, e
     }
 
 
+def answer_budget(tokenizer, refs: list[dict], margin: int = 4) -> int:
+    """max_new_tokens for these references: the longest one in the most spacious form the metric
+    accepts and small models write (indented, in a ```json fence), plus a margin. A reply cut off
+    there could not have been that object; the budget follows the task, not a generic limit."""
+    def tokens(ref: dict) -> int:
+        return len(tokenizer("```json\n" + json.dumps(ref, indent=2) + "\n```", add_special_tokens=False)["input_ids"])
+
+    return max(tokens(r) for r in refs) + margin
+
+
 def evaluate_json_task(spec, test_rows: list[dict], adapter: bool = True) -> tuple[dict, list[str]]:
+    """All rows in one batch; a reply ends once its JSON score is decided (json_reply_decided:
+    the scores are those of replies generated to the end) and its row leaves the batch."""
+    t0 = time.perf_counter()
     im = load_for_inference(spec, adapter=adapter)
     prompts = [row["messages"][:-1] for row in test_rows]
     refs = [json.loads(row["messages"][-1]["content"]) for row in test_rows]
-    preds = generate(im, prompts, max_new_tokens=64, batch_size=20)
+    preds = generate(im, prompts, max_new_tokens=answer_budget(im.tokenizer, refs), batch_size=len(prompts),
+                     stop_when=json_reply_decided)
+    print(f"      {len(prompts)} rows in {time.perf_counter() - t0:.0f} s", flush=True)
     return json_metrics(preds, refs, FIELDS), preds
 
 
@@ -56,12 +71,15 @@ def run_demo(model: str = DEFAULT_MODEL, output_dir: str = "runs", name: str | N
     print(f"demo: order notes -> JSON, {train_size} train / 24 validation / {test_size} test rows in {data_dir}",
           flush=True)
 
-    print("\n[1/3] evaluating the base model on the test split", flush=True)
+    print("\n[1/3] evaluating the base model on the test split (a reply ends once it can no longer parse "
+          "as JSON: it scores nothing either way)", flush=True)
     base, base_preds = evaluate_json_task(model, test_rows)
     print(f"      base: {base}", flush=True)
 
     print("\n[2/3] fine-tuning with LoRA", flush=True)
+    t1 = time.perf_counter()
     run = run_sft(cfg)
+    print(f"      trained in {time.perf_counter() - t1:.0f} s", flush=True)
 
     print("\n[3/3] evaluating the tuned model on the test split", flush=True)
     tuned, tuned_preds = evaluate_json_task(run, test_rows)
