@@ -52,9 +52,9 @@ def resolved_allocator(choice: str) -> str:
     return resolve(choice)[0]
 
 
-def run_worker(label: str, args: list[str], env: dict) -> dict:
-    """Run `python THIS_SCRIPT args` in env; its last stdout line (JSON) plus the outside view."""
-    cmd = [sys.executable, sys.argv[0], *args]
+def run_worker(label: str, script: str, args: list[str], env: dict) -> dict:
+    """Run `python script args` in env; its last stdout line (JSON) plus the outside view."""
+    cmd = [sys.executable, script, *args]
     busy0, own0, wall0 = busy_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     own1, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_seconds()

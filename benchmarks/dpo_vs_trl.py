@@ -201,7 +201,8 @@ def trl_worker(data: Path, out: Path, overrides: dict, order: list[list[int]]) -
         report_to=[], dataloader_num_workers=0, train_sampling_strategy="sequential"), **settings})
     ds = load_dataset("json", data_files=str(data), split="train")
     tok = load_tokenizer(path)
-    trainer = Timed(model=model, args=args, processing_class=tok, train_dataset=ds.select([i for step in order for i in step]))
+    trainer = Timed(model=model, args=args, processing_class=tok,
+                    train_dataset=ds.select([i for step in order for i in step]))
     counter = CountingCollator(trainer.data_collator, MAX_LENGTH, tok.eos_token_id)
     trainer.data_collator = counter
     start = fingerprint(trainer.model)
@@ -220,7 +221,7 @@ def trl_worker(data: Path, out: Path, overrides: dict, order: list[list[int]]) -
 def run_row(row: str, args, tmp: Path, data: Path, order_file: Path, trl_overrides: list[str], env: dict) -> dict:
     kind = "trl" if row.startswith("trl") else "tunesmith"
     overrides = [x for o in (trl_overrides if kind == "trl" else args.tunesmith) for x in (f"--{kind}", o)]
-    r = run_worker(row, ["--worker", kind, "--data", str(data), "--out", str(tmp / row.replace("+", "_")),
+    r = run_worker(row, __file__, ["--worker", kind, "--data", str(data), "--out", str(tmp / row.replace("+", "_")),
                          "--order", str(order_file), *overrides], env)
     r["mean_loss"] = sum(r["losses"]) / max(len(r["losses"]), 1)
     r["tps"] = r["tokens"] / r["seconds"]
@@ -250,7 +251,8 @@ def search(args, tmp: Path, data: Path, order_file: Path) -> None:
     for i, cfg in enumerate(search_configs()):
         overrides = [f"{k}={json.dumps(v)}" for k, v in cfg.items()] + args.trl
         r = res[f"trl#{i}"] = run_row(f"trl#{i}", args, tmp, data, order_file, overrides, allocator_env("system"))
-        print(f"trl#{i}: {r['tps']:7.1f} tok/s  peak {r['peak_rss_mb']:6.0f} MB  mean loss {r['mean_loss']:.4f}  "
+        ref = f" (reference log-probs {r['ref_seconds']:.1f} s of it)" if r["ref_seconds"] else ""
+        print(f"trl#{i}: {r['tps']:7.1f} tok/s{ref}  peak {r['peak_rss_mb']:6.0f} MB  mean loss {r['mean_loss']:.4f}  "
               f"{json.dumps(r['settings'])}{busy_flag(r)}", flush=True)
     best = max(res, key=lambda k: res[k]["tps"])
     print(f"fastest: {best} {json.dumps(res[best]['settings'])}")
@@ -318,8 +320,8 @@ def main() -> None:
     if not problems and trl_rows and "tunesmith" in res:
         trl_row = max(trl_rows, key=lambda k: res[k]["tps"])
         ours, trl = res["tunesmith"], res[trl_row]
-        print(f"ratio tokens_per_s={ours['tps'] / trl['tps']:.2f} peak_rss={ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f} "
-              f"trl_row={trl_row}")
+        print(f"ratio tokens_per_s={ours['tps'] / trl['tps']:.2f} "
+              f"peak_rss={ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f} trl_row={trl_row}")
     if problems:
         raise SystemExit("the rows did not train the same thing, so their speeds are not comparable:\n  "
                          + "\n  ".join(problems))

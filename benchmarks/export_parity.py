@@ -4,7 +4,8 @@ Compares greedy continuations and next-token logits of a run's adapter on its ba
 reference) with the merged HF model and with GGUF f16, q8_0 and q4_0 files run by a real
 llama.cpp (llama-cpp-python), on a fixed prompt set fed as the same token ids to every backend
 (export/parity.py). Prints the machine line (benchmarks/_machine.py), one row per backend, the
-replies that differ, and last a line `identical_f16=<rate> identical_q8_0=<rate> identical_q4_0=<rate> max_logit_diff_f16=<x>`.
+replies that differ, and last a line
+`identical_f16=<rate> identical_q8_0=<rate> identical_q4_0=<rate> max_logit_diff_f16=<x>`.
 
     python benchmarks/export_parity.py [--run runs/banking77-lora] [--formats f16,q8_0,q4_0]
                                        [--max-new-tokens 32] [--json OUT.json]

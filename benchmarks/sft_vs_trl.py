@@ -18,21 +18,22 @@ What is the same for every row
     template, trained on the completion only; max length 512; one epoch; AdamW lr 2e-4, constant
     schedule, no warmup, clipping at 1.0, no weight decay, seed 0; LoRA r=16, alpha=32, dropout 0,
     all linear layers;
-  * the steps: the same 8 examples in each optimizer step, steps in the same order. The order is
-    tunesmith's own for 8-example steps (data.batching.epoch_batches(examples, 8, seed 0, epoch 0):
-    shuffled, length-grouped); TRL gets the dataset in that order with a sequential sampler
-    (train_sampling_strategy="sequential"), and both tunesmith rows get it through the loop's epoch_batches (today tunesmith
-    forms its steps from micro-batches of train.parallel_examples examples, so its two rows would
-    otherwise train different steps). N must therefore be a multiple of 8;
-  * the initial adapter: built once by tunesmith's LoRA builder after torch.manual_seed(0), exactly
-    as run_sft does, and handed to TRL as a PeftModel; every row reports a sha256 of its initial
+  * the steps: the same 8 examples in each optimizer step, steps in the same order (_same_steps.py).
+    The order is tunesmith's own for 8-example steps (data.batching.epoch_batches(examples, 8,
+    seed 0, epoch 0): shuffled, length-grouped); TRL reads the dataset in that order
+    (train_sampling_strategy="sequential"), and both tunesmith rows follow it through the loop's
+    epoch_batches (on its own, tunesmith forms steps from micro-batches of train.parallel_examples
+    examples, so its two rows would train different steps). N must be a multiple of 8;
+  * the initial adapter: built by tunesmith's LoRA builder after torch.manual_seed(0), exactly as
+    run_sft does, and handed to TRL as a PeftModel; every row reports a sha256 of its initial
     trainable weights and the benchmark stops if they differ;
-  * the loss: the mean over the step's trained tokens (TRL: transformers' num_items_in_batch over the
-    accumulated micro-batches), on the same targets: TRL also trains the newline the chat template
-    writes after <|im_end|>, which the benchmark masks in TRL's batches (CountingCollator). Each row prints its step-1 loss (same weights, same batch: only
-    normalisation can differ) and its mean loss over the epoch; the benchmark stops if the rows
-    disagree by more than STEP1_TOL / EPOCH_TOL (relative), because equal speed claims need equal
-    learning. It also checks that every row fed the model the same examples, tokens and targets.
+  * the loss: the mean over the step's trained tokens (TRL: transformers' num_items_in_batch over
+    the accumulated micro-batches), on the same targets: TRL also trains the newline the chat
+    template writes after <|im_end|>, which the benchmark masks in TRL's batches. Each row prints
+    its step-1 loss (same weights, same batch: only normalisation can differ) and its mean loss
+    over the epoch; the benchmark stops if the rows disagree by more than STEP1_TOL / EPOCH_TOL
+    (relative), because equal speed claims need equal learning, or if any row fed the model other
+    examples, tokens or targets.
 
 Timing: tokens/s is real tokens (no padding) over the wall time of the training loop (tunesmith:
 the manifest's train_seconds; TRL: trainer.train()), optimizer creation included, model loading,
@@ -46,7 +47,7 @@ gradients where weights train (full fine-tuning); causal attention adds 2*L*d pe
 forward (x3 with backward); frozen embeddings are a lookup. Each row counts the work it did: every
 position it ran through the model (padding included), and the LM head where it computed it.
 tunesmith projects only trained positions; so does TRL 1.x's SFTTrainer (its add_fused_lm_head
-scores only positions with a label), while older TRL (transformers' own loss) projected every position.
+scores only positions with a label); older TRL (transformers' own loss) projected every position.
 
 --search runs TRL alone over SEARCH_GRID (packing, batch/accumulation, gradient checkpointing) and
 prints each configuration's tokens/s, peak RSS and mean loss: how TRL_BEST was chosen.
@@ -241,7 +242,7 @@ def run_rows(rows: list[str], args, tmp: Path, data: Path, order_file: Path) -> 
             env["TUNESMITH_BENCH_FAST"] = "1"
         name = f"trl+{env['TUNESMITH_ALLOCATOR']}" if row == "trl+alloc" else row
         overrides = [x for o in (args.trl if kind == "trl" else args.tunesmith) for x in (f"--{kind}", o)]
-        res[name] = run_worker(name, ["--worker", kind, "--data", str(data), "--method", args.method,
+        res[name] = run_worker(name, __file__, ["--worker", kind, "--data", str(data), "--method", args.method,
                                       "--out", str(tmp / name), "--order", str(order_file), *overrides], env)
         res[name]["mean_loss"] = sum(res[name]["losses"]) / max(len(res[name]["losses"]), 1)
     return res
@@ -274,7 +275,8 @@ def search(args, tmp: Path, data: Path, order_file: Path) -> None:
     res = {}
     for i, cfg in enumerate(configs):
         overrides = [x for k, v in cfg.items() for x in ("--trl", f"{k}={json.dumps(v)}")]
-        res[f"trl#{i}"] = run_worker(f"trl#{i}", ["--worker", "trl", "--data", str(data), "--method", args.method,
+        res[f"trl#{i}"] = run_worker(f"trl#{i}", __file__, ["--worker", "trl", "--data", str(data),
+                                                            "--method", args.method,
                                                   "--out", str(tmp / f"s{i}"), "--order", str(order_file),
                                                   *overrides, *[x for o in args.trl for x in ("--trl", o)]],
                                      allocator_env("system"))
@@ -340,8 +342,8 @@ def main() -> None:
             fast = res["tunesmith-fast"]
             print(f"tunesmith-fast / {trl_row}: tokens_per_s={fast['tps'] / trl['tps']:.2f} "
                   f"peak_rss={fast['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
-        print(f"ratio tokens_per_s={ours['tps'] / trl['tps']:.2f} peak_rss={ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f} "
-              f"mfu={ours['mfu']:.3f} trl_row={trl_row}")
+        print(f"ratio tokens_per_s={ours['tps'] / trl['tps']:.2f} "
+              f"peak_rss={ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f} mfu={ours['mfu']:.3f} trl_row={trl_row}")
     if problems:
         raise SystemExit("the rows did not train the same thing, so their speeds are not comparable:\n  "
                          + "\n  ".join(problems))
