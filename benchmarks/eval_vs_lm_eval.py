@@ -18,7 +18,8 @@ Default questions: the whole test set (ARC-Easy: 2376 questions, 9501 choices), 
 Printed: both tools' acc and acc_norm, the number of questions where their predictions differ
 (acc and acc_norm), the largest per-choice log-likelihood difference, and each tool's wall time
 (evaluation only, model loading excluded) with the CPU time other processes used meanwhile
-(`other CPU`), so a run disturbed by other work is visible rather than silently trusted.
+(`other CPU`), so a run disturbed by other work is visible rather than silently trusted, after
+the machine line (benchmarks/_machine.py: cores, CPU flags, measured fp32 matmul rate).
 
 Last line: `tunesmith_acc=<x> lm_eval_acc=<y>`, accuracies in percent with 2 decimals.
 """
@@ -31,28 +32,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import busy_cpu_seconds, machine_line
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "arc"
 FILES = {"arc_easy": "ARC-Easy-test.jsonl", "arc_challenge": "ARC-Challenge-test.jsonl"}
 
 
-def busy_jiffies() -> tuple[int, int]:
-    """(all CPUs' busy time, this process's CPU time), in clock ticks."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
-    with open("/proc/self/stat") as f:
-        mine = f.read().rsplit(")", 1)[1].split()
-    return busy, int(mine[11]) + int(mine[12])  # utime + stime
-
-
 def timed(fn):
-    b0, m0 = busy_jiffies()
-    t0 = time.perf_counter()
+    """fn's result, wall seconds, and CPU seconds other processes used meanwhile."""
+    b0, m0, t0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - t0
-    b1, m1 = busy_jiffies()
-    other = max(0, (b1 - b0) - (m1 - m0)) / os.sysconf("SC_CLK_TCK")
+    other = max(0.0, (busy_cpu_seconds() - b0) - (time.process_time() - m0))
     return out, seconds, other
 
 
@@ -83,6 +75,7 @@ def main() -> None:
     limit, sample = args.limit, args.sample
     positions = mc.sample_positions(total, limit, sample, args.seed)
     im = load_for_inference(resolve_model("smollm2-135m-instruct").path)
+    print(machine_line(), flush=True)
     which = f"the first {limit}" if limit else f"a seeded sample, seed {args.seed}" if sample else "all"
     print(f"{args.task}: {len(positions)} of {total} questions ({which}), zero-shot, batch {args.batch_size}, "
           f"{im.label}")

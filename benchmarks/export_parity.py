@@ -3,7 +3,8 @@
 Compares greedy continuations and next-token logits of a run's adapter on its base (the
 reference) with the merged HF model and with GGUF f16, q8_0 and q4_0 files run by a real
 llama.cpp (llama-cpp-python), on a fixed prompt set fed as the same token ids to every backend
-(export/parity.py). Prints one row per backend, the replies that differ, and last a line
+(export/parity.py). Prints the machine line (benchmarks/_machine.py), one row per backend, the
+replies that differ, and last a line
 `identical_f16=<rate> identical_q8_0=<rate> identical_q4_0=<rate> max_logit_diff_f16=<x>`.
 
     python benchmarks/export_parity.py [--run runs/banking77-lora] [--formats f16,q8_0,q4_0]
@@ -20,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _machine import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = ROOT / "runs" / "banking77-lora"
@@ -62,6 +65,7 @@ def main() -> None:
         start = time.perf_counter()
         report = parity(run, formats=tuple(args.formats.split(",")), prompts=prompts,
                         max_new_tokens=args.max_new_tokens)
+    print(machine_line())
     print(f"run: {run}  prompts: {len(prompts)}  max_new_tokens: {args.max_new_tokens}  "
           f"({time.perf_counter() - start:.0f} s)")
     print(table(report))

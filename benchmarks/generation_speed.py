@@ -7,7 +7,8 @@ SmolLM2-135M-Instruct (fp32), greedy, up to max_new_tokens each, ending at EOS:
   * batched: `generate(im, prompts, batch_size=16)` (prompts sorted by length, left-padded);
   * one at a time: `model.generate` on each unpadded prompt alone, as a plain loop would.
 Both use the KV cache. Wall time covers generation only (model loading and one warm-up call
-excluded); the CPU other processes used meanwhile is printed and flagged above 0.1 cores (on 2
+excluded), after the machine line (benchmarks/_machine.py: cores, CPU flags, measured fp32
+matmul rate); the CPU other processes used meanwhile is printed and flagged above 0.1 cores (on 2
 cores a busy neighbour stalls torch's 2-thread kernels, one-token decode steps worst). The
 replies are compared: greedy decoding must not depend on batching, so any
 difference is reported (a near-tie in the logits can flip under different matmul shapes).
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from _machine import busy_cpu_seconds, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 BANKING = ROOT.parent / "shared" / "data" / "banking77" / "test.csv"
@@ -51,20 +53,13 @@ def one_at_a_time(im, convs: list[list[dict]], max_new_tokens: int) -> list[str]
     return out
 
 
-def machine_cpu_seconds() -> float:
-    """CPU seconds every process on the machine has used so far (/proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
 def timed(label: str, fn):
     """fn's result and wall seconds, printed with the CPU other processes used meanwhile: with 2
     cores, another busy process stalls torch's 2-thread kernels badly, so a busy machine is flagged."""
-    wall, cpu, machine = time.perf_counter(), time.process_time(), machine_cpu_seconds()
+    wall, cpu, machine = time.perf_counter(), time.process_time(), busy_cpu_seconds()
     result = fn()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    other = (machine_cpu_seconds() - machine - cpu) / wall  # cores used by others
+    other = (busy_cpu_seconds() - machine - cpu) / wall  # cores used by others
     flag = "  <- machine busy: numbers not trustworthy" if other > 0.1 else ""
     print(f"{label}: {wall:.1f} s wall, {cpu:.1f} s CPU, other processes {other:.2f} cores{flag}", flush=True)
     return result, wall
@@ -86,6 +81,7 @@ def main() -> int:
     im = load_for_inference("smollm2-135m-instruct")
     convs = prompts(args.n)
     generate(im, convs[:2], max_new_tokens=4, batch_size=2)  # warm-up: first-call allocations, kernels
+    print(machine_line())
     print(f"{len(convs)} banking77 prompts, max_new_tokens={args.max_new_tokens}, torch threads "
           f"{torch.get_num_threads()}, {im.label}", flush=True)
 

@@ -1,74 +1,94 @@
-"""tunesmith vs TRL SFTTrainer (+PEFT) on the same model, data, lengths, batch and LoRA config.
+"""tunesmith vs TRL SFTTrainer (+PEFT) on the same model, data, steps, initial adapter and loss.
 
-    python benchmarks/sft_vs_trl.py [--method lora|full] [--examples 96]
-        [--trl KEY=VALUE ...] [--tunesmith a.b=VALUE ...] [--only trl|tunesmith]
+    python benchmarks/sft_vs_trl.py [--method lora|full] [--examples 96] [--rows trl,trl+alloc,tunesmith,...]
+        [--trl KEY=VALUE ...] [--tunesmith a.b=VALUE ...] [--search]
 
-What is the same for both tools
-  * model: the embedded SmolLM2-135M-Instruct, fp32 (bf16 is emulated on this CPU, 8-13x slower);
-  * data: the first N GSM8K training rows (../shared/data) as conversational prompt/completion
-    records; both render them with the model's chat template and train on the completion only;
-  * max length 512, one epoch, AdamW lr 2e-4 with a constant schedule and no warmup, gradient
-    clipping at 1.0, no weight decay, seed 0; LoRA r=16, alpha=32, dropout 0, all linear layers;
-  * effective batch: 8 examples per optimizer step (EXAMPLES_PER_STEP). TRL's best configuration
-    here does not pack (see TRL_BEST), so it is 8 examples per step for both; when TRL packs
-    (--trl packing=true), a step is PACKED_ROWS_PER_STEP rows of <= 512 tokens, ~9 of these
-    examples (~221 tokens each), and the table's tokens/step column shows how close that is;
-  * each tool runs in its own fresh process, one after the other, so peak RSS (ru_maxrss) is its
-    own; its tokens/s is real tokens (no padding) over the wall time of its training loop
-    (tunesmith: the run's train_seconds; TRL: trainer.train()), which includes optimizer
-    creation and, if used, compilation, but not model loading, tokenisation or saving.
+Rows (each its own fresh process, one after the other, so peak RSS is its own):
+  * trl: SFTTrainer at its best configuration here (TRL_BEST), with glibc's allocator, as
+    `python train.py` runs;
+  * trl+<allocator>: the same with the allocator `tunesmith train` preloads (train.allocator auto:
+    tcmalloc, jemalloc or mimalloc, training/allocator.py), so the allocator's share of the
+    difference is visible. The headline ratio is against the faster of the two TRL rows (named);
+  * tunesmith: 8 examples per step, one at a time on both threads, with a 250 MB activation budget;
+  * tunesmith-fast: its plain defaults (two examples at a time on one thread each).
 
-Both tools' token counts are taken from what they actually fed the model: TRL's data collator is
-wrapped to count real tokens and trained targets (labels after the one-token shift), tunesmith
-reports them in its manifest. The machine is shared, so each worker's wall time is printed with
-the CPU time other processes used meanwhile (`other CPU`): a measurement taken while something
-else ran is flagged, not silently trusted.
+What is the same for every row
+  * model: the embedded SmolLM2-135M-Instruct, fp32; data: the first N GSM8K training rows
+    (../shared/data) as conversational prompt/completion records, rendered with the model's chat
+    template, trained on the completion only; max length 512; one epoch; AdamW lr 2e-4, constant
+    schedule, no warmup, clipping at 1.0, no weight decay, seed 0; LoRA r=16, alpha=32, dropout 0,
+    all linear layers;
+  * the steps: the same 8 examples in each optimizer step, steps in the same order (_same_steps.py).
+    The order is tunesmith's own for 8-example steps (data.batching.epoch_batches(examples, 8,
+    seed 0, epoch 0): shuffled, length-grouped); TRL reads the dataset in that order
+    (train_sampling_strategy="sequential"), and both tunesmith rows follow it through the loop's
+    epoch_batches (on its own, tunesmith forms steps from micro-batches of train.parallel_examples
+    examples, so its two rows would train different steps). N must be a multiple of 8;
+  * the initial adapter: built by tunesmith's LoRA builder after torch.manual_seed(0), exactly as
+    run_sft does, and handed to TRL as a PeftModel; every row reports a sha256 of its initial
+    trainable weights and the benchmark stops if they differ;
+  * the loss: the mean over the step's trained tokens (TRL: transformers' num_items_in_batch over
+    the accumulated micro-batches), on the same targets: TRL also trains the newline the chat
+    template writes after <|im_end|>, which the benchmark masks in TRL's batches. Each row prints
+    its step-1 loss (same weights, same batch: only normalisation can differ) and its mean loss
+    over the epoch; the benchmark stops if the rows disagree by more than STEP1_TOL / EPOCH_TOL
+    (relative), because equal speed claims need equal learning, or if any row fed the model other
+    examples, tokens or targets.
 
-MFU is tunesmith's achieved model FLOP/s over this machine's fp32 matmul rate (best of several
-2048x2048 products, measured here, both threads). Model FLOPs per token: 2 per weight of every
-linear layer in the forward, 2 more in the backward for the activation gradients, and 2 more for
-the weight gradients only where the weights train (full fine-tuning); the LM head counts only for
-trained positions (the only ones the loss needs); causal attention adds 2*L*d per layer and token
-forward (x3 with backward). Frozen embeddings are a lookup, not FLOPs.
+Timing: tokens/s is real tokens (no padding) over the wall time of the training loop (tunesmith:
+the manifest's train_seconds; TRL: trainer.train()), optimizer creation included, model loading,
+tokenisation and saving excluded. `other CPU` is the CPU other processes used meanwhile (in cores);
+rows above 0.1 are flagged. The machine line (cores, CPU flags, measured fp32 matmul rate) is
+benchmarks/_machine.py's.
 
-Last line: `ratio tokens_per_s=<x> peak_rss=<y> mfu=<z>` (tunesmith / TRL; mfu is tunesmith's own).
+MFU = achieved model FLOP/s over the measured fp32 matmul rate. Model FLOPs per token: 2 per weight of
+every linear layer in the forward, 2 more in the backward for activation gradients, 2 more for weight
+gradients where weights train (full fine-tuning); causal attention adds 2*L*d per layer and token
+forward (x3 with backward); frozen embeddings are a lookup. Each row counts the work it did: every
+position it ran through the model (padding included), and the LM head where it computed it.
+tunesmith projects only trained positions; so does TRL 1.x's SFTTrainer (its add_fused_lm_head
+scores only positions with a label); older TRL (transformers' own loss) projected every position.
+
+--search runs TRL alone over SEARCH_GRID (packing, batch/accumulation, gradient checkpointing) and
+prints each configuration's tokens/s, peak RSS and mean loss: how TRL_BEST was chosen.
+
+Last line: `ratio tokens_per_s=<x> peak_rss=<y> mfu=<z> trl_row=<name>` (tunesmith / TRL's faster row).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _machine import describe, machine_info
+from _same_steps import check_rows, fingerprint, follow_steps, steps_of, untrain_after_eos
+from _workers import allocator_env, busy_flag, parse_overrides, resolved_allocator, run_worker, worker_main
+
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+MODEL = "smollm2-135m-instruct"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 EXAMPLES_PER_STEP = 8      # effective batch, in examples
 PACKED_ROWS_PER_STEP = 4   # effective batch when TRL packs: 4 rows of <= 512 tokens ~ 9 examples here
-MAX_LENGTH = 512
-LR = 2e-4
-SEED = 0
+MAX_LENGTH, LR, SEED = 512, 2e-4, 0
+STEP1_TOL, EPOCH_TOL = 0.005, 0.02  # relative spread of the rows' step-1 loss / mean loss over the epoch
 
-# TRL's fastest configuration on this 2-core CPU, from the exploration in the report (--trl
-# overrides any of it): packing on forces padding-free rows, whose block-diagonal attention mask
-# costs more than it saves here; one unpadded example per forward (batch 1, accumulation 8) keeps
-# sdpa on its causal kernel with no mask and the least activation memory; gradient checkpointing
-# only slows it down (it recomputes the forward) and is reported separately for memory.
+# TRL's fastest configuration on a 2-core CPU (`--search`; --trl overrides any of it): packing forces
+# padding-free rows, whose block-diagonal attention mask costs more than it saves here; one unpadded
+# example per forward (batch 1, accumulation 8) keeps sdpa on its causal kernel with no mask and the
+# least activation memory; gradient checkpointing only slows it down (it recomputes the forward).
 TRL_BEST = {"packing": False, "padding_free": False, "per_device_train_batch_size": 1,
             "gradient_accumulation_steps": 8, "gradient_checkpointing": False}
-# tunesmith's configurations: the user-facing batch (8 examples a step) and its defaults (its
-# allocator included: `tunesmith train` preloads tcmalloc/jemalloc/mimalloc, training/allocator.py),
-# once as they are ("tunesmith-fast": two examples at a time on one thread each) and once with an
-# activation budget ("tunesmith": one example at a time on both threads, recomputing the layers
-# that a long example needs to keep 250 MB of activations). The ratio line is tunesmith's.
+SEARCH_GRID = {"packing": [False, True], "batch": [(1, 8), (2, 4), (8, 1)], "gradient_checkpointing": [False, True]}
 TUNESMITH = {"train.batch_size": EXAMPLES_PER_STEP, "train.grad_accum": 1, "train.parallel_examples": 1,
              "train.activation_memory_mb": 250}
 TUNESMITH_FAST = {"train.batch_size": EXAMPLES_PER_STEP, "train.grad_accum": 1}
+ROWS = ("trl", "trl+alloc", "tunesmith", "tunesmith-fast")
 
 
 def write_data(path: Path, n: int) -> None:
@@ -79,69 +99,84 @@ def write_data(path: Path, n: int) -> None:
                                 "completion": [{"role": "assistant", "content": r["answer"]}]}) + "\n")
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def parse_overrides(items: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        out[key] = yaml.safe_load(raw)
-    return out
-
-
-# --- workers (each in its own process) -------------------------------------------------------------
-
-def tunesmith_worker(data: Path, method: str, out: Path, overrides: dict) -> dict:
+def tunesmith_config(data: Path, method: str, out: Path, settings: dict):
     from tunesmith.config import apply_overrides, parse_config
-    from tunesmith.recipes.sft import run_sft
 
     cfg = {"data": {"train": str(data), "max_length": MAX_LENGTH},
            "method": {"name": method, **LORA},
            "train": {"epochs": 1, "lr": LR, "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0,
                      "weight_decay": 0.0, "seed": SEED, "log_every": 1, "precision": "fp32"},
            "run": {"name": "bench", "output_dir": str(out)}}
+    return parse_config(apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in settings.items()]))
+
+
+def step_order(data: Path) -> tuple[list[list[int]], list[int]]:
+    """(the epoch's steps as example indices, each example's token count), by tunesmith's encoding."""
+    from tunesmith.data.templates import apply_template
+    from tunesmith.data.tokenize import encode_dataset
+    from tunesmith.models.load import load_tokenizer
+    from tunesmith.models.registry import resolve_model
+    from tunesmith.recipes.sft import load_training_examples
+
+    cfg = tunesmith_config(data, "lora", Path(tempfile.gettempdir()), {})
+    tok = load_tokenizer(resolve_model(MODEL).path)
+    apply_template(tok, cfg.data.template)
+    enc = encode_dataset(tok, load_training_examples(cfg).examples, MAX_LENGTH, "benchmark data", cfg.data.train_on)
+    return steps_of(enc, EXAMPLES_PER_STEP, SEED), [len(e.input_ids) for e in enc]
+
+
+# --- workers (each in its own process) -------------------------------------------------------------
+
+def tunesmith_worker(data: Path, method: str, out: Path, overrides: dict, order: list[list[int]]) -> dict:
+    from tunesmith.recipes.sft import run_sft
+    from tunesmith.training.logging import read_metrics
+
+    seen = follow_steps(order)  # the steps every row trains, and the initial weights' fingerprint
     settings = {**(TUNESMITH_FAST if os.environ.get("TUNESMITH_BENCH_FAST") else TUNESMITH), **overrides}
-    cfg = parse_config(apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in settings.items()]))
-    run = run_sft(cfg)
+    run = run_sft(tunesmith_config(data, method, out, settings))
     m = json.loads((run / "manifest.json").read_text())
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     return {"tokens": m["tokens"], "trained_tokens": m["trained_tokens"], "seconds": m["train_seconds"],
-            "steps": m["steps"], "examples": m["data"]["train_examples"], "final_loss": m["final_loss"],
-            "trainable": m["parameters"]["trainable"], "total_params": m["parameters"]["total"],
-            "settings": settings}
+            "steps": m["steps"], "examples": m["data"]["train_examples"], "losses": losses,
+            "computed_tokens": m["tokens"], "head_rows": m["trained_tokens"], "trainable": m["parameters"]["trainable"],
+            "total_params": m["parameters"]["total"], "settings": settings, **seen}
 
 
 class CountingCollator:
-    """Wraps TRL's collator to count what the model is actually fed."""
+    """Wraps TRL's collator to record what the model is actually fed, and to train the targets
+    tunesmith trains (no target right after <|im_end|>: _same_steps.untrain_after_eos)."""
 
-    def __init__(self, inner):
-        self.inner, self.tokens, self.trained, self.batches, self.widths = inner, 0, 0, 0, []
+    def __init__(self, inner, eos_id: int):
+        self.inner, self.eos_id, self.tokens, self.trained, self.computed = inner, eos_id, 0, 0, 0
+        self.tokens_fed, self.masked = [], 0
 
     def __call__(self, examples):
+        self.tokens_fed += [len(e["input_ids"]) for e in examples]
         batch = self.inner(examples)
-        ids = batch["input_ids"]
+        self.masked += untrain_after_eos(batch["input_ids"], batch["labels"], self.eos_id, -100)
         mask = batch.get("attention_mask")
         self.tokens += int(mask.sum()) if mask is not None else int((batch["position_ids"] >= 0).sum())
-        self.trained += int((batch["labels"][:, 1:] != -100).sum())
-        self.batches += 1
-        self.widths.append(ids.numel())
+        self.trained += int((batch["labels"][:, 1:] != -100).sum())  # targets: labels shifted by one
+        self.computed += batch["input_ids"].numel()  # every position runs through the model, head included
         return batch
 
 
-def trl_worker(data: Path, method: str, out: Path, overrides: dict) -> dict:
+def trl_worker(data: Path, method: str, out: Path, overrides: dict, order: list[list[int]]) -> dict:
     import torch
     from datasets import load_dataset
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
+    from trl.trainer import sft_trainer
 
+    from tunesmith.config import MethodSection
+    from tunesmith.methods import get_method
     from tunesmith.models.load import load_model, load_tokenizer
     from tunesmith.models.registry import resolve_model
 
-    path = resolve_model("smollm2-135m-instruct").path
+    path = resolve_model(MODEL).path
+    torch.manual_seed(SEED)  # then load and build exactly as run_sft does: the same initial adapter
     model, tok = load_model(path), load_tokenizer(path)
+    if method != "full":
+        model = get_method(method).build(model, MethodSection(name=method, **LORA))
     ds = load_dataset("json", data_files=str(data), split="train")
     settings = {**TRL_BEST, **overrides}
     if settings.get("packing") and not {"per_device_train_batch_size", "gradient_accumulation_steps"} & set(overrides):
@@ -150,159 +185,169 @@ def trl_worker(data: Path, method: str, out: Path, overrides: dict) -> dict:
         output_dir=str(out / "trl"), learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
         num_train_epochs=1, max_length=MAX_LENGTH, max_grad_norm=1.0, weight_decay=0.0, seed=SEED, bf16=False,
         fp16=False, use_cpu=True, logging_steps=1, save_strategy="no", report_to=[], completion_only_loss=True,
-        dataloader_num_workers=0), **settings})
-    peft_cfg = None if method == "full" else LoraConfig(
-        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear",
-        task_type="CAUSAL_LM", bias="none")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
-    counter = CountingCollator(trainer.data_collator)
+        dataloader_num_workers=0, train_sampling_strategy="sequential"), **settings})  # the benchmark's order
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds.select([i for step in order for i in step]),
+                      processing_class=tok)
+    counter = CountingCollator(trainer.data_collator, tok.eos_token_id)
     trainer.data_collator = counter
+    start = fingerprint(trainer.model)
     t0 = time.perf_counter()
-    out_ = trainer.train()
+    trainer.train()
     seconds = time.perf_counter() - t0
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in trainer.model.parameters())
     return {"tokens": counter.tokens, "trained_tokens": counter.trained, "seconds": seconds,
-            "steps": trainer.state.global_step, "examples": len(ds), "final_loss": out_.training_loss,
-            "trainable": n_train, "total_params": n_total, "settings": settings,
-            "padded_tokens": sum(counter.widths), "torch_threads": torch.get_num_threads()}
+            "steps": trainer.state.global_step, "examples": len(ds), "losses": losses, "tokens_fed": counter.tokens_fed,
+            "computed_tokens": counter.computed, "trainable": n_train,
+            "total_params": sum(p.numel() for p in trainer.model.parameters()), "settings": settings,
+            "fingerprint": start, "torch_threads": torch.get_num_threads(), "masked_after_eos": counter.masked,
+            # TRL 1.x projects only labelled positions through the LM head (add_fused_lm_head); older TRL all
+            "head_rows": counter.trained if hasattr(sft_trainer, "add_fused_lm_head") else counter.computed}
 
 
 # --- measurement -----------------------------------------------------------------------------------
 
-def matmul_gflops(n: int = 2048, rounds: int = 5) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = 0.0
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(5):
-            torch.mm(a, b)
-        best = max(best, 2 * n ** 3 * 5 / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
-def flops_per_token(method: str, trained_share: float, mean_len: float) -> float:
-    """Model FLOPs per token of SmolLM2-135M (see the module docstring)."""
+def flops_per_token(method: str, head_share: float, mean_len: float) -> float:
+    """Model FLOPs per token of SmolLM2-135M (module docstring); head_share: the share of positions
+    whose hidden state goes through the LM head."""
     from transformers import AutoConfig
 
     from tunesmith.models.registry import resolve_model
 
-    c = AutoConfig.from_pretrained(resolve_model("smollm2-135m-instruct").path)
+    c = AutoConfig.from_pretrained(resolve_model(MODEL).path)
     d, f, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
     kv = c.num_key_value_heads * (d // c.num_attention_heads)
     linear = layers * (2 * d * d + 2 * d * kv + 3 * d * f)
-    head = c.vocab_size * d * trained_share
+    head = c.vocab_size * d * head_share
     passes = 6 if method == "full" else 4  # forward 2, activation grads 2, weight grads 2 (full only)
     attention = 3 * layers * 2 * mean_len * d  # causal: 2*L*d forward per token and layer, x3 with backward
     return passes * (linear + head) + attention
 
 
-def system_busy_seconds() -> float:
-    """CPU seconds every process on the machine has used so far (/proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+def model_flops(method: str, r: dict) -> float:
+    """FLOPs the row's training computed: every position it ran (padding included), the LM head on
+    the rows it projected (`head_rows`)."""
+    n = r["computed_tokens"]
+    return n * flops_per_token(method, r["head_rows"] / n, n / r["examples"])
 
 
-def worker_env(tool: str, overrides: list[str], trl_allocator: str) -> dict:
-    """tunesmith's worker starts the way `tunesmith train` restarts itself (with train.allocator,
-    default auto); TRL's with glibc's allocator as users run it, or --trl-allocator's."""
-    from tunesmith.training.allocator import allocator_env
+def run_rows(rows: list[str], args, tmp: Path, data: Path, order_file: Path) -> dict:
+    alloc_choice = parse_overrides(args.tunesmith).get("train.allocator", "auto")
+    res = {}
+    for row in rows:
+        kind = "trl" if row.startswith("trl") else "tunesmith"
+        env = allocator_env({"trl": "system", "trl+alloc": alloc_choice}.get(row, alloc_choice))
+        env.pop("TUNESMITH_BENCH_FAST", None)
+        if row == "tunesmith-fast":
+            env["TUNESMITH_BENCH_FAST"] = "1"
+        name = f"trl+{env['TUNESMITH_ALLOCATOR']}" if row == "trl+alloc" else row
+        overrides = [x for o in (args.trl if kind == "trl" else args.tunesmith) for x in (f"--{kind}", o)]
+        res[name] = run_worker(name, __file__, ["--worker", kind, "--data", str(data), "--method", args.method,
+                                      "--out", str(tmp / name), "--order", str(order_file), *overrides], env)
+        res[name]["mean_loss"] = sum(res[name]["losses"]) / max(len(res[name]["losses"]), 1)
+    return res
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("TUNESMITH_BENCH_FAST", None)
-    if tool == "tunesmith-fast":
-        env["TUNESMITH_BENCH_FAST"] = "1"
-    if tool == "trl":
-        return allocator_env(trl_allocator, env)
-    choice = parse_overrides(overrides).get("train.allocator", "auto")
-    return allocator_env(choice, env)
+
+def print_table(res: dict, method: str, rate: float) -> None:
+    for row, r in res.items():
+        print(f"  {row}: {json.dumps(r['settings'])}; allocator {r['allocator']}; trainable {r['trainable']:,} of "
+              f"{r['total_params']:,}; initial weights {r['fingerprint']}"
+              + (f"; targets after EOS masked {r['masked_after_eos']}" if "masked_after_eos" in r else ""))
+    print(f"{'row':<16}{'steps':>6}{'tokens':>7}{'trained':>8}{'train s':>8}{'tok/s':>7}{'peak MB':>8}{'MFU':>6}"
+          f"{'step-1 loss':>12}{'mean loss':>10}{'process s':>10}{'other CPU':>10}")
+    for row, r in res.items():
+        r["tps"] = r["tokens"] / r["seconds"]
+        r["mfu"] = model_flops(method, r) / r["seconds"] / (rate * 1e9)
+        print(f"{row:<16}{r['steps']:>6}{r['tokens']:>7}{r['trained_tokens']:>8}{r['seconds']:>8.1f}{r['tps']:>7.1f}"
+              f"{r['peak_rss_mb']:>8.0f}{r['mfu']:>6.3f}{r['losses'][0] if r['losses'] else float('nan'):>12.4f}"
+              f"{r['mean_loss']:>10.4f}{r['process_seconds']:>10.1f}{r['other_cores']:>9.2f}c{busy_flag(r)}")
 
 
-def run_worker(tool: str, data: Path, method: str, out: Path, overrides: list[str], trl_allocator: str) -> dict:
-    kind = "trl" if tool == "trl" else "tunesmith"
-    cmd = [sys.executable, __file__, "--worker", kind, "--data", str(data), "--method", method, "--out", str(out / tool)]
-    cmd += [x for o in overrides for x in (f"--{kind}", o)]
-    env = worker_env(tool, overrides, trl_allocator)
-    busy0, own0, wall0 = system_busy_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    own1, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), system_busy_seconds()
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-        raise SystemExit(f"{tool} worker failed")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    own = (own1.ru_utime + own1.ru_stime) - (own0.ru_utime + own0.ru_stime)
-    result["allocator"] = env.get("TUNESMITH_ALLOCATOR", "system")
-    result["process_seconds"] = time.perf_counter() - wall0
-    result["cpu_seconds"] = own
-    result["other_cpu_seconds"] = max(0.0, (busy1 - busy0) - own)
-    return result
+def search(args, tmp: Path, data: Path, order_file: Path) -> None:
+    """TRL alone over SEARCH_GRID, with glibc's allocator (how TRL_BEST was chosen)."""
+    configs = []
+    for packing, (batch, accum), gc in itertools.product(*SEARCH_GRID.values()):
+        if packing and batch > 1:
+            continue  # packed rows: one row of <= 512 tokens per forward, PACKED_ROWS_PER_STEP a step
+        configs.append({"packing": packing, "padding_free": packing, "gradient_checkpointing": gc,
+                        **({} if packing else {"per_device_train_batch_size": batch,
+                                               "gradient_accumulation_steps": accum})})
+    res = {}
+    for i, cfg in enumerate(configs):
+        overrides = [x for k, v in cfg.items() for x in ("--trl", f"{k}={json.dumps(v)}")]
+        res[f"trl#{i}"] = run_worker(f"trl#{i}", __file__, ["--worker", "trl", "--data", str(data),
+                                                            "--method", args.method,
+                                                  "--out", str(tmp / f"s{i}"), "--order", str(order_file),
+                                                  *overrides, *[x for o in args.trl for x in ("--trl", o)]],
+                                     allocator_env("system"))
+        r = res[f"trl#{i}"]
+        r["tps"] = r["tokens"] / r["seconds"]
+        print(f"trl#{i}: {r['tps']:7.1f} tok/s  peak {r['peak_rss_mb']:6.0f} MB  mean loss "
+              f"{sum(r['losses']) / max(len(r['losses']), 1):.4f}  {json.dumps(r['settings'])}{busy_flag(r)}",
+              flush=True)
+    best = max(res, key=lambda k: res[k]["tps"])
+    print(f"fastest: {best} {json.dumps(res[best]['settings'])}")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", choices=["lora", "full"], default="lora")
-    ap.add_argument("--examples", type=int, default=96)
+    ap.add_argument("--examples", type=int, default=96, help=f"a multiple of {EXAMPLES_PER_STEP}")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     ap.add_argument("--trl", action="append", default=[], metavar="KEY=VALUE", help="SFTConfig override")
     ap.add_argument("--tunesmith", action="append", default=[], metavar="a.b=VALUE", help="config override")
-    ap.add_argument("--only", choices=["trl", "tunesmith", "tunesmith-fast"])
-    ap.add_argument("--no-fast", action="store_true", help="skip the tunesmith-fast row")
-    ap.add_argument("--trl-allocator", default="system", choices=["system", "tcmalloc", "jemalloc", "mimalloc"],
-                    help="allocator TRL's process starts with (default: glibc's, as `python train.py` runs)")
+    ap.add_argument("--search", action="store_true", help="search TRL's fastest configuration instead")
     ap.add_argument("--worker", choices=["tunesmith", "trl"])
     ap.add_argument("--data", type=Path)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--order", type=Path)
     args = ap.parse_args()
     if args.worker:
         fn = tunesmith_worker if args.worker == "tunesmith" else trl_worker
-        result = fn(args.data, args.method, args.out, parse_overrides(getattr(args, args.worker)))
-        result["peak_rss_mb"] = peak_rss_mb()
-        print(json.dumps(result))
+        worker_main({args.worker: fn}, args.worker, args.data, args.method, args.out,
+                    parse_overrides(getattr(args, args.worker)), json.loads(args.order.read_text()))
         return
+    rows = args.rows.split(",")
+    if set(rows) - set(ROWS) or args.examples % EXAMPLES_PER_STEP or args.examples <= 0:
+        raise SystemExit(f"--rows takes {', '.join(ROWS)}; --examples a positive multiple of {EXAMPLES_PER_STEP}")
     if not GSM8K.is_file():
         raise SystemExit(f"{GSM8K} is missing: the benchmark needs ../shared/data")
     from tunesmith.models.registry import resolve_model
 
-    resolve_model("smollm2-135m-instruct")  # convert once, outside either tool's timing
-    tools = [args.only] if args.only else ["trl", "tunesmith", *([] if args.no_fast else ["tunesmith-fast"])]
-    load = os.getloadavg()
+    resolve_model(MODEL)  # convert once, outside every row's timing
+    if "trl+alloc" in rows and resolved_allocator("auto") == "system":
+        print("no tcmalloc/jemalloc/mimalloc found: the trl+alloc row would be the trl row; skipped")
+        rows.remove("trl+alloc")
+    machine = machine_info()
+    print(describe(machine), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "gsm8k.jsonl"
+        data, order_file = Path(tmp) / "gsm8k.jsonl", Path(tmp) / "order.json"
         write_data(data, args.examples)
-        rate = matmul_gflops()
-        res = {t: run_worker(t, data, args.method, Path(tmp), getattr(args, "trl" if t == "trl" else "tunesmith"),
-                             args.trl_allocator) for t in tools}
-    print(f"method {args.method}, {args.examples} GSM8K examples, max length {MAX_LENGTH}, 1 epoch, "
-          f"fp32 matmul {rate:.1f} GFLOP/s, load average before {load[0]:.2f} after {os.getloadavg()[0]:.2f}")
-    for tool, r in res.items():
-        print(f"  {tool}: {json.dumps(r['settings'])}; allocator {r['allocator']}; trainable {r['trainable']:,} of {r['total_params']:,}; "
-              f"final loss {r['final_loss']:.4f}")
-    print(f"{'tool':<15}{'steps':>6}{'tok/step':>9}{'tokens':>8}{'trained':>8}{'train s':>8}{'tok/s':>7}"
-          f"{'trained/s':>10}{'peak RSS MB':>12}{'process s':>10}{'other CPU':>10}")
-    for tool, r in res.items():
-        r["tps"] = r["tokens"] / r["seconds"]
-        other = r["other_cpu_seconds"] / r["process_seconds"]  # in cores, while this worker ran
-        flag = "  <- machine busy" if other > 0.1 else ""
-        print(f"{tool:<15}{r['steps']:>6}{r['tokens'] / r['steps']:>9.0f}{r['tokens']:>8}{r['trained_tokens']:>8}"
-              f"{r['seconds']:>8.1f}{r['tps']:>7.1f}{r['trained_tokens'] / r['seconds']:>10.1f}"
-              f"{r['peak_rss_mb']:>12.0f}{r['process_seconds']:>10.1f}{other:>9.2f}c{flag}")
-    if "trl" not in res or "tunesmith" not in res:
-        return
-    ours, trl = res["tunesmith"], res["trl"]
-    if "tunesmith-fast" in res:
-        fast = res["tunesmith-fast"]
-        print(f"tunesmith-fast / TRL: tokens_per_s={fast['tps'] / trl['tps']:.2f} "
-              f"peak_rss={fast['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
-    fpt = flops_per_token(args.method, ours["trained_tokens"] / ours["tokens"], ours["tokens"] / ours["examples"])
-    mfu = ours["tps"] * fpt / (rate * 1e9)
-    print(f"tunesmith: {fpt / 1e6:.0f} MFLOP/token -> {ours['tps'] * fpt / 1e9:.1f} GFLOP/s; "
-          f"TRL: {trl['tps'] * fpt / 1e9:.1f} GFLOP/s (same count)")
-    print(f"ratio tokens_per_s={ours['tps'] / trl['tps']:.2f} "
-          f"peak_rss={ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f} mfu={mfu:.3f}")
+        order, lengths = step_order(data)
+        order_file.write_text(json.dumps(order))
+        if args.search:
+            return search(args, Path(tmp), data, order_file)
+        res = run_rows(rows, args, Path(tmp), data, order_file)
+    print(f"method {args.method}, {args.examples} GSM8K examples in {len(order)} steps of {EXAMPLES_PER_STEP}, "
+          f"max length {MAX_LENGTH}, 1 epoch; load average after {os.getloadavg()[0]:.2f}")
+    print_table(res, args.method, machine["matmul_gflops"])
+    expected = [lengths[i] for step in order for i in step]
+    problems = check_rows(res, expected, len(order), STEP1_TOL, EPOCH_TOL, ("tokens", "trained_tokens", "fingerprint"))
+    trl_rows = [k for k in res if k.startswith("trl")]
+    ours = res.get("tunesmith") or res.get("tunesmith-fast")
+    if not problems and trl_rows and ours:
+        trl_row = max(trl_rows, key=lambda k: res[k]["tps"])
+        trl = res[trl_row]
+        if "tunesmith-fast" in res and "tunesmith" in res:
+            fast = res["tunesmith-fast"]
+            print(f"tunesmith-fast / {trl_row}: tokens_per_s={fast['tps'] / trl['tps']:.2f} "
+                  f"peak_rss={fast['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+        print(f"ratio tokens_per_s={ours['tps'] / trl['tps']:.2f} "
+              f"peak_rss={ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f} mfu={ours['mfu']:.3f} trl_row={trl_row}")
+    if problems:
+        raise SystemExit("the rows did not train the same thing, so their speeds are not comparable:\n  "
+                         + "\n  ".join(problems))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
