@@ -339,14 +339,28 @@ def test_micro_batching_keeps_the_step_and_picks_whole_micro_batches():
     from tunesmith.recipes.sft import micro_batching
 
     cpu, model = choose_placement("fp32"), tiny_llama(256)
-    loop_cfg, collate_fn, _ = micro_batching(TrainSection(batch_size=8, grad_accum=1), cpu, model)
-    assert (loop_cfg.batch_size, loop_cfg.grad_accum) == (2, 4) and collate_fn.keywords == {"threads": 2}
-    loop_cfg, collate_fn, _ = micro_batching(TrainSection(batch_size=3, grad_accum=1), cpu, model)
-    assert (loop_cfg.batch_size, loop_cfg.grad_accum) == (1, 3)  # 2 would split a step unevenly
-    loop_cfg, _, _ = micro_batching(TrainSection(batch_size=2, grad_accum=4, parallel_examples=4), cpu, model)
-    assert (loop_cfg.batch_size, loop_cfg.grad_accum) == (4, 2)
+    collate_fn, k, _ = micro_batching(TrainSection(batch_size=8, grad_accum=1), cpu, model)
+    assert k == 2 and collate_fn.keywords == {"threads": 2}
+    assert micro_batching(TrainSection(batch_size=3, grad_accum=1), cpu, model)[1] == 1  # 2 would split a step unevenly
+    assert micro_batching(TrainSection(batch_size=2, grad_accum=4, parallel_examples=4), cpu, model)[1] == 4
     tcfg = TrainSection(batch_size=8, grad_accum=2, micro_batch="batch")
-    assert micro_batching(tcfg, cpu, model)[:2] == (tcfg, collate)
+    assert micro_batching(tcfg, cpu, model)[:2] == (collate, None)
+
+
+def test_a_step_holds_the_same_examples_however_it_is_cut_into_forwards(tiny_model_dir, tmp_path):
+    """The step's examples are drawn before they are cut into forwards: padded batches, one example
+    at a time and two at a time train the same steps (the three steps' losses agree to float rounding).
+    Drawing forwards of k examples directly made the step's make-up depend on k."""
+    from conftest import train_tiny_run
+
+    runs = {how: train_tiny_run(tiny_model_dir, tmp_path, how.replace("=", "-").replace(".", "_"), *how.split(),
+                                "train.batch_size=3", "train.grad_accum=2", steps=3)
+            for how in ("train.micro_batch=batch", "train.micro_batch=example train.parallel_examples=1",
+                        "train.micro_batch=example train.parallel_examples=2")}
+    losses = {how: [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+              for how, run in runs.items()}
+    first = next(iter(losses.values()))
+    assert all(len(v) == 3 and max(abs(a - b) for a, b in zip(v, first)) < 1e-4 for v in losses.values()), losses
 
 
 def test_malloc_mmap_threshold_returns_freed_activations_to_the_os():

@@ -110,12 +110,13 @@ def prepare_model(model, cfg: Config, placement):
 
 
 def micro_batching(tcfg, placement, model):
-    """(the loop's train settings, its collate function, a description) for train.micro_batch.
+    """(the loop's collate function, examples per forward or None, a description) for train.micro_batch.
 
-    micro_batch=example keeps the step (batch_size x grad_accum examples, one gradient) and changes
-    only how it is computed: the loop's micro-batches become `k` examples, collated unpadded and
-    run k at a time (training/concurrent.py), with accumulation over the rest. The summed loss is
-    divided by the step's trained-token count either way, so the gradient is the batched one."""
+    micro_batch=example keeps the step (batch_size x grad_accum examples, the same ones in the same
+    order as micro_batch=batch: the loop draws the step first) and changes only how it is computed:
+    the step's examples are cut into forwards of `k`, collated unpadded and run k at a time
+    (training/concurrent.py), with accumulation over the rest. The summed loss is divided by the
+    step's trained-token count either way, so the gradient is the batched one."""
     mode = tcfg.micro_batch
     if mode == "auto":
         mode = "example" if placement.device.type == "cpu" else "batch"
@@ -123,18 +124,17 @@ def micro_batching(tcfg, placement, model):
         if tcfg.parallel_examples:
             raise ConfigError(f"train.parallel_examples={tcfg.parallel_examples} needs train.micro_batch=example; "
                               f"train.micro_batch={tcfg.micro_batch} runs padded batches on {placement.device.type}")
-        return tcfg, collate, f"micro-batches of {tcfg.batch_size} padded examples"
+        return collate, None, f"micro-batches of {tcfg.batch_size} padded examples"
     per_step = tcfg.batch_size * tcfg.grad_accum
     # an explicit train.parallel_examples must divide the step (config.py checks it); auto takes the
-    # largest count up to 2 on CPU that does, so every micro-batch of the step is whole
+    # largest count up to 2 on CPU that does, so every forward of the step is whole
     k = tcfg.parallel_examples or max(d for d in (1, 2 if placement.device.type == "cpu" else 1) if per_step % d == 0)
-    loop_cfg = tcfg.model_copy(update={"batch_size": k, "grad_accum": per_step // k})
     at_once = f"{k} at once"
     if k > 1 and placement.device.type != "cpu":
         at_once = f"{k} one after the other (threads only on CPU)"
     elif k > 1 and has_dropout(model):
         at_once = f"{k} one after the other (dropout draws random numbers: threads would not be reproducible)"
-    return loop_cfg, partial(collate_examples, threads=k), (
+    return partial(collate_examples, threads=k), k, (
         f"{per_step} examples per step, each unpadded in its own forward/backward, {at_once}")
 
 
@@ -185,7 +185,8 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
     print(f"model: {resolved.id}  method: {cfg.method.name}  trainable {trainable:,} of {total:,} "
           f"parameters ({100 * trainable / total:.2f}%)", flush=True)
     train_items, val_items = packed_if_asked(cfg, model, train_set, val_set)
-    loop_cfg, collate_fn, how = micro_batching(tcfg, placement, model)
+    collate_fn, per_forward, how = micro_batching(tcfg, placement, model)
+    loop_cfg = tcfg
     print(f"batching: {how}; memory allocator: {allocator.active()}", flush=True)
 
     with open_run(cfg, resume, prefix="sft") as run:
@@ -196,6 +197,7 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
         try:
             result = train(model, train_items, loop_cfg, sft_loss_sum, tokenizer.pad_token_id, logger, val_items,
                            run_dir=run.dir, resume=run.checkpoint, placement=placement, collate_fn=collate_fn,
+                           per_forward=per_forward,
                            evaluator=evaluator)
         finally:
             logger.close()

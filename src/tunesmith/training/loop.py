@@ -166,8 +166,9 @@ class EarlyStopping:
 def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: MetricsLogger,
           val_examples: Items | None = None, run_dir: Path | None = None, resume: Path | None = None,
           placement: Placement | None = None, evaluator: Callable[[int], dict] | None = None,
-          collate_fn: Callable = collate) -> TrainResult:
-    """`evaluator(step)` returns validation metrics; `select` (else `val_loss`), lower is better,
+          collate_fn: Callable = collate, per_forward: int | None = None) -> TrainResult:
+    """`per_forward`: cut each step's examples (drawn as tcfg's batches, so a step holds the same
+    examples whatever it is cut into) into forwards of this many. `evaluator(step)` returns validation metrics; `select` (else `val_loss`), lower is better,
     drives early stopping and the best checkpoint; by default the loss of loss_fn over val_examples. A loss_fn with a
     `pop_metrics()` method adds its own per-step metrics (e.g. preference rewards) to the log."""
     steps = logger.total_steps
@@ -193,6 +194,9 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
         rank, size = world()
         step_groups = [next(stream) for _ in range(tcfg.grad_accum * size)]  # every rank draws the same order
         groups = step_groups[rank::size]  # and trains its own share of it
+        if per_forward:
+            flat = [e for g in groups for e in g]
+            groups = [flat[i:i + per_forward] for i in range(0, len(flat), per_forward)]
         loss_value, n_step = accumulate(model, [collate_fn(g, pad_id) for g in groups], loss_fn, placement, scaler)
         spike = watch.check(step, loss_value, lambda: (checkpoint_dirs(ckpt_root) or [None])[-1] if ckpt_root else None)
         if scaler is not None:
