@@ -73,8 +73,11 @@ def main() -> int:
     if not DATA.is_dir():
         print(f"needs the shared datasets at {DATA}", file=sys.stderr)
         return 1
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _machine import machine_line
+
+    print(machine_line(), flush=True)
     if args.near_dup_quality:
-        sys.path.insert(0, str(Path(__file__).parent))
         from near_dup_quality import run
 
         run(DATA, args.pairs, args.show)

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from _machine import machine_line  # benchmarks/ is sys.path[0] when a benchmark runs
 
 ROOT = Path(__file__).resolve().parents[1]
 BANKING = ROOT.parent / "shared" / "data" / "banking77" / "test.csv"
@@ -202,6 +203,7 @@ def main() -> int:
         rows.append((label, clients, requests, tokens, m.wall, m.other))
         print(f"  {label}: {requests} requests, {tokens} tokens, {m.wall:.1f} s", flush=True)
 
+    print(machine_line(), flush=True)
     print(f"{BASE} fp32, torch threads {torch.get_num_threads()}, max_tokens {max_tokens}, greedy", flush=True)
     # The server never computes on its main thread (engine.off_main_thread says why); the baseline
     # must not either, or it would slow every later row of this process by ~40%.
