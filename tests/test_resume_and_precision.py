@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 
 
 def loop_cfg(*extra):
-    return load_config(None, ["data.train=unused.jsonl", "train.batch_size=2", "train.lr=5e-3", "train.log_every=1",
+    return load_config(None, ["data.train=unused.jsonl", "data.validation=unused.jsonl", "train.batch_size=2", "train.lr=5e-3", "train.log_every=1",
                               *extra]).train
 
 
