@@ -5,7 +5,9 @@ example has its own length). glibc's malloc serves them from heaps that fragment
 climbs ~0.5 GB above the live tensors for SmolLM2-135M, and capping it (malloc_mmap_threshold)
 costs page faults. A size-class allocator reuses the freed blocks instead; PyTorch's own CPU launcher
 (`python -m torch.backends.xeon.run_cpu`) preloads tcmalloc or jemalloc for the same reason. Measured
-here (benchmarks/sft_vs_trl.py): the same LoRA run at ~30% less peak memory and no loss of speed.
+by `python benchmarks/sft_vs_trl.py` (its trl and trl+mimalloc rows, same steps, 2-core AVX-512 machine):
+TRL's LoRA run at 16% less peak memory with mimalloc (2.41 vs 2.87 GB) but 13% fewer tokens/s; the
+README's figures say what it does for tunesmith's own rows.
 
 An allocator can only be chosen before the process starts (LD_PRELOAD), so `tunesmith train`
 re-executes itself once with it (see `reexec_with`); library callers (run_sft in a process of
