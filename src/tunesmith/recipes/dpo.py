@@ -193,7 +193,8 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
     from tunesmith.training.device import choose_placement
     from tunesmith.training.logging import read_metrics
     from tunesmith.training.loop import total_steps, train
-    from tunesmith.training.manifest import now_iso, write_json
+    from tunesmith.atomic import write_json
+    from tunesmith.training.manifest import now_iso
     from tunesmith.training.run import manifest_base, open_run, save_run_outputs
 
     started, tcfg, obj = now_iso(), cfg.train, cfg.objective

@@ -23,7 +23,8 @@ from tunesmith.training.logging import MetricsLogger
 from tunesmith.training.loop import total_steps, train
 from tunesmith.training.losses import sft_loss_sum
 from tunesmith.training.trackers import Trackers
-from tunesmith.training.manifest import now_iso, write_json
+from tunesmith.atomic import write_json
+from tunesmith.training.manifest import now_iso
 from tunesmith.errors import ConfigError
 from tunesmith.eval.during import keep_results_of
 from tunesmith.training import allocator
@@ -186,19 +187,17 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
           f"parameters ({100 * trainable / total:.2f}%)", flush=True)
     train_items, val_items = packed_if_asked(cfg, model, train_set, val_set)
     collate_fn, per_forward, how = micro_batching(tcfg, placement, model)
-    loop_cfg = tcfg
     print(f"batching: {how}; memory allocator: {allocator.active()}", flush=True)
 
     with open_run(cfg, resume, prefix="sft") as run:
         # --- train ---------------------------------------------------------------------------
-        steps = total_steps(len(train_items), loop_cfg)
+        steps = total_steps(len(train_items), tcfg)
         logger = metrics_logger(run, tcfg, steps)
-        loop_cfg, evaluator = with_task_evaluation(cfg, loop_cfg, model, tokenizer, run.dir, val_items, placement)
+        loop_cfg, evaluator = with_task_evaluation(cfg, tcfg, model, tokenizer, run.dir, val_items, placement)
         try:
             result = train(model, train_items, loop_cfg, sft_loss_sum, tokenizer.pad_token_id, logger, val_items,
                            run_dir=run.dir, resume=run.checkpoint, placement=placement, collate_fn=collate_fn,
-                           per_forward=per_forward,
-                           evaluator=evaluator)
+                           per_forward=per_forward, evaluator=evaluator)
         finally:
             logger.close()
         if evaluator is not None:  # the evaluation of the weights being saved is the run's own

@@ -167,10 +167,11 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
           val_examples: Items | None = None, run_dir: Path | None = None, resume: Path | None = None,
           placement: Placement | None = None, evaluator: Callable[[int], dict] | None = None,
           collate_fn: Callable = collate, per_forward: int | None = None) -> TrainResult:
-    """`per_forward`: cut each step's examples (drawn as tcfg's batches, so a step holds the same
-    examples whatever it is cut into) into forwards of this many. `evaluator(step)` returns validation metrics; `select` (else `val_loss`), lower is better,
-    drives early stopping and the best checkpoint; by default the loss of loss_fn over val_examples. A loss_fn with a
-    `pop_metrics()` method adds its own per-step metrics (e.g. preference rewards) to the log."""
+    """`evaluator(step)` returns validation metrics; `select` (else `val_loss`), lower is better,
+    drives early stopping and the best checkpoint; by default the loss of loss_fn over val_examples.
+    A loss_fn with a `pop_metrics()` method adds its own per-step metrics (e.g. preference rewards)
+    to the log. `per_forward`: cut each step's examples (drawn as tcfg's batches, so a step holds
+    the same examples whatever it is cut into) into forwards of this many."""
     steps = logger.total_steps
     placement = placement or choose_placement(tcfg.precision)
     params = [p for p in model.parameters() if p.requires_grad]  # frozen weights get no optimizer state

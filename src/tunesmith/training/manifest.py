@@ -4,9 +4,7 @@ from __future__ import annotations
 import platform
 import time
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
-from tunesmith import atomic
 
 
 def _version(pkg: str) -> str | None:
@@ -23,7 +21,3 @@ def versions() -> dict:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic.write_json(path, data)
