@@ -1,5 +1,6 @@
 """Data parallelism keeps the loss the mean over all trained tokens of the step:
-2 ranks x batch 4 gives the same gradients as 1 process x batch 8 (gloo, CPU)."""
+2 ranks x batch 4 gives the same gradients as 1 process x batch 8 (gloo, CPU), through the DDP
+strategy the training loop uses (its comm hook sums, DDP's own averages)."""
 import os
 
 import pytest
@@ -9,9 +10,13 @@ import torch.multiprocessing as mp
 
 from conftest import tiny_llama
 from test_engine import grads_after, varied_examples
-from tunesmith.config import MethodSection
+from tunesmith.config import DistributedSection, MethodSection
 from tunesmith.data.batching import collate
 from tunesmith.methods import get_method
+from tunesmith.training import loop
+from tunesmith.training.device import choose_placement
+from tunesmith.training.distributed.strategy import DDPStrategy
+from tunesmith.training.losses import sft_loss_sum
 
 
 def model():
@@ -27,7 +32,14 @@ def rank_main(rank: int, world: int, init: str, out: str):
         ex = varied_examples()
         # unequal shares on purpose: rank 0 gets the short examples, rank 1 the long ones
         share = sorted(ex, key=lambda e: len(e.input_ids))[rank * 4:(rank + 1) * 4]
-        grads = grads_after(model(), [collate(share, 0)])
+        placement = choose_placement("fp32")
+        strategy = DDPStrategy(placement, DistributedSection())
+        m = model()
+        module = strategy.prepare(m, sft_loss_sum)
+        # two micro-batches: the first under no_sync, the second exchanges the step's gradients
+        batches = [collate(share[:2], 0), collate(share[2:], 0)]
+        loop.accumulate(module, batches, loop.call_module, placement, strategy=strategy)
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
         if rank == 0:
             torch.save(grads, out)
     finally:

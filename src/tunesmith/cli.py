@@ -27,12 +27,18 @@ def cmd_init(path: str, template: str, force: bool) -> int:
     return 0
 
 
-def cmd_train(config: str, overrides: list[str], skip_invalid: bool = False, resume: bool = False) -> int:
+def cmd_train(config: str, overrides: list[str], skip_invalid: bool = False, resume: bool = False,
+              nproc: int | None = None) -> int:
     from tunesmith.config import load_config
-    from tunesmith.recipes import recipe_for
+    from tunesmith.recipes import run_recipe
+    from tunesmith.training.distributed.launch import launch, wants_launch
 
+    overrides = [*overrides, *([f"train.distributed.workers={nproc}"] if nproc else [])]
     cfg = load_config(config, [*overrides, *(["data.skip_invalid=true"] if skip_invalid else [])])
-    recipe_for(cfg)(cfg, resume=resume)
+    if wants_launch(cfg.train.distributed):  # start the ranks, each running this same command
+        flags = [*(["--skip-invalid"] if skip_invalid else []), *(["--resume"] if resume else [])]
+        return launch(cfg.train.distributed, ["train", config, *flags, *overrides])
+    run_recipe(cfg, resume=resume)
     return 0
 
 
@@ -329,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quarantine invalid data rows (DATA.quarantine.jsonl) instead of stopping at the first")
     s.add_argument("--resume", action="store_true",
                    help="continue the interrupted run of this config from its last checkpoint")
+    s.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine (one per GPU; torchrun started by tunesmith); "
+                        "same as train.distributed.workers=N")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("runs", help="runs: list, show and compare run directories")

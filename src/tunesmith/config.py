@@ -80,6 +80,30 @@ class MethodSection(_Section):
     double_quant: bool = Field(True, description="qlora: also quantize the quantization constants.")
 
 
+class DistributedSection(_Section):
+    """Several processes (GPUs, machines): see README "Scaling out". train.batch_size x
+    train.grad_accum stays the step's batch whatever the number of processes: N ranks split it."""
+
+    strategy: Registered("strategy") = Field(
+        "auto", description="How ranks share the model. ddp: every rank holds it, gradients are exchanged (adapters, "
+                            "or models that fit one device). fsdp: torch FSDP2, weights, gradients and optimizer "
+                            "state sharded over ranks (full fine-tuning of models too big for one device). "
+                            "deepspeed: DeepSpeed ZeRO (train.distributed.deepspeed). auto: ddp for adapters; for "
+                            "full fine-tuning ddp when it fits one device, else fsdp (the choice is printed).")
+    launcher: Registered("launcher") = Field(
+        "torchrun", description="What starts the processes when train.distributed.workers > 0 (or --nproc): torchrun "
+                                "on this machine, or ray (Ray Train workers, on a Ray cluster). Runs started by a "
+                                "launcher (torchrun, srun, accelerate) ignore it.")
+    workers: int = Field(0, ge=0, description="Processes tunesmith starts itself (--nproc N sets it); 0: this process "
+                                              "alone, unless a launcher started it as one rank.")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Collective backend; auto: nccl on GPUs, "
+                                                                         "gloo on CPUs.")
+    timeout_s: float = Field(600, gt=0, description="Longest wait on another rank in a collective before the run "
+                                                    "stops with an error (a dead or stuck rank).")
+    bucket_mb: float = Field(25, gt=0, description="ddp: gradient bucket size; a full bucket is all-reduced while "
+                                                   "the backward goes on.")
+
+
 class TrainSection(_Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps > 0).")
     max_steps: int = Field(0, ge=0, description="Optimizer steps to run; 0 derives them from epochs.")
@@ -131,6 +155,8 @@ class TrainSection(_Section):
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default.")
     trackers: list[Registered("tracker")] = Field(
         default_factory=list, description="Also log to these (written inside the run directory, offline).")
+    distributed: DistributedSection = Field(default_factory=DistributedSection,
+                                            description="Several processes: strategy, launcher, workers.")
 
     @model_validator(mode="after")
     def _whole_micro_batches(self):

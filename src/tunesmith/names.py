@@ -24,6 +24,8 @@ _REGISTRIES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "generation metric": ("tunesmith.eval.metrics", lambda m: m.METRICS, ()),
     "tracker": ("tunesmith.training.trackers", lambda m: m.TRACKERS, ()),
     "allocator": ("tunesmith.training.allocator", lambda m: m.LIBRARIES, ("auto", "system")),
+    "strategy": ("tunesmith.training.distributed.strategy", lambda m: m.STRATEGIES, ("auto",)),
+    "launcher": ("tunesmith.training.distributed.launch", lambda m: m.LAUNCHERS, ()),
 }
 
 

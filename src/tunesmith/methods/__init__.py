@@ -56,10 +56,11 @@ def apply_method(model, method_cfg):
     return get_method(method_cfg.name).build(model, method_cfg)
 
 
-def save_trained(model, method_cfg, run_dir: Path) -> Path:
-    """Save what the method trained in the run directory; returns the folder written."""
+def save_trained(model, method_cfg, run_dir: Path, state_dict: dict | None = None) -> Path:
+    """Save what the method trained in the run directory; returns the folder written. `state_dict`:
+    the weights to save when the model's own are shards (gathered by the strategy)."""
     out = run_dir / get_method(method_cfg.name).saves
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
     return out
 
 

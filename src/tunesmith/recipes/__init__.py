@@ -52,7 +52,7 @@ _COMMON = ("model", "method", "run", "objective.name",
            "train.weight_decay", "train.max_grad_norm", "train.seed", "train.log_every", "train.eval_every",
            "train.save_every", "train.keep_last", "train.patience", "train.restore_best", "train.precision",
            "train.optimizer", "train.gradient_checkpointing", "train.spike_factor", "train.threads",
-           "train.trackers")
+           "train.trackers", "train.distributed")
 _PREFERENCE_ONLY = "only preference objectives (objective.name=dpo) use it"
 
 RECIPES: dict[str, Recipe] = {
@@ -85,6 +85,16 @@ def get_recipe(name: str) -> Recipe:
 
 def recipe_for(cfg) -> Callable:
     return get_recipe(cfg.objective.name).run
+
+
+def run_recipe(cfg, resume: bool = False):
+    """Train `cfg` in this process: alone, or as one rank of a launched run (the process group
+    lives as long as the run, and is destroyed on every way out)."""
+    from tunesmith.training.distributed.group import check_split, process_group
+
+    with process_group(cfg.train.distributed) as (_, size):
+        check_split(cfg.train, size)
+        return recipe_for(cfg)(cfg, resume=resume)
 
 
 def _covers(keys, dotted: str) -> bool:

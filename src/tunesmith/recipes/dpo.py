@@ -196,6 +196,8 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
     from tunesmith.atomic import write_json
     from tunesmith.training.manifest import now_iso
     from tunesmith.training.run import manifest_base, open_run, save_run_outputs
+    from tunesmith.training.distributed import is_main
+    from tunesmith.training.distributed.strategy import choose_strategy
 
     started, tcfg, obj = now_iso(), cfg.train, cfg.objective
     spec = pref.get_preference_loss(obj.loss)
@@ -230,6 +232,8 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
     trainable, total = count_parameters(model)
     print(f"model: {resolved.id}  method: {cfg.method.name}  trainable {trainable:,} of {total:,}", flush=True)
     loss_fn = PreferenceLoss(obj, cache)
+    strategy = choose_strategy(tcfg.distributed, method, model, placement)
+    print(strategy.describe(), flush=True)
 
     def evaluator(step: int | None = None) -> dict:
         return preference_accuracy(model, val, loss_fn, tokenizer.pad_token_id, tcfg.batch_size)
@@ -244,10 +248,12 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
         try:
             result = train(model, items, tcfg, loss_fn, tokenizer.pad_token_id, logger, val, run_dir=run.dir,
                            resume=run.checkpoint, placement=placement, evaluator=evaluator if val else None,
-                           collate_fn=lambda group, pad: collate_pairs(group, pad, not spec.paired))
+                           collate_fn=lambda group, pad: collate_pairs(group, pad, not spec.paired), strategy=strategy)
         finally:
             logger.close()
-        save_run_outputs(run, model, tokenizer)
+        save_run_outputs(run, model, tokenizer, strategy)
+        if not is_main():
+            return run.final
         end = None
         if val:  # the loop's evaluation of the last step is the end value; evaluate only if it did not run
             last = [r for r in read_metrics(run.dir / "metrics.jsonl") if "val_preference_accuracy" in r]

@@ -28,6 +28,8 @@ from tunesmith.training.manifest import now_iso
 from tunesmith.errors import ConfigError
 from tunesmith.eval.during import keep_results_of
 from tunesmith.training import allocator
+from tunesmith.training.distributed import is_main, world
+from tunesmith.training.distributed.strategy import choose_strategy
 from tunesmith.training.concurrent import has_dropout
 from tunesmith.training.device import choose_placement, set_malloc_mmap_threshold, trainable_in_fp32
 from tunesmith.training.run import manifest_base, open_run, save_run_outputs
@@ -90,6 +92,8 @@ def check_context(cfg: Config, model_path: Path) -> None:
 
 def metrics_logger(run, tcfg, steps: int) -> MetricsLogger:
     """metrics.jsonl, and train.trackers fed the same records."""
+    if not is_main():  # rank 0 alone logs
+        return MetricsLogger(None, steps)
     trackers = (Trackers(tcfg.trackers, run.dir, run.name, run.config.model_dump(mode="json"))
                 if tcfg.trackers else None)
     return MetricsLogger(run.dir / "metrics.jsonl", steps, trackers=trackers)
@@ -129,7 +133,8 @@ def micro_batching(tcfg, placement, model):
     per_step = tcfg.batch_size * tcfg.grad_accum
     # an explicit train.parallel_examples must divide the step (config.py checks it); auto takes the
     # largest count up to 2 on CPU that does, so every forward of the step is whole
-    k = tcfg.parallel_examples or max(d for d in (1, 2 if placement.device.type == "cpu" else 1) if per_step % d == 0)
+    k = tcfg.parallel_examples or max(d for d in (1, 2 if placement.device.type == "cpu" and world()[1] == 1 else 1)
+                                      if per_step % d == 0)  # several processes: they are the parallelism
     at_once = f"{k} at once"
     if k > 1 and placement.device.type != "cpu":
         at_once = f"{k} one after the other (threads only on CPU)"
@@ -188,6 +193,8 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
     train_items, val_items = packed_if_asked(cfg, model, train_set, val_set)
     collate_fn, per_forward, how = micro_batching(tcfg, placement, model)
     print(f"batching: {how}; memory allocator: {allocator.active()}", flush=True)
+    strategy = choose_strategy(tcfg.distributed, method, model, placement)
+    print(strategy.describe(), flush=True)
 
     with open_run(cfg, resume, prefix="sft") as run:
         # --- train ---------------------------------------------------------------------------
@@ -197,13 +204,15 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
         try:
             result = train(model, train_items, loop_cfg, sft_loss_sum, tokenizer.pad_token_id, logger, val_items,
                            run_dir=run.dir, resume=run.checkpoint, placement=placement, collate_fn=collate_fn,
-                           per_forward=per_forward, evaluator=evaluator)
+                           per_forward=per_forward, evaluator=evaluator, strategy=strategy)
         finally:
             logger.close()
-        if evaluator is not None:  # the evaluation of the weights being saved is the run's own
+        if evaluator is not None and is_main():  # the evaluation of the weights being saved is the run's own
             keep_results_of(run.dir, result.best_step if tcfg.restore_best and result.best_step else result.steps)
         # --- save ----------------------------------------------------------------------------
-        save_run_outputs(run, model, tokenizer)
+        save_run_outputs(run, model, tokenizer, strategy)
+        if not is_main():
+            return run.final
         manifest = manifest_base("sft", run, resolved, (trainable, total), started, result, placement)
         manifest["data"] = {
             "formats": dict(train_data.formats), "chat_template": template, "invalid_rows": len(train_data.invalid),

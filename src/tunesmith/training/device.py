@@ -51,7 +51,7 @@ class Placement:
 
 def choose_placement(precision: str = "auto") -> Placement:
     if torch.cuda.is_available():
-        dev = torch.device("cuda")
+        dev = torch.device("cuda", torch.cuda.current_device())  # a rank's own GPU (set from LOCAL_RANK)
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
             return Placement(dev, precision, f"GPU {torch.cuda.get_device_name()}: {precision} autocast")

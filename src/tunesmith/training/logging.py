@@ -15,19 +15,22 @@ def _fmt_eta(seconds: float) -> str:
 class MetricsLogger:
     """One JSON object per logged step in metrics.jsonl, plus a one-line progress report."""
 
-    def __init__(self, path: Path, total_steps: int, stream=None, trackers=None):
-        self.path = Path(path)
+    def __init__(self, path: Path | None, total_steps: int, stream=None, trackers=None):
+        """path None: count only, write and print nothing (a rank other than 0)."""
+        self.path = Path(path) if path is not None else None
         self.trackers = trackers  # optional fan-out (TensorBoard, MLflow, W&B), see trackers.py
         self.total_steps = total_steps
         self.stream = stream or sys.stdout
         self.start = time.perf_counter()
         self.tokens = 0
         self.trained_tokens = 0
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8") if self.path is not None else None
 
     def log(self, step: int, **metrics) -> dict:
         elapsed = time.perf_counter() - self.start
         record = {"step": step, "elapsed_s": round(elapsed, 3), **metrics}
+        if self._file is None:
+            return record
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self.trackers is not None:
@@ -51,12 +54,14 @@ class MetricsLogger:
         eta = elapsed / done * (self.total_steps - step) if done else 0.0
         record = self.log(step, loss=round(loss, 6), lr=lr, tokens=self.tokens,
                           trained_tokens=self.trained_tokens, tokens_per_s=round(tps, 2), **extra)
-        print(f"step {step:>5}/{self.total_steps}  loss {loss:7.4f}  lr {lr:.2e}  "
-              f"{tps:7.1f} tok/s  ETA {_fmt_eta(eta)}", file=self.stream, flush=True)
+        if self._file is not None:
+            print(f"step {step:>5}/{self.total_steps}  loss {loss:7.4f}  lr {lr:.2e}  "
+                  f"{tps:7.1f} tok/s  ETA {_fmt_eta(eta)}", file=self.stream, flush=True)
         return record
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self.trackers is not None:
             self.trackers.close()
 

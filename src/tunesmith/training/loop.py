@@ -2,6 +2,7 @@
 evaluation, early stopping, checkpoints and exact resume, guards, logging."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -14,10 +15,11 @@ from tunesmith.data.batching import collate, epoch_batches, trained_targets
 from tunesmith.data.pack import PackedRow
 from tunesmith.data.tokenize import Encoded
 from tunesmith.errors import TunesmithError
-from tunesmith.training.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
-from tunesmith.training.device import Placement, choose_placement, make_optimizer
+from tunesmith.training.checkpoint import TrainState, checkpoint_dirs
+from tunesmith.training.device import Placement, choose_placement
 from tunesmith.training import interrupt
-from tunesmith.training.distributed import global_count, sum_gradients, sum_scalar, world
+from tunesmith.training.distributed import global_count, sum_scalar, world
+from tunesmith.training.distributed.strategy import Strategy
 from tunesmith.training.logging import MetricsLogger
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]
@@ -88,42 +90,70 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def accumulate(model, batches: list[dict], loss_fn: LossFn, placement: Placement,
-               scaler: torch.amp.GradScaler | None = None) -> tuple[float, int]:
+               scaler: torch.amp.GradScaler | None = None, strategy: Strategy | None = None,
+               counted: bool = True) -> tuple[float, int]:
     """Backward over one optimizer step's micro-batches (this rank's share); returns
     (mean loss, trained targets) of the whole step, all ranks together.
 
     The step's loss is the mean over all its trained tokens: each micro-batch's summed loss is
     divided by the step total (counted across ranks), so neither accumulation nor data
-    parallelism re-weights short vs long batches; ranks then sum their gradients. With a `scaler`
-    (fp16) the gradients come out multiplied by its scale; the caller unscales them."""
-    n_step = global_count(sum(loss_units(b) for b in batches))
+    parallelism re-weights short vs long batches; the strategy sums gradients over ranks during
+    the last micro-batch's backward. With a `scaler` (fp16) the gradients come out multiplied by
+    its scale; the caller unscales them. `counted=False`: this rank has no example in the step
+    and runs one forward weighted zero, so that every rank takes part in the collectives."""
+    strategy = strategy or _ONE_PROCESS
+    n_step = global_count(sum(loss_units(b) for b in batches) if counted else 0)
     total = 0.0
-    for batch in batches:
+    for i, batch in enumerate(batches):
         interrupt.check()
-        with placement.autocast():
-            loss_sum, _ = loss_fn(model, to_device(batch, placement.device))
-        loss = loss_sum / max(n_step, 1)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last else strategy.no_sync(model):  # exchange gradients once a step
+            with placement.autocast():
+                loss_sum, _ = loss_fn(model, to_device(batch, placement.device))
+            if not counted:
+                loss_sum = loss_sum * 0.0
+            loss = loss_sum / max(n_step, 1)
+            strategy.backward(model, scaler.scale(loss) if scaler is not None else loss)
         total += loss_sum.item()
-    sum_gradients([p for p in model.parameters() if p.requires_grad])
     return sum_scalar(total) / max(n_step, 1), n_step
+
+
+def rank_share(items: list, rank: int, size: int) -> list:
+    """This rank's contiguous part of a step's examples (sizes differ by at most one)."""
+    base, extra = divmod(len(items), size)
+    start = rank * base + min(rank, extra)
+    return items[start:start + base + (rank < extra)]
+
+
+def call_module(module, batch: dict):
+    """loss_fn for a strategy's module, which holds the model and its loss (LossModule)."""
+    return module(batch)
 
 
 @torch.no_grad()
 def evaluate_loss(model, examples: Items, loss_fn: LossFn, pad_id: int, batch_size: int,
                   placement: Placement | None = None) -> float:
+    """Mean loss per trained token over `examples`; several ranks score a batch each in turn and
+    add up (every example scored once)."""
     placement = placement or choose_placement("fp32")
+    rank, size = world()
+    starts = list(range(0, len(examples), batch_size))
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
+    for turn in range(math.ceil(len(starts) / size)):
         interrupt.check()
+        i = turn * size + rank
+        mine = i < len(starts)
+        # a rank without a batch this turn still runs one (uncounted) forward: a sharded model
+        # gathers its weights in every forward, and every rank must take part
+        chunk = examples[starts[i]:starts[i] + batch_size] if mine else examples[:1]
         with placement.autocast():
-            loss_sum, n = loss_fn(model, to_device(collate(examples[start:start + batch_size], pad_id),
-                                                   placement.device))
-        total, count = total + float(loss_sum), count + n
+            loss_sum, n = loss_fn(model, to_device(collate(chunk, pad_id), placement.device))
+        if mine:
+            total, count = total + float(loss_sum), count + n
     model.train(was_training)
-    return total / max(count, 1)
+    return sum_scalar(total) / max(global_count(count), 1)
 
 
 class LossWatch:
@@ -166,21 +196,27 @@ class EarlyStopping:
 def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: MetricsLogger,
           val_examples: Items | None = None, run_dir: Path | None = None, resume: Path | None = None,
           placement: Placement | None = None, evaluator: Callable[[int], dict] | None = None,
-          collate_fn: Callable = collate, per_forward: int | None = None) -> TrainResult:
+          collate_fn: Callable = collate, per_forward: int | None = None,
+          strategy: Strategy | None = None) -> TrainResult:
     """`evaluator(step)` returns validation metrics; `select` (else `val_loss`), lower is better,
     drives early stopping and the best checkpoint; by default the loss of loss_fn over val_examples.
     A loss_fn with a `pop_metrics()` method adds its own per-step metrics (e.g. preference rewards)
     to the log. `per_forward`: cut each step's examples (drawn as tcfg's batches, so a step holds
-    the same examples whatever it is cut into) into forwards of this many."""
+    the same examples whatever it is cut into) into forwards of this many.
+
+    Under several processes (`strategy`), train.batch_size x train.grad_accum stays the step's
+    batch: every rank draws the same step and trains its own contiguous share of it, so N ranks
+    take the steps, see the examples in the order and log the losses of one process."""
     steps = logger.total_steps
     placement = placement or choose_placement(tcfg.precision)
-    params = [p for p in model.parameters() if p.requires_grad]  # frozen weights get no optimizer state
-    optimizer = make_optimizer(params, tcfg.optimizer, tcfg.lr, tcfg.weight_decay, placement.device)
+    strategy = strategy or Strategy(placement, None)
+    module = strategy.prepare(model, loss_fn)  # the model with its loss, wrapped for the strategy
+    optimizer = strategy.make_optimizer(module, tcfg)  # frozen weights get no optimizer state
     scheduler = make_scheduler(optimizer, tcfg, steps)
     scaler = placement.grad_scaler()
     state = TrainState(0, 0, 0, 0)
     if resume is not None:
-        state = load_checkpoint(resume, model, optimizer, scheduler, scaler)
+        state = strategy.load_checkpoint(resume, module, optimizer, scheduler, scaler)
         logger.resume_at(state.step, state.tokens, state.trained_tokens)
         print(f"resumed from {resume} (step {state.step})", flush=True)
     ckpt_root = run_dir / "checkpoints" if run_dir is not None and tcfg.save_every else None
@@ -189,20 +225,18 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
     stopper = EarlyStopping(tcfg.patience, state.best_metric, state.best_step, state.bad_evals)
     resumed_tokens = state.tokens
     loss_value, val_loss, stopped = float("nan"), None, False
-    model.train()
+    module.train()
+    rank, size = world()
     for step in range(state.step + 1, steps + 1):
         interrupt.check()
-        rank, size = world()
-        step_groups = [next(stream) for _ in range(tcfg.grad_accum * size)]  # every rank draws the same order
-        groups = step_groups[rank::size]  # and trains its own share of it
-        if per_forward:
-            flat = [e for g in groups for e in g]
-            groups = [flat[i:i + per_forward] for i in range(0, len(flat), per_forward)]
-        loss_value, n_step = accumulate(model, [collate_fn(g, pad_id) for g in groups], loss_fn, placement, scaler)
+        step_groups = [next(stream) for _ in range(tcfg.grad_accum)]  # every rank draws the same step
+        groups, counted = _forwards(step_groups, rank, size, per_forward or tcfg.batch_size, bool(per_forward))
+        loss_value, n_step = accumulate(module, [collate_fn(g, pad_id) for g in groups], call_module, placement,
+                                        scaler, strategy, counted)
         spike = watch.check(step, loss_value, lambda: (checkpoint_dirs(ckpt_root) or [None])[-1] if ckpt_root else None)
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else math.inf)
+        grad_norm = strategy.clip_grad_norm(module, tcfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         scale_log = _optimizer_step(optimizer, scheduler, scaler)
         optimizer.zero_grad(set_to_none=True)
@@ -217,7 +251,7 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
         is_best = False
         if (val_examples or evaluator) and (step == steps or (tcfg.eval_every and step % tcfg.eval_every == 0)):
             metrics = evaluator(step) if evaluator else {
-                "val_loss": evaluate_loss(model, val_examples, loss_fn, pad_id, tcfg.batch_size, placement)}
+                "val_loss": evaluate_loss(module, val_examples, call_module, pad_id, tcfg.batch_size, placement)}
             val_loss = metrics.get("val_loss")
             select = metrics.pop("select", val_loss)
             is_best = select is not None and stopper.update(step, select)
@@ -227,13 +261,13 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
             print(f"step {step:>5}/{steps}  validation{shown}" + ("  (best)" if is_best else ""), flush=True)
         stopped = stopper.should_stop
         if ckpt_root and (step % tcfg.save_every == 0 or is_best or stopped or step == steps):
-            save_checkpoint(ckpt_root, model, optimizer, scheduler, state, tcfg.keep_last, scaler)
+            strategy.save_checkpoint(ckpt_root, module, optimizer, scheduler, state, tcfg.keep_last, scaler)
         if stopped:
             print(f"early stop at step {step}: no improvement in {tcfg.patience} evaluations "
                   f"(best {stopper.best:.4f} at step {stopper.best_step})", flush=True)
             break
     if tcfg.restore_best and stopper.best_step is not None and stopper.best_step != state.step:
-        _restore_weights(model, ckpt_root, stopper.best_step)
+        strategy.restore_weights(module, ckpt_root, stopper.best_step)
     seconds = time.perf_counter() - logger.start
     return TrainResult(state.step, logger.tokens, logger.trained_tokens, loss_value, val_loss, seconds,
                        stopper.best_step, stopped, None if resume is None else int(resume.name.split("-")[1]),
@@ -257,7 +291,21 @@ def _optimizer_step(optimizer, scheduler, scaler) -> dict:
     return {"loss_scale": scaler.get_scale(), **({"skipped": 1} if skipped else {})}
 
 
-def _restore_weights(model, ckpt_root: Path | None, step: int) -> None:
+def _forwards(step_groups: list[Items], rank: int, size: int, per_forward: int, recut: bool) -> tuple[list[Items], bool]:
+    """(this rank's forwards of the step, whether they count). One process keeps the drawn
+    micro-batches (unless cut into forwards of `per_forward` examples); several cut their share
+    into forwards of up to `per_forward` (train.batch_size). A rank left without an example (a
+    short last batch of an epoch) runs the step's first example weighted zero."""
+    if size == 1 and not recut:
+        return step_groups, True
+    flat = [e for g in step_groups for e in g]
+    mine = rank_share(flat, rank, size) if size > 1 else flat
+    if not mine:
+        return [flat[:1]], False
+    return [mine[i:i + per_forward] for i in range(0, len(mine), per_forward)], True
+
+
+def restore_weights(model, ckpt_root: Path | None, step: int) -> None:
     from safetensors.torch import load_file
 
     path = ckpt_root / f"step-{step}" / "trainable.safetensors" if ckpt_root else None
@@ -268,3 +316,6 @@ def _restore_weights(model, ckpt_root: Path | None, step: int) -> None:
         for name, value in load_file(str(path)).items():
             params[name].copy_(value)
     print(f"restored the best weights (step {step})", flush=True)
+
+
+_ONE_PROCESS = Strategy(None, None)

@@ -4,7 +4,7 @@ manifest fields all runs share. Recipes keep only what is theirs."""
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from tunesmith.config import Config, dump_config
 from tunesmith.errors import ConfigError
 from tunesmith.methods import save_trained
 from tunesmith.training.checkpoint import checkpoint_dirs
+from tunesmith.training.distributed import DistributedError, barrier, broadcast, is_main
 from tunesmith.training.logging import plot_loss, read_metrics
 from tunesmith.training.manifest import now_iso, versions
 from tunesmith.training.rundir import resumable, run_name, staged_name, staged_run_dir
@@ -25,15 +26,26 @@ def resume_target(cfg: Config) -> tuple[str, Path, Path]:
     config must match this one, or the resumed run would not be the run that was started."""
     staging = resumable(Path(cfg.run.output_dir), cfg.run.name)
     name = staged_name(staging)
-    saved = yaml.safe_load((staging / "config.yaml").read_text())
+    saved = _comparable(yaml.safe_load((staging / "config.yaml").read_text()))
     now = cfg.model_copy(deep=True)
     now.run.name = name
-    if saved != now.model_dump(mode="json"):
+    now = _comparable(now.model_dump(mode="json"))
+    if saved != now:
         diff = sorted(f"{sec}.{k}" for sec, vals in saved.items() if isinstance(vals, dict)
-                      for k, v in vals.items() if now.model_dump(mode="json").get(sec, {}).get(k) != v)
+                      for k, v in vals.items() if now.get(sec, {}).get(k) != v)
         raise ConfigError(f"--resume: the config differs from the interrupted run's ({', '.join(diff)}); "
                           f"resume with the same config ({staging / 'config.yaml'})")
     return name, staging, checkpoint_dirs(staging / "checkpoints")[-1]
+
+
+def _comparable(config: dict) -> dict:
+    """A run's config without what may change on --resume: how many processes run it and what
+    starts them (a checkpoint resumes on any number of ranks)."""
+    dist = config.get("train", {}).get("distributed")
+    if isinstance(dist, dict):
+        dist.pop("workers", None)
+        dist.pop("launcher", None)
+    return config
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -54,25 +66,50 @@ class OpenRun:
 @contextmanager
 def open_run(cfg: Config, resume: bool, prefix: str):
     """The staged run directory with config.yaml written; on --resume, the interrupted run's
-    folder with its metrics cut back to the checkpoint the loop continues from."""
-    adopt = checkpoint = None
-    if resume:
-        name, adopt, checkpoint = resume_target(cfg)
-    else:
-        name = run_name(cfg.run.name, prefix=prefix)
+    folder with its metrics cut back to the checkpoint the loop continues from.
+
+    Under several processes rank 0 alone creates, adopts and renames the folder, and tells the
+    other ranks where it is (they write only their checkpoint shards into it, on a filesystem
+    every rank sees); it renames it once every rank is done."""
     resolved = cfg.model_copy(deep=True)
-    resolved.run.name = name
-    with staged_run_dir(cfg.run.output_dir, name, adopt=adopt) as tmp:
-        (tmp / "config.yaml").write_text(dump_config(resolved), encoding="utf-8")
-        if checkpoint is not None:
-            checkpoint = tmp / "checkpoints" / checkpoint.name  # the staging folder was renamed to this process
-            truncate_metrics(tmp / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
+    if not is_main():
+        told = broadcast(None)
+        if told[0] == "error":
+            raise DistributedError(f"rank 0 could not open the run directory: {told[1]}")
+        _, name, tmp, checkpoint = told
+        resolved.run.name = name
+        yield OpenRun(Path(tmp), name, resolved, checkpoint and Path(checkpoint), Path(cfg.run.output_dir) / name)
+        barrier()
+        return
+    with ExitStack() as stack:
+        try:
+            adopt = checkpoint = None
+            if resume:
+                name, adopt, checkpoint = resume_target(cfg)
+            else:
+                name = run_name(cfg.run.name, prefix=prefix)
+            resolved.run.name = name
+            tmp = stack.enter_context(staged_run_dir(cfg.run.output_dir, name, adopt=adopt))
+            (tmp / "config.yaml").write_text(dump_config(resolved), encoding="utf-8")
+            if checkpoint is not None:
+                checkpoint = tmp / "checkpoints" / checkpoint.name  # the staging folder was renamed to this process
+                truncate_metrics(tmp / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
+        except Exception as exc:
+            broadcast(("error", str(exc)))
+            raise
+        broadcast(("ok", name, str(tmp), checkpoint and str(checkpoint)))
         yield OpenRun(tmp, name, resolved, checkpoint, Path(cfg.run.output_dir) / name)
+        barrier()  # every rank's part is written before the folder becomes the run
     print(f"run saved: {Path(cfg.run.output_dir) / name}", flush=True)
 
 
-def save_run_outputs(run: OpenRun, model, tokenizer) -> None:
-    save_trained(model, run.config.method, run.dir)
+def save_run_outputs(run: OpenRun, model, tokenizer, strategy=None) -> None:
+    """The trained weights (gathered from every rank's shard first, under a sharding strategy),
+    tokenizer and loss plot; written by rank 0."""
+    state = strategy.trainable_state(model) if strategy is not None else None  # a collective: every rank
+    if not is_main():
+        return
+    save_trained(model, run.config.method, run.dir, state)
     tokenizer.save_pretrained(run.dir / "tokenizer")  # includes the chat template used in training
     plot_loss(run.dir / "metrics.jsonl", run.dir / "loss.png")
 

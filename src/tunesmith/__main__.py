@@ -1,0 +1,6 @@
+"""`python -m tunesmith ...`, and what launchers run: `torchrun ... -m tunesmith train CONFIG`."""
+import sys
+
+from tunesmith.cli import main
+
+sys.exit(main())
