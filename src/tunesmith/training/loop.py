@@ -238,8 +238,7 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = strategy.clip_grad_norm(module, tcfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
-        scale_log = _optimizer_step(optimizer, scheduler, scaler)
-        optimizer.zero_grad(set_to_none=True)
+        scale_log = strategy.optimizer_step(module, optimizer, scheduler, scaler)
         logger.count(sum(getattr(e, "n_tokens", None) or len(e.input_ids) for g in step_groups for e in g),
                      n_step)  # real tokens, no padding
         state = TrainState(step, state.micro_batches + len(step_groups), logger.tokens, logger.trained_tokens,
@@ -274,7 +273,7 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
                        resumed_tokens)
 
 
-def _optimizer_step(optimizer, scheduler, scaler) -> dict:
+def optimizer_step(optimizer, scheduler, scaler) -> dict:
     """One optimizer and schedule step; with an fp16 scaler, a step whose gradients overflowed is
     skipped (the scaler lowers its scale instead) and so is its schedule step, as in transformers'
     Trainer. Returns what to log: the loss scale, and whether the step was skipped."""

@@ -74,6 +74,14 @@ class Strategy:
         params = [p for p in module.parameters() if p.requires_grad]
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
 
+    def optimizer_step(self, module, optimizer, scheduler, scaler) -> dict:
+        """One optimizer and schedule step, gradients zeroed after; returns what to log."""
+        from tunesmith.training.loop import optimizer_step
+
+        logged = optimizer_step(optimizer, scheduler, scaler)
+        optimizer.zero_grad(set_to_none=True)
+        return logged
+
     def trainable_state(self, module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         """The full trained weights for the final save, on rank 0 (a collective under sharding);
         None: the model saves its own (every rank holds them whole)."""
