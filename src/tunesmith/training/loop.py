@@ -42,6 +42,7 @@ class TrainResult:
     stopped_early: bool = False
     resumed_from: int | None = None
     resumed_tokens: int = 0  # tokens trained before this process (by the run it resumed)
+    state_bytes: dict | None = None  # this rank's weights and optimizer state, in bytes (see held_bytes)
 
     @property
     def tokens_per_s(self) -> float:
@@ -270,7 +271,21 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
     seconds = time.perf_counter() - logger.start
     return TrainResult(state.step, logger.tokens, logger.trained_tokens, loss_value, val_loss, seconds,
                        stopper.best_step, stopped, None if resume is None else int(resume.name.split("-")[1]),
-                       resumed_tokens)
+                       resumed_tokens, held_bytes(module, optimizer))
+
+
+def held_bytes(module, optimizer) -> dict:
+    """What this rank holds of the weights (trained and frozen) and of the optimizer state, in
+    bytes: its shards under a sharding strategy, everything otherwise (how memory scales with ranks)."""
+    def size(t) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor's local shard
+        return t.numel() * t.element_size()
+
+    params = list(module.parameters())
+    return {"trained_weights": sum(size(p) for p in params if p.requires_grad),
+            "frozen_weights": sum(size(p) for p in params if not p.requires_grad),
+            "optimizer_state": sum(size(v) for st in optimizer.state.values() for v in st.values()
+                                   if torch.is_tensor(v) and v.dim() > 0)}
 
 
 def optimizer_step(optimizer, scheduler, scaler) -> dict:

@@ -15,7 +15,7 @@ from tunesmith.config import Config, dump_config
 from tunesmith.errors import ConfigError
 from tunesmith.methods import save_trained
 from tunesmith.training.checkpoint import checkpoint_dirs
-from tunesmith.training.distributed import DistributedError, barrier, broadcast, is_main
+from tunesmith.training.distributed import DistributedError, barrier, broadcast, is_main, world
 from tunesmith.training.logging import plot_loss, read_metrics
 from tunesmith.training.manifest import now_iso, versions
 from tunesmith.training.rundir import resumable, run_name, staged_name, staged_run_dir
@@ -130,4 +130,5 @@ def manifest_base(kind: str, run: OpenRun, resolved_model, parameters: tuple[int
         "tokens_per_s": round(result.tokens_per_s, 2),
         "final_loss": result.final_loss, "best_step": result.best_step, "stopped_early": result.stopped_early,
         "resumed_from_step": result.resumed_from, "precision": placement.precision, "device": str(placement.device),
+        "processes": world()[1], "memory_rank0": result.state_bytes,
     }
