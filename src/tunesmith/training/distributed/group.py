@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from tunesmith.errors import TunesmithError
 
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what makes a process one rank of a launched run
+LAUNCH_ENV = (*RANK_ENV, "MASTER_ADDR", "MASTER_PORT")
 
 
 class DistributedError(TunesmithError):
@@ -47,9 +48,9 @@ def launched_env(env: dict | None = None) -> bool:
     """True when a launcher started this process as one rank of several (or of one, by torchrun).
     A half-set environment is an error: guessing the missing part would start a wrong run."""
     env = os.environ if env is None else env
-    present = [k for k in LAUNCH_ENV if k in env]
-    if not present:
+    if not any(k in env for k in RANK_ENV):  # MASTER_ADDR/PORT alone: set by one-process launchers too
         return False
+    present = [k for k in LAUNCH_ENV if k in env]
     missing = [k for k in LAUNCH_ENV if k not in env]
     if missing:
         raise DistributedError(
