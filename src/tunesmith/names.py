@@ -24,6 +24,7 @@ _REGISTRIES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "generation metric": ("tunesmith.eval.metrics", lambda m: m.METRICS, ()),
     "tracker": ("tunesmith.training.trackers", lambda m: m.TRACKERS, ()),
     "allocator": ("tunesmith.training.allocator", lambda m: m.LIBRARIES, ("auto", "system")),
+    "attention": ("tunesmith.models.attention", lambda m: m.IMPLEMENTATIONS, ("auto",)),
 }
 
 
