@@ -15,6 +15,7 @@ def registries() -> dict[str, set[str]]:
     from tunesmith.eval import EVALUATORS
     from tunesmith.eval.metrics import METRICS
     from tunesmith.methods import METHODS, get_method
+    from tunesmith.models.attention import IMPLEMENTATIONS
     from tunesmith.recipes import RECIPES
     from tunesmith.training.allocator import LIBRARIES
     from tunesmith.training.preference import PREFERENCE_LOSSES
@@ -24,7 +25,7 @@ def registries() -> dict[str, set[str]]:
     return {"data format": {"auto", *FORMATS, *TREE_FORMATS}, "chat template": set(NAMED), "method": set(METHODS),
             "objective": set(RECIPES), "preference loss": set(PREFERENCE_LOSSES), "eval task kind": set(EVALUATORS),
             "generation metric": set(METRICS), "tracker": set(TRACKERS),
-            "allocator": {"auto", "system", *LIBRARIES}}
+            "allocator": {"auto", "system", *LIBRARIES}, "attention": {"auto", *IMPLEMENTATIONS}}
 
 
 # kind -> overrides that put NAME where config validates it
@@ -38,6 +39,7 @@ SETTERS = {
     "generation metric": lambda n: [f"eval.tasks=[{{name: t, kind: generation, path: x, metrics: [{n}]}}]"],
     "tracker": lambda n: [f"train.trackers=[{n}]"],
     "allocator": lambda n: [f"train.allocator={n}"],
+    "attention": lambda n: [f"model.attn_implementation={n}"],
 }
 
 
@@ -61,7 +63,8 @@ def test_init_lists_the_allowed_names(tmp_path):
     out = tmp_path / "c.yaml"
     assert main(["init", str(out)]) == 0
     text = out.read_text()
-    for kind in ("data format", "chat template", "method", "objective", "preference loss", "tracker", "allocator"):
+    for kind in ("data format", "chat template", "method", "objective", "preference loss", "tracker", "allocator",
+                 "attention"):
         assert "One of: " + ", ".join(registered_names(kind)) + "." in text, kind
 
 

@@ -27,6 +27,10 @@ class ModelSection(_Section):
         description="Alias (see `tunesmith models list`), local HF directory, .gguf file or hub id.",
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with the weights.")
+    attn_implementation: Registered("attention") = Field(
+        "auto", description="Attention kernel of the trained model. auto: flash_attention_2 on a CUDA GPU training "
+                            "in bf16/fp16 when flash-attn is installed, else sdpa (eager where the model has no "
+                            "sdpa); the choice and why are printed.")
 
 
 FormatName = Registered("data format")
@@ -151,6 +155,8 @@ class TrainSection(_Section):
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="AdamW (fused where available); 8-bit and paged variants need CUDA.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(False, description="torch.compile each decoder layer (inductor: a C++ compiler on CPU, "
+                                             "triton on GPU); same loss, compiled on the first steps.")
     spike_factor: float = Field(3.0, gt=1, description="Warn when a step's loss exceeds this x the recent mean.")
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default.")
     trackers: list[Registered("tracker")] = Field(

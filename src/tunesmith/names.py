@@ -26,6 +26,7 @@ _REGISTRIES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "allocator": ("tunesmith.training.allocator", lambda m: m.LIBRARIES, ("auto", "system")),
     "strategy": ("tunesmith.training.distributed.strategy", lambda m: m.STRATEGIES, ("auto",)),
     "launcher": ("tunesmith.training.distributed.launch", lambda m: m.LAUNCHERS, ()),
+    "attention": ("tunesmith.models.attention", lambda m: m.IMPLEMENTATIONS, ("auto",)),
 }
 
 

@@ -19,14 +19,32 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **kwargs):
-    """kwargs go to from_pretrained (e.g. quantization_config from a method's load_kwargs)."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               attention: str | None = None, **kwargs):
+    """`attention`: an attn_implementation (models/attention.py chooses it; None: transformers'
+    default). kwargs go to from_pretrained (e.g. quantization_config from a method's load_kwargs)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs)
+        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+        attn_implementation=attention, **kwargs)
     model.config.use_cache = False
     return model
+
+
+def causal_lm_class(path: str | Path, trust_remote_code: bool = False):
+    """The class load_model builds for `path`, without loading weights (its attention support decides
+    model.attn_implementation=auto); None when its code ships with the weights and may not run."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    remote = (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM")
+    if remote and trust_remote_code:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(remote, str(path))
+    return MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
 
 
 def attach_adapter(model, adapter_dir: str | Path, trainable: bool = False):

@@ -51,7 +51,7 @@ _COMMON = ("model", "method", "run", "objective.name",
            "train.malloc_mmap_threshold", "train.allocator", "train.lr", "train.schedule", "train.warmup_steps",
            "train.weight_decay", "train.max_grad_norm", "train.seed", "train.log_every", "train.eval_every",
            "train.save_every", "train.keep_last", "train.patience", "train.restore_best", "train.precision",
-           "train.optimizer", "train.gradient_checkpointing", "train.spike_factor", "train.threads",
+           "train.optimizer", "train.gradient_checkpointing", "train.compile", "train.spike_factor", "train.threads",
            "train.trackers", "train.distributed")
 _PREFERENCE_ONLY = "only preference objectives (objective.name=dpo) use it"
 

@@ -189,7 +189,7 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
     from tunesmith.models.load import load_model, load_tokenizer
     from tunesmith.models.registry import resolve_model, sha256_file
     from tunesmith.recipes.sft import (apply_process_settings, check_context, data_files_of, load_split,
-                                       load_training_examples, metrics_logger, prepare_model)
+                                       load_training_examples, metrics_logger, model_attention, prepare_model)
     from tunesmith.training.device import choose_placement
     from tunesmith.training.logging import read_metrics
     from tunesmith.training.loop import total_steps, train
@@ -221,8 +221,9 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
           f"; loss: {obj.loss}; chat template: {template}", flush=True)
 
     placement = choose_placement(tcfg.precision)
+    print(f"device: {placement.reason}", flush=True)
     model = load_model(resolved.path, dtype=placement.frozen_dtype(method), trust_remote_code=cfg.model.trust_remote_code,
-                       **method.load_kwargs(cfg.method))
+                       attention=model_attention(cfg, resolved.path, placement), **method.load_kwargs(cfg.method))
     precompute = spec.needs_reference and (obj.reference == "precomputed" or not adapter)
     cache = None
     if precompute:  # the reference is the model before training: score every pair once, keep no copy

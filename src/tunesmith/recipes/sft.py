@@ -17,7 +17,8 @@ from tunesmith.data.pack import describe_packing, pack_examples
 from tunesmith.data.templates import apply_template
 from tunesmith.data.tokenize import encode_dataset
 from tunesmith.methods import count_parameters, get_method
-from tunesmith.models.load import check_packing_isolates, load_model, load_tokenizer
+from tunesmith.models.attention import choose_attention
+from tunesmith.models.load import causal_lm_class, check_packing_isolates, load_model, load_tokenizer
 from tunesmith.models.registry import resolve_model, sha256_file
 from tunesmith.training.logging import MetricsLogger
 from tunesmith.training.loop import total_steps, train
@@ -31,7 +32,8 @@ from tunesmith.training import allocator
 from tunesmith.training.distributed import is_main, world
 from tunesmith.training.distributed.strategy import choose_strategy
 from tunesmith.training.concurrent import has_dropout
-from tunesmith.training.device import choose_placement, set_malloc_mmap_threshold, trainable_in_fp32
+from tunesmith.training.device import (choose_placement, compile_decoder_layers, set_malloc_mmap_threshold,
+                                      trainable_in_fp32)
 from tunesmith.training.run import manifest_base, open_run, save_run_outputs
 
 
@@ -99,11 +101,22 @@ def metrics_logger(run, tcfg, steps: int) -> MetricsLogger:
     return MetricsLogger(run.dir / "metrics.jsonl", steps, trackers=trackers)
 
 
+def model_attention(cfg: Config, model_path: Path, placement) -> str:
+    """model.attn_implementation resolved for this placement and model, printed with why."""
+    attention = choose_attention(cfg.model.attn_implementation, placement.device, placement.dtype,
+                                 causal_lm_class(model_path, cfg.model.trust_remote_code))
+    print(f"attention: {attention.describe()}", flush=True)
+    return attention.name
+
+
 def prepare_model(model, cfg: Config, placement):
     """Device, precision and memory options, applied the same way for every method."""
     trainable_in_fp32(model)  # the frozen base may be bf16/fp16 (Placement.frozen_dtype)
     if not getattr(model, "is_loaded_in_4bit", False):  # bitsandbytes places 4-bit weights itself
         model.to(placement.device)
+    if cfg.train.compile:  # before the memory options below: they wrap the compiled layer
+        n = compile_decoder_layers(model, placement.device)
+        print(f"compile: {n} decoder layers with torch.compile (compiled during the first steps)", flush=True)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -185,7 +198,7 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
     print(f"device: {placement.reason}", flush=True)
     method = get_method(cfg.method.name)
     model = load_model(resolved.path, dtype=placement.frozen_dtype(method), trust_remote_code=cfg.model.trust_remote_code,
-                       **method.load_kwargs(cfg.method))
+                       attention=model_attention(cfg, resolved.path, placement), **method.load_kwargs(cfg.method))
     model = prepare_model(method.build(model, cfg.method), cfg, placement)
     trainable, total = count_parameters(model)
     print(f"model: {resolved.id}  method: {cfg.method.name}  trainable {trainable:,} of {total:,} "

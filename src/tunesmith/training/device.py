@@ -93,6 +93,42 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float, device: to
     return cls(params, lr=lr, weight_decay=weight_decay)
 
 
+def compile_problem(device: torch.device) -> str | None:
+    """Why torch.compile's default backend (inductor) cannot build kernels for `device`, or None.
+    Without a compiler the error would only come at the first forward, after loading everything."""
+    if device.type == "cuda":
+        import importlib.util
+
+        return None if importlib.util.find_spec("triton") else "inductor needs the triton package on GPUs (pip install triton)"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()  # what inductor itself runs to find $CXX / g++
+    except Exception as exc:  # noqa: BLE001 (any failure means no kernels get built)
+        return f"inductor found no C++ compiler for CPU kernels ({type(exc).__name__}; install g++ or set CXX)"
+    return None
+
+
+def compile_decoder_layers(model, device: torch.device) -> int:
+    """train.compile: torch.compile each decoder layer's forward; returns how many.
+
+    Layers, not the model: the training loss runs the decoder and then the output head on the trained
+    positions only (models.load.decoder_and_head), so model.forward never runs. The compiled function replaces `forward` on each layer, so module
+    names and state_dict keys stay as they are (checkpoints, adapters and merges see no wrapper),
+    and gradient checkpointing, which wraps the layer's call, stays outside the compiled graph."""
+    from tunesmith.training.memory import decoder_layers
+
+    if (problem := compile_problem(device)) is not None:
+        raise ConfigError(f"train.compile=true cannot work here: {problem}; or set train.compile=false")
+    try:
+        layers = decoder_layers(model, needed_by="train.compile")
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; set train.compile=false") from None
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)
+    return len(layers)
+
+
 def set_malloc_mmap_threshold(nbytes: int) -> bool:
     """glibc: serve allocations of at least `nbytes` with their own mmap, returned to the OS when
     freed. glibc's default raises this threshold as large blocks are freed, so activations end up

@@ -48,13 +48,13 @@ def layers_to_recompute(tokens: int, n_layers: int, per_token: int, hidden: int,
     return min(n_layers, max(0, k))
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:
+def decoder_layers(model, needed_by: str = "train.activation_memory_mb") -> torch.nn.ModuleList:
     from tunesmith.models.load import decoder_and_head
 
     decoder, _ = decoder_and_head(model)
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"{type(decoder).__name__} has no `layers` list: train.activation_memory_mb needs one")
+        raise ValueError(f"{type(decoder).__name__} has no `layers` list: {needed_by} needs one")
     return layers
 
 
