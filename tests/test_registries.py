@@ -18,6 +18,8 @@ def registries() -> dict[str, set[str]]:
     from tunesmith.models.attention import IMPLEMENTATIONS
     from tunesmith.recipes import RECIPES
     from tunesmith.training.allocator import LIBRARIES
+    from tunesmith.training.distributed.launch import LAUNCHERS
+    from tunesmith.training.distributed.strategy import STRATEGIES
     from tunesmith.training.preference import PREFERENCE_LOSSES
     from tunesmith.training.trackers import TRACKERS
 
@@ -25,7 +27,8 @@ def registries() -> dict[str, set[str]]:
     return {"data format": {"auto", *FORMATS, *TREE_FORMATS}, "chat template": set(NAMED), "method": set(METHODS),
             "objective": set(RECIPES), "preference loss": set(PREFERENCE_LOSSES), "eval task kind": set(EVALUATORS),
             "generation metric": set(METRICS), "tracker": set(TRACKERS),
-            "allocator": {"auto", "system", *LIBRARIES}, "attention": {"auto", *IMPLEMENTATIONS}}
+            "allocator": {"auto", "system", *LIBRARIES}, "attention": {"auto", *IMPLEMENTATIONS},
+            "strategy": {"auto", *STRATEGIES}, "launcher": set(LAUNCHERS)}
 
 
 # kind -> overrides that put NAME where config validates it
@@ -40,6 +43,8 @@ SETTERS = {
     "tracker": lambda n: [f"train.trackers=[{n}]"],
     "allocator": lambda n: [f"train.allocator={n}"],
     "attention": lambda n: [f"model.attn_implementation={n}"],
+    "strategy": lambda n: [f"train.distributed.strategy={n}"],
+    "launcher": lambda n: [f"train.distributed.launcher={n}"],
 }
 
 

@@ -398,12 +398,21 @@ def commented_template(cfg: Config | None = None) -> str:
     out = ["# tunesmith run config. Every key is optional; shown values are the defaults.",
            "# Override any key on the command line: tunesmith train CONFIG train.lr=1e-4", ""]
     for section_name, section_field in Config.model_fields.items():
-        section = getattr(cfg, section_name)
         out.append(f"{section_name}:")
-        for name, field in type(section).model_fields.items():
-            value = yaml.safe_dump({name: getattr(section, name)}, default_flow_style=True).strip()[1:-1]
-            allowed = allowed_values(field.annotation, field.metadata)
-            out.append(f"  # {field.description}" + (f" One of: {', '.join(map(str, allowed))}." if allowed else ""))
-            out.append(f"  {value}")
+        out += _commented_fields(getattr(cfg, section_name), "  ")
         out.append("")
     return "\n".join(out)
+
+
+def _commented_fields(section: BaseModel, indent: str) -> list[str]:
+    out = []
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        allowed = allowed_values(field.annotation, field.metadata)
+        out.append(f"{indent}# {field.description}" + (f" One of: {', '.join(map(str, allowed))}." if allowed else ""))
+        if isinstance(value, BaseModel):  # a nested section (train.distributed)
+            out.append(f"{indent}{name}:")
+            out += _commented_fields(value, indent + "  ")
+            continue
+        out.append(indent + yaml.safe_dump({name: value}, default_flow_style=True).strip()[1:-1])
+    return out
