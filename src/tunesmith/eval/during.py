@@ -6,6 +6,12 @@ results go to RUN/eval/step-N/<task>.json and their metrics into metrics.jsonl a
 `eval/<task>/<metric>`. With eval.best_metric (TASK/METRIC) that metric, not the validation loss,
 picks the best checkpoint (and drives train.patience / train.restore_best); at the end the
 results of the weights that were saved are copied to RUN/eval/<task>.json.
+
+Under several processes each scores its share of every task's batches (the batches one process
+would run) and the results are gathered on all of them (training/distributed/group.map_shared):
+every process gets one process's metrics, so they pick the same best checkpoint and stop alike;
+rank 0 alone writes the files. The evaluator runs the plain model (no strategy wrapper), which
+under DDP holds no collective, so processes may run different numbers of forwards.
 """
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ import torch
 from tunesmith.errors import DataError
 from tunesmith.eval.mc_formats import MCItem, load_items
 from tunesmith.eval.results import TaskResult
+from tunesmith.training.distributed.group import map_shared
 
 TARGET_DELIMITER = " "     # lm-eval: between prompt and answer
 FEWSHOT_DELIMITER = "\n\n"  # lm-eval: after each solved example
@@ -130,21 +131,29 @@ def score_requests(model, tok, requests: list[tuple[str, str]], batch_size: int 
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rows = sorted(shared, key=lambda r: -len(r))
-    scores = [0.0] * len(encoded)
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
+
+    def score_batch(batch: list[tuple[int, ...]]) -> list[tuple[int, float]]:
         width = len(batch[0])
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         for b, row in enumerate(batch):
             ids[b, :len(row)] = torch.tensor(row)
         keep = max(width - len(row) + len(encoded[i][1]) for row in batch for i in shared[row])
         logprobs = torch.log_softmax(_forward_tail(model, ids.to(device), keep).float(), dim=-1)
+        out = []
         for b, row in enumerate(batch):
             end = keep - (width - len(row))  # one past the row's last real position in the tail
             for i in shared[row]:
                 cont = encoded[i][1]
                 picked = logprobs[b, end - len(cont):end].gather(-1, torch.tensor(cont, device=device)[:, None])
-                scores[i] = float(picked.double().sum())
+                out.append((i, float(picked.double().sum())))
+        return out
+
+    # under several processes (evaluation during training) each batch is scored by one of them,
+    # the same batch one process would score, and the scores gathered
+    scores = [0.0] * len(encoded)
+    for batch_scores in map_shared(score_batch, [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]):
+        for i, value in batch_scores:
+            scores[i] = value
     return scores
 
 

@@ -25,6 +25,7 @@ from tunesmith.errors import ConfigError, DataError
 from tunesmith.eval.results import TaskResult
 from tunesmith.generation import InferenceModel
 from tunesmith.models.load import decoder_and_head
+from tunesmith.training.distributed.group import map_shared
 
 CONTEXT_CAP = 2048  # default window: the model's context, at most this (longer costs memory, not accuracy)
 HEAD_ROWS = 256     # positions projected onto the vocabulary at once: logits never held whole
@@ -78,14 +79,19 @@ def _padded(seqs: list[list[int]], labels: list[list[int]], pad_id: int):
 
 
 def _score_rows(im: InferenceModel, seqs: list[list[int]], labels: list[list[int]], batch_size: int) -> list[float]:
-    """Summed NLL of each row, in its order; batches hold rows of similar length (little padding)."""
+    """Summed NLL of each row, in its order; batches hold rows of similar length (little padding).
+    Under several processes (evaluation during training) each batch is scored by one of them, the
+    same batch one process would score, and the sums gathered."""
     pad = im.tokenizer.pad_token_id if im.tokenizer.pad_token_id is not None else im.tokenizer.eos_token_id
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+    def score(idx: list[int]) -> list[float]:
+        return token_nll(im.model, *_padded([seqs[i] for i in idx], [labels[i] for i in idx], pad)).tolist()
+
     out = [0.0] * len(seqs)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        sums = token_nll(im.model, *_padded([seqs[i] for i in idx], [labels[i] for i in idx], pad))
-        for i, v in zip(idx, sums.tolist()):
+    for idx, sums in zip(batches, map_shared(score, batches)):
+        for i, v in zip(idx, sums):
             out[i] = v
     return out
 

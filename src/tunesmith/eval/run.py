@@ -17,6 +17,7 @@ from tunesmith.errors import ConfigError, DataError
 from tunesmith.eval import EVALUATORS
 from tunesmith.eval.results import TaskResult, write_result
 from tunesmith.generation import InferenceModel, is_run_dir, load_for_inference
+from tunesmith.training.distributed.group import is_main
 
 
 def get_evaluator(kind: str) -> Callable[[InferenceModel, EvalTaskSection], TaskResult]:
@@ -75,7 +76,9 @@ def run_task(im: InferenceModel, task: EvalTaskSection) -> TaskResult:
 def run_tasks(spec, tasks: list[EvalTaskSection], out_dir: str | Path | None = None,
               adapter: bool = True) -> dict[str, TaskResult]:
     """Every task on one model (spec: run directory, model spec, or an already loaded
-    InferenceModel), each result written to out_dir/<task>.json as soon as it is done."""
+    InferenceModel), each result written to out_dir/<task>.json as soon as it is done. Under
+    several processes (eval.during_training) each scores its share of every task and all of them
+    return the same results; rank 0 alone writes them."""
     check_tasks(tasks)
     out = results_dir(spec, out_dir, adapter)
     im = spec if isinstance(spec, InferenceModel) else load_for_inference(spec, adapter=adapter)
@@ -85,8 +88,8 @@ def run_tasks(spec, tasks: list[EvalTaskSection], out_dir: str | Path | None = N
     try:
         for k, task in enumerate(tasks, 1):
             print(f"[{k}/{len(tasks)}] {task.name}: {task.kind} on {task.path} ({im.label})", flush=True)
-            result = run_task(im, task)
-            path = write_result(out, result)
+            result = run_task(im, task)  # every process gets the whole result (evaluators gather)
+            path = write_result(out, result) if is_main() else out / f"{task.name}.json"  # rank 0 alone writes
             rate = result.n / result.seconds if result.seconds > 0 else float("inf")
             print(f"      {result.n} examples in {result.seconds:.1f} s ({rate:.2f} examples/s); "
                   f"{result.primary}={_fmt(result.metrics.get(result.primary))} -> {path}", flush=True)

@@ -22,6 +22,7 @@ from tunesmith.eval.json_fields import parse_json_object
 from tunesmith.eval.metrics import METRICS, Context, normalize_answer, primary_metric, score
 from tunesmith.eval.results import TaskResult
 from tunesmith.generation import InferenceModel, generate
+from tunesmith.training.distributed.group import map_shared
 
 CHUNK = 256  # examples generated between progress lines
 LABEL_METRICS = {"accuracy", "macro_f1"}
@@ -83,14 +84,32 @@ def _last_user(prompt: list[dict]) -> str:
 
 
 def _generate_all(im: InferenceModel, task: EvalTaskSection, prompts: list[list[dict]]) -> list[str]:
-    preds: list[str] = []
-    t0 = time.perf_counter()
-    for chunk, start in enumerate(range(0, len(prompts), CHUNK)):
-        preds += generate(im, prompts[start:start + CHUNK], task.max_new_tokens, task.batch_size,
-                          task.temperature, task.top_p, seed=task.seed + chunk, stop=task.stop)
-        if len(prompts) > CHUNK:
-            rate = len(preds) / (time.perf_counter() - t0)
-            print(f"  {task.name}: {len(preds)}/{len(prompts)} ({rate:.1f} examples/s)", flush=True)
+    """Replies in prompt order. Prompts sorted by length (in characters: batches of similar length
+    carry little padding) are cut into batches of task.batch_size whatever the number of
+    processes, each batch generated with its own seed: under several processes (training) the
+    batches are dealt out and the replies gathered, and every batch is the one a single process
+    would run, so the replies (and the metrics) are its replies."""
+    lengths = [sum(len(m["content"]) for m in p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lengths.__getitem__)
+    batches = list(enumerate(order[s:s + task.batch_size] for s in range(0, len(order), task.batch_size)))
+    done, t0, shown = 0, time.perf_counter(), 0
+
+    def run(numbered: tuple[int, list[int]]) -> list[str]:
+        nonlocal done, shown
+        k, batch = numbered
+        replies = generate(im, [prompts[i] for i in batch], task.max_new_tokens, task.batch_size, task.temperature,
+                           task.top_p, seed=task.seed + k, stop=task.stop)
+        done += len(batch)
+        if done - shown >= CHUNK:  # this process's share: the others advance alike
+            shown = done
+            print(f"  {task.name}: {done} generated here ({done / (time.perf_counter() - t0):.1f} examples/s)",
+                  flush=True)
+        return replies
+
+    preds = [""] * len(prompts)
+    for (_, batch), replies in zip(batches, map_shared(run, batches)):
+        for i, reply in zip(batch, replies):
+            preds[i] = reply
     return preds
 
 

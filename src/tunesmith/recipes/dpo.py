@@ -19,14 +19,17 @@ from tunesmith.errors import DataError
 from tunesmith.models.load import decoder_and_head
 from tunesmith.training import preference as pref
 from tunesmith.training.losses import _virtual_tokens
+from tunesmith.training.distributed.group import gather_lists, map_shared, world
 from tunesmith.training.memory import forward_budget
 
 
 @dataclass
 class PairItem:
-    """One preference pair; `input_ids` (the longer side) lets the length-grouped batcher sort pairs."""
+    """One preference pair; `input_ids` (the longer side) lets the length-grouped batcher sort pairs.
+    `partner`: the pair whose replies KTO's mismatched rows give this pair's prompt (see _mismatched)."""
     index: int
     pair: EncodedPair
+    partner: EncodedPair | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -40,13 +43,17 @@ class PairItem:
 
 
 def _mismatched(items: list[PairItem]) -> list[Encoded]:
-    """KTO's KL reference point: each prompt with the response of the next row, which the model
-    was never asked to prefer (the estimate TRL's KTOTrainer also uses)."""
-    sides = [(it.pair.prompt_length, s) for it in items for s in (it.pair.chosen, it.pair.rejected)]
+    """KTO's KL reference point: each prompt with both replies of its partner pair (the next one
+    in its data file, fixed when the data is encoded, as TRL's KTOTrainer builds its KL rows from
+    the data), replies the model was never asked to prefer for that prompt. A fixed partner makes
+    the rows the same whichever batch or process the pair lands in, so the estimate over a step
+    is the same on 1 process or N."""
     out = []
-    for i, (p, seq) in enumerate(sides):
-        q, other = sides[(i + 1) % len(sides)]
-        out.append(Encoded(seq.input_ids[:p] + other.input_ids[q:], [IGNORE] * p + other.labels[q:]))
+    for it in items:
+        p, other = it.pair.prompt_length, it.partner or it.pair
+        q = other.prompt_length
+        for seq in (other.chosen, other.rejected):
+            out.append(Encoded(it.pair.chosen.input_ids[:p] + seq.input_ids[q:], [IGNORE] * p + seq.labels[q:]))
     return out
 
 
@@ -78,6 +85,10 @@ class PreferenceLoss:
 
     def __init__(self, objective, reference_logps: dict[int, tuple[float, float]] | None):
         self.obj, self.cache = objective, reference_logps
+        # KTO's z0 is the mean over every process's mismatched rows of a training forward (each
+        # process runs one forward a step: run_dpo refuses grad_accum > 1 for KTO on several);
+        # held-out batches are scored by one process each and keep their own batch's z0
+        self.kl_across_ranks = True
         self.spec = pref.get_preference_loss(objective.loss)
         self.kwargs = self.spec.keywords(objective.loss, objective)
         self._metrics: list[dict] = []
@@ -104,7 +115,8 @@ class PreferenceLoss:
     def _kl(self, model, batch: dict) -> torch.Tensor:
         """The unpaired loss's reference point: policy vs reference on the mismatched rows, no gradient."""
         with torch.no_grad():
-            return pref.kto_kl(sequence_logps(model, batch["kl"]).sum, self._reference(model, batch, batch["kl"]))
+            return pref.kto_kl(sequence_logps(model, batch["kl"]).sum, self._reference(model, batch, batch["kl"]),
+                               across_ranks=self.kl_across_ranks)
 
     def __call__(self, model, batch: dict):
         n = batch["units"]
@@ -115,27 +127,36 @@ class PreferenceLoss:
         return loss * n, n
 
     def pop_metrics(self) -> dict:
-        rows, self._metrics = self._metrics, []
+        """Means over the forwards since the last call, every process's forwards (each holds a
+        share of the step): the numbers one process logs. The loop calls it on every process."""
+        rows, self._metrics = gather_lists(self._metrics), []
         keys = set().union(*rows) if rows else set()
         return {k: round(sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r), 6) for k in sorted(keys)}
 
 
+def _batches(items: list, batch_size: int) -> list[list]:
+    return [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
+
+
 @torch.no_grad()
 def precompute_reference(model, items: list[PairItem], pad_id: int, batch_size: int) -> dict[int, tuple]:
-    """Reference log-probs of every pair, once, with the model as it is before training."""
+    """Reference log-probs of every pair, once, with the model as it is before training. Under
+    several processes each scores its share of the batches and every process gets the whole
+    cache (a process trains whichever pairs its share of a step holds)."""
     if len({it.index for it in items}) != len(items):  # the cache is keyed by index: a repeat would overwrite
         raise ValueError("precompute_reference: pair indices repeat (training and validation must be numbered apart)")
     was = model.training
     model.eval()
-    out = {}
-    for start in range(0, len(items), batch_size):
-        batch = collate_pairs(items[start:start + batch_size], pad_id)
-        logps = sequence_logps(model, batch).sum
-        n = batch["units"]
-        for j, it in enumerate(items[start:start + batch_size]):
-            out[it.index] = (float(logps[j]), float(logps[n + j]))
-    model.train(was)
-    return out
+
+    def score(group: list[PairItem]) -> list[tuple[int, tuple[float, float]]]:
+        logps = sequence_logps(model, collate_pairs(group, pad_id)).sum
+        n = len(group)
+        return [(it.index, (float(logps[j]), float(logps[n + j]))) for j, it in enumerate(group)]
+
+    try:
+        return dict(kv for scored in map_shared(score, _batches(items, batch_size)) for kv in scored)
+    finally:
+        model.train(was)
 
 
 @torch.no_grad()
@@ -143,22 +164,28 @@ def preference_accuracy(model, items: list[PairItem], loss: PreferenceLoss, pad_
     """Held-out preference accuracy (chosen reward above rejected), loss, and the policy's own
     preference: the share of pairs whose chosen reply has the higher mean log-prob per token. The
     reward accuracy is 0 at step 0 by construction (policy == reference: both rewards are 0); the
-    policy's own preference is the base model's there, so its rise measures what training taught."""
-    was = model.training
-    model.eval()
-    total, correct, n_all, prefers = 0.0, 0.0, 0, 0
-    for start in range(0, len(items), batch_size):
-        batch = collate_pairs(items[start:start + batch_size], pad_id, kl_rows=not loss.spec.paired)
-        value, n = loss(model, batch)
-        total, n_all = total + float(value), n_all + n
+    policy's own preference is the base model's there, so its rise measures what training taught.
+
+    Under several processes each batch is scored by one of them (each pair once) and the sums
+    gathered: every process gets the numbers of one process, so they decide alike on them."""
+    def score(group: list[PairItem]) -> tuple[float, int, float, int]:
+        value, n = loss(model, collate_pairs(group, pad_id, kl_rows=not loss.spec.paired))
         m = loss._metrics[-1]
         # KTO has no paired accuracy; its chosen-vs-rejected reward comparison stands in
         acc = m.get("rewards/accuracies", float(m.get("rewards/chosen", 0) > m.get("rewards/rejected", 0)))
-        correct += acc * n
         mean = loss.last_logps.mean
-        prefers += int((mean[:n] > mean[n:]).sum())
-    loss._metrics.clear()
-    model.train(was)
+        return float(value), n, acc * n, int((mean[:n] > mean[n:]).sum())
+
+    was = model.training
+    model.eval()
+    loss.kl_across_ranks = False  # a held-out batch's z0 is its own: no other process runs that batch
+    try:
+        scored = map_shared(score, _batches(items, batch_size))
+    finally:
+        loss._metrics.clear()
+        loss.kl_across_ranks = True
+        model.train(was)
+    total, n_all, correct, prefers = (sum(column) for column in zip(*scored)) if scored else (0.0, 0, 0.0, 0)
     return {"val_loss": total / max(n_all, 1), "val_preference_accuracy": correct / max(n_all, 1),
             "val_policy_prefers_chosen": prefers / max(n_all, 1)}
 
@@ -178,6 +205,8 @@ def encode_pairs(tokenizer, examples, max_length: int, source: str, first_index:
     if len(items) < len(pairs) // 2:
         raise DataError(f"{source}: {len(pairs) - len(items)} of {len(pairs)} pairs lose their response to "
                         f"truncation at data.max_length={max_length}; raise data.max_length")
+    for k, it in enumerate(items):  # KTO's mismatched rows: each prompt with the next pair's replies
+        it.partner = items[(k + 1) % len(items)].pair
     return items
 
 
@@ -191,7 +220,6 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
     from tunesmith.recipes.sft import (apply_process_settings, check_context, data_files_of, load_split,
                                        load_training_examples, metrics_logger, model_attention, prepare_model)
     from tunesmith.training.device import choose_placement
-    from tunesmith.training.logging import read_metrics
     from tunesmith.training.loop import total_steps, train
     from tunesmith.atomic import write_json
     from tunesmith.training.manifest import now_iso
@@ -207,6 +235,14 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
     if spec.needs_adapter and not adapter:
         raise ConfigError(f"objective.loss={obj.loss} needs an adapter method, not method.name={cfg.method.name} "
                           "(its KL estimate scores mismatched pairs under the adapter-disabled base)")
+    if not spec.paired and world()[1] > 1 and tcfg.grad_accum > 1:
+        # z0 is gathered over the processes' forwards: with accumulation their j-th forwards hold
+        # different micro-batches (so z0 would not be one process's), and a short last batch can
+        # leave them with different numbers of forwards, whose gathers would never meet
+        raise ConfigError(f"objective.loss={obj.loss} on {world()[1]} processes needs train.grad_accum=1 (it is "
+                          f"{tcfg.grad_accum}): its KL estimate z0 is the mean over the step's forward on every "
+                          f"process. Set train.batch_size={tcfg.batch_size * tcfg.grad_accum} train.grad_accum=1 "
+                          "(each process then runs its share of the step in one forward)")
     apply_process_settings(tcfg)
     torch.manual_seed(tcfg.seed)
     resolved = resolve_model(cfg.model.name)
@@ -236,8 +272,12 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
     strategy = choose_strategy(tcfg.distributed, method, model, placement)
     print(strategy.describe(), flush=True)
 
+    evaluated: dict = {}  # the last evaluation's step and numbers: the same on every process
+
     def evaluator(step: int | None = None) -> dict:
-        return preference_accuracy(model, val, loss_fn, tokenizer.pad_token_id, tcfg.batch_size)
+        metrics = preference_accuracy(model, val, loss_fn, tokenizer.pad_token_id, tcfg.batch_size)
+        evaluated.update(step=step, metrics=dict(metrics))
+        return metrics
 
     with open_run(cfg, resume, prefix="dpo") as run:
         logger = metrics_logger(run, tcfg, total_steps(len(items), tcfg))
@@ -253,13 +293,13 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
         finally:
             logger.close()
         save_run_outputs(run, model, tokenizer, strategy)
+        end = None
+        if val:  # the loop's evaluation of the last step is the end value; evaluate (every process: the
+            # evaluation is shared) only if it did not run here (resumed at the end) or the best weights came back
+            ran = evaluated.get("step") == result.steps and result.steps > 0 and not tcfg.restore_best
+            end = evaluated["metrics"] if ran else evaluator()
         if not is_main():
             return run.final
-        end = None
-        if val:  # the loop's evaluation of the last step is the end value; evaluate only if it did not run
-            last = [r for r in read_metrics(run.dir / "metrics.jsonl") if "val_preference_accuracy" in r]
-            end = ({k: last[-1][k] for k in ("val_loss", "val_preference_accuracy", "val_policy_prefers_chosen")}
-                   if last and last[-1]["step"] == result.steps and not tcfg.restore_best else evaluator())
         manifest = manifest_base("dpo", run, resolved, (trainable, total), started, result, placement)
         manifest.update({
             "objective": obj.model_dump(),

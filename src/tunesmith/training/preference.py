@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.tokenize import IGNORE
 from tunesmith.errors import ConfigError
+from tunesmith.training.distributed.group import global_count, sum_scalar
 
 Metrics = dict[str, torch.Tensor]
 
@@ -169,12 +170,20 @@ def orpo_loss(chosen: SeqLogps, rejected: SeqLogps, *, beta: float = 0.1) -> tup
     return loss, metrics
 
 
-def kto_kl(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
-    """KTO's reference point z0 before clamping: the batch mean of log pi/pi_ref on mismatched
+def kto_kl(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, across_ranks: bool = False) -> torch.Tensor:
+    """KTO's reference point z0 before clamping: the mean of log pi/pi_ref on mismatched
     (prompt, completion) pairs, an estimate of KL(pi || pi_ref). Detached: the paper treats z0
-    as a baseline, not something to optimise. Under data parallelism, average it over ranks
-    before `kto_loss` (TRL gathers it) so every rank uses the same z0."""
-    return (kl_logps - ref_kl_logps).mean().detach()
+    as a baseline, not something to optimise.
+
+    `across_ranks`: the mean over every process's rows (TRL gathers it), so that every process
+    uses the same z0, the one a single process would compute over the same rows; every process
+    must then call it at the same point (once per forward of the step). The sum is taken in
+    float64 on one process or many, so the two agree to the last bit of the float32 result."""
+    diff = (kl_logps - ref_kl_logps).detach()
+    total, count = float(diff.double().sum()), diff.numel()
+    if across_ranks:
+        total, count = sum_scalar(total), global_count(count)
+    return torch.tensor(total / max(count, 1), dtype=diff.dtype, device=diff.device)
 
 
 def kto_loss(policy: SeqLogps, ref: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, *,

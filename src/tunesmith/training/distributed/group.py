@@ -170,3 +170,30 @@ def any_rank(flag: bool) -> bool:
 def _collective_device() -> torch.device:
     # nccl moves only CUDA tensors
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# --- work dealt out over ranks (evaluation, reference log-probs) ------------------------------
+
+def gather_lists(items: list) -> list:
+    """Every rank's `items` (picklable), concatenated in rank order, on every rank: the one place
+    results of sharded work are exchanged. Every rank gets the whole list, not only rank 0, because
+    what is made from it (a metric that picks the best checkpoint, a reference log-prob cache)
+    drives decisions every rank must take alike."""
+    size = world()[1]
+    if size == 1:
+        return list(items)
+    parts: list = [None] * size
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+def map_shared(fn, units: list) -> list:
+    """[fn(u) for u in units], each unit computed by one rank only and the results gathered on
+    every rank in the units' order. Units are dealt round-robin: callers pass them sorted by cost
+    (batches by length), so neighbours cost alike and each rank gets a like share. `fn` must hold
+    no collective: ranks run different numbers of units."""
+    rank, size = world()
+    if size == 1:
+        return [fn(u) for u in units]
+    done = gather_lists([(k, fn(units[k])) for k in range(rank, len(units), size)])
+    return [result for _, result in sorted(done, key=lambda kv: kv[0])]
