@@ -55,3 +55,16 @@ def test_two_ranks_batch_4_equal_one_process_batch_8(tmp_path):
     assert ranked.keys() == single.keys() and single
     for k in single:
         torch.testing.assert_close(ranked[k], single[k], rtol=1e-5, atol=1e-6)
+
+
+def test_every_rank_makes_as_many_forwards_and_each_example_counts_once():
+    """A short last batch splits unevenly (5 examples over 2 ranks, forwards of 2): the rank with
+    fewer examples adds zero-weighted fillers so that a sharded model's per-forward all-gathers
+    line up, and the ranks' own examples are the step's, each once."""
+    step = [list(range(4)), [4]]  # a batch of 4 and an epoch's short last batch
+    per_rank = [loop._forwards(step, r, 2, 2, False) for r in range(2)]
+    assert [len(f) for f, _ in per_rank] == [2, 2]
+    assert [own for _, own in per_rank] == [2, 1]
+    owned = [e for forwards, own in per_rank for g in forwards[:own] for e in g]
+    assert owned == [0, 1, 2, 3, 4]
+    assert loop._forwards(step, 0, 1, 2, False) == (step, 2)  # one process keeps its micro-batches

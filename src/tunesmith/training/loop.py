@@ -92,7 +92,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def accumulate(model, batches: list[dict], loss_fn: LossFn, placement: Placement,
                scaler: torch.amp.GradScaler | None = None, strategy: Strategy | None = None,
-               counted: bool = True) -> tuple[float, int]:
+               counted: int | None = None) -> tuple[float, int]:
     """Backward over one optimizer step's micro-batches (this rank's share); returns
     (mean loss, trained targets) of the whole step, all ranks together.
 
@@ -100,10 +100,12 @@ def accumulate(model, batches: list[dict], loss_fn: LossFn, placement: Placement
     divided by the step total (counted across ranks), so neither accumulation nor data
     parallelism re-weights short vs long batches; the strategy sums gradients over ranks during
     the last micro-batch's backward. With a `scaler` (fp16) the gradients come out multiplied by
-    its scale; the caller unscales them. `counted=False`: this rank has no example in the step
-    and runs one forward weighted zero, so that every rank takes part in the collectives."""
+    its scale; the caller unscales them. `counted`: how many of the batches are this rank's
+    (default all); the rest are fillers weighted zero, run so that every rank makes as many
+    forwards as the others (a sharded model gathers its weights in each one)."""
     strategy = strategy or _ONE_PROCESS
-    n_step = global_count(sum(loss_units(b) for b in batches) if counted else 0)
+    counted = len(batches) if counted is None else counted
+    n_step = global_count(sum(loss_units(b) for b in batches[:counted]))
     total = 0.0
     for i, batch in enumerate(batches):
         interrupt.check()
@@ -111,7 +113,7 @@ def accumulate(model, batches: list[dict], loss_fn: LossFn, placement: Placement
         with contextlib.nullcontext() if last else strategy.no_sync(model):  # exchange gradients once a step
             with placement.autocast():
                 loss_sum, _ = loss_fn(model, to_device(batch, placement.device))
-            if not counted:
+            if i >= counted:
                 loss_sum = loss_sum * 0.0
             loss = loss_sum / max(n_step, 1)
             strategy.backward(model, scaler.scale(loss) if scaler is not None else loss)
@@ -305,18 +307,20 @@ def optimizer_step(optimizer, scheduler, scaler) -> dict:
     return {"loss_scale": scaler.get_scale(), **({"skipped": 1} if skipped else {})}
 
 
-def _forwards(step_groups: list[Items], rank: int, size: int, per_forward: int, recut: bool) -> tuple[list[Items], bool]:
-    """(this rank's forwards of the step, whether they count). One process keeps the drawn
-    micro-batches (unless cut into forwards of `per_forward` examples); several cut their share
-    into forwards of up to `per_forward` (train.batch_size). A rank left without an example (a
-    short last batch of an epoch) runs the step's first example weighted zero."""
+def _forwards(step_groups: list[Items], rank: int, size: int, per_forward: int, recut: bool) -> tuple[list[Items], int]:
+    """(this rank's forwards of the step, how many of them are its own). One process keeps the
+    drawn micro-batches (unless cut into forwards of `per_forward` examples); several cut their
+    share into forwards of up to `per_forward` (train.batch_size). Every rank makes as many forwards
+    as the rank with the most (a short last batch of an epoch splits unevenly): the missing ones
+    repeat the step's first example, weighted zero."""
     if size == 1 and not recut:
-        return step_groups, True
+        return step_groups, len(step_groups)
     flat = [e for g in step_groups for e in g]
-    mine = rank_share(flat, rank, size) if size > 1 else flat
-    if not mine:
-        return [flat[:1]], False
-    return [mine[i:i + per_forward] for i in range(0, len(mine), per_forward)], True
+    shares = [rank_share(flat, r, size) for r in range(size)]
+    most = max(math.ceil(len(share) / per_forward) for share in shares)
+    mine = shares[rank]
+    own = [mine[i:i + per_forward] for i in range(0, len(mine), per_forward)]
+    return own + [flat[:1]] * (most - len(own)), len(own)
 
 
 def restore_weights(model, ckpt_root: Path | None, step: int) -> None:

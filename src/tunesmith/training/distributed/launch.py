@@ -57,10 +57,11 @@ def run_torchrun(argv: list[str], workers: int) -> int:
 
 
 def describe_failures(failures: dict) -> str:
-    """Which rank failed first and how (torchrun's agent stopped the others)."""
-    first = min(failures.values(), key=lambda f: f.timestamp)
+    """Which rank failed first and how (torchrun's agent stopped the others); `failures` maps
+    global rank -> torch.distributed.elastic's ProcessFailure."""
+    rank, first = min(failures.items(), key=lambda kv: kv[1].timestamp)
     how = f"was killed by {first.signal_name()}" if first.exitcode < 0 else f"exited with code {first.exitcode}"
-    others = sorted(r for r, f in failures.items() if f is not first)
+    others = sorted(r for r in failures if r != rank)
     tail = f"; ranks {others} stopped after it" if others else "; the other ranks were stopped"
-    return (f"rank {first.rank} (pid {first.pid}) {how}{tail}. Its own error, if it printed one, is above; "
+    return (f"rank {rank} (pid {first.pid}) {how}{tail}. Its own error, if it printed one, is above; "
             "a run with checkpoints continues with --resume (on any number of processes)")
