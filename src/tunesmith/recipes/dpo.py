@@ -18,8 +18,9 @@ from tunesmith.data.tokenize import IGNORE, Encoded, EncodedPair, encode_prefere
 from tunesmith.errors import DataError
 from tunesmith.models.load import decoder_and_head
 from tunesmith.training import preference as pref
+from tunesmith.training.distributed import sum_scalar
 from tunesmith.training.losses import _virtual_tokens
-from tunesmith.training.distributed.group import gather_lists, map_shared, world
+from tunesmith.training.distributed.group import map_shared, world
 from tunesmith.training.memory import forward_budget
 
 
@@ -80,6 +81,9 @@ def sequence_logps(model, batch: dict) -> pref.SeqLogps:
     return pref.sequence_logps_from_hidden(hidden, head, batch["labels"])
 
 
+_PAIRS = "_pairs"  # a metrics record's weight: the pairs it was measured on
+
+
 class PreferenceLoss:
     """loss_fn for the training loop: (loss x pairs, pairs), with per-step reward metrics."""
 
@@ -122,16 +126,20 @@ class PreferenceLoss:
         n = batch["units"]
         logps = sequence_logps(model, batch)
         loss, metrics = self._loss(model, batch, logps)
-        self._metrics.append({k: float(v) for k, v in metrics.items()})
+        self._metrics.append({**{k: float(v) for k, v in metrics.items()}, _PAIRS: n})
         self.last_logps = pref.SeqLogps(logps.sum.detach(), logps.tokens)
         return loss * n, n
 
     def pop_metrics(self) -> dict:
-        """Means over the forwards since the last call, every process's forwards (each holds a
-        share of the step): the numbers one process logs. The loop calls it on every process."""
-        rows, self._metrics = gather_lists(self._metrics), []
-        keys = set().union(*rows) if rows else set()
-        return {k: round(sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r), 6) for k in sorted(keys)}
+        """The logged steps' metrics as means over their pairs: each rank scored its own share of a
+        step's pairs, so they are weighted by pairs and added over ranks (every rank calls this)."""
+        rows, self._metrics = self._metrics, []
+        keys = sorted(set().union(*rows) - {_PAIRS}) if rows else []
+        means = {}
+        for k in keys:
+            total = sum_scalar(sum(r[k] * r[_PAIRS] for r in rows if k in r))
+            means[k] = round(total / max(sum_scalar(sum(r[_PAIRS] for r in rows if k in r)), 1), 6)
+        return means
 
 
 def _batches(items: list, batch_size: int) -> list[list]:

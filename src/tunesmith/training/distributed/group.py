@@ -10,6 +10,7 @@ step's global token count, so ranks that drew short examples are not over-weight
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
@@ -90,7 +91,8 @@ def process_group(dcfg):
     """The run's process group, from the environment; nothing when this process was not launched
     as a rank. A group someone else made (Ray Train) is used and left to them to destroy."""
     if dist.is_available() and dist.is_initialized():
-        yield world()
+        with _peer_failures(dcfg):
+            yield world()
         return
     if not launched_env():
         yield (0, 1)
@@ -101,12 +103,48 @@ def process_group(dcfg):
                             device_id=device if device.type == "cuda" else None)
     stdout = _quiet_other_ranks()
     try:
-        yield world()
+        with _peer_failures(dcfg):
+            yield world()
     finally:
         if stdout is not None:
             sys.stdout.close()
             sys.stdout = stdout
         dist.destroy_process_group()
+
+
+# what the backends say when a peer's connection broke (gloo: "Connection closed by peer"; NCCL:
+# "remote process exited", "communicator was aborted") or a collective waited past the timeout
+_PEER_SIGNS = ("closed by peer", "reset by peer", "broken pipe", "timed out", "timeout", "remote", "aborted")
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    if world()[1] == 1:
+        return False
+    if isinstance(exc, (getattr(dist, "DistNetworkError", ()), getattr(dist, "DistStoreError", ()))):
+        return True
+    return isinstance(exc, RuntimeError) and any(sign in str(exc).lower() for sign in _PEER_SIGNS)
+
+
+@contextmanager
+def _peer_failures(dcfg):
+    """A collective that failed because another rank died (its connection closed) or stalled
+    (nothing came within train.distributed.timeout_s) surfaces wherever the rank happened to be
+    (backward, a broadcast, a barrier) as a backend RuntimeError; say what it means, once, here."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not _is_peer_failure(exc):
+            raise
+        rank, size = world()
+        cause = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        # gloo's "... [/path/pair.cc:553] Connection closed by peer [addr]. This is typically caused ..."
+        cause = re.sub(r"^.*\[[^\]]+\.(?:cc|cpp|h):\d+\] ", "", cause).split(". This is typically")[0]
+        error = DistributedError(
+            f"rank {rank} lost contact with the other ranks of {size} (a rank died or stalled): {cause}. The rank "
+            "that stopped first printed its own error, if it could; a stalled rank is given up on after "
+            f"train.distributed.timeout_s={dcfg.timeout_s:g}s")
+        error.__notes__ = list(getattr(exc, "__notes__", []))  # what became of the run folder (training/rundir.py)
+        raise error from exc
 
 
 def _quiet_other_ranks():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 import uuid
 
@@ -56,12 +57,27 @@ def run_torchrun(argv: list[str], workers: int) -> int:
     return 0
 
 
+# how a rank ends when the agent (SIGTERM) or the user (SIGINT) stops it: the training loop turns
+# both into KeyboardInterrupt and the CLI exits 130 (training/interrupt.py)
+_STOPPED = {130, -signal.SIGTERM, -signal.SIGINT}
+
+
 def describe_failures(failures: dict) -> str:
-    """Which rank failed first and how (torchrun's agent stopped the others); `failures` maps
-    global rank -> torch.distributed.elastic's ProcessFailure."""
-    rank, first = min(failures.items(), key=lambda kv: kv[1].timestamp)
-    how = f"was killed by {first.signal_name()}" if first.exitcode < 0 else f"exited with code {first.exitcode}"
-    others = sorted(r for r in failures if r != rank)
-    tail = f"; ranks {others} stopped after it" if others else "; the other ranks were stopped"
-    return (f"rank {rank} (pid {first.pid}) {how}{tail}. Its own error, if it printed one, is above; "
+    """Which rank failed first and how (torchrun's agent stopped the others), from the agent's
+    failures {global rank: ProcessFailure}. Their timestamps are whole seconds, so a rank that
+    failed and the ranks stopped because of it often tie: among the earliest, a rank killed by a
+    signal (SIGKILL by the OOM killer, SIGSEGV) comes before one that exited with an error, and
+    both before one that was stopped."""
+    def order(item):
+        rank, f = item
+        return f.timestamp, f.exitcode in _STOPPED, f.exitcode >= 0, rank
+
+    (rank, first), *rest = sorted(failures.items(), key=order)
+    tail = f"; rank(s) {', '.join(f'{r} ({_how(f)})' for r, f in rest)} after it" if rest else \
+        "; the other ranks were stopped"
+    return (f"rank {rank} (pid {first.pid}) {_how(first)}{tail}. Its own error, if it printed one, is above; "
             "a run with checkpoints continues with --resume (on any number of processes)")
+
+
+def _how(failure) -> str:
+    return f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}"
