@@ -91,7 +91,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def accumulate(model, batches: list[dict], loss_fn: LossFn, placement: Placement,
                scaler: torch.amp.GradScaler | None = None, strategy: Strategy | None = None,
-               counted: bool = True) -> tuple[float, int]:
+               counted: bool | list[bool] = True) -> tuple[float, int]:
     """Backward over one optimizer step's micro-batches (this rank's share); returns
     (mean loss, trained targets) of the whole step, all ranks together.
 
@@ -99,10 +99,12 @@ def accumulate(model, batches: list[dict], loss_fn: LossFn, placement: Placement
     divided by the step total (counted across ranks), so neither accumulation nor data
     parallelism re-weights short vs long batches; the strategy sums gradients over ranks during
     the last micro-batch's backward. With a `scaler` (fp16) the gradients come out multiplied by
-    its scale; the caller unscales them. `counted=False`: this rank has no example in the step
-    and runs one forward weighted zero, so that every rank takes part in the collectives."""
+    its scale; the caller unscales them. `counted` (one flag, or one per batch): False for a
+    forward weighted zero, run only so that every rank takes part in the same collectives (a rank
+    with fewer examples than another in the step)."""
     strategy = strategy or _ONE_PROCESS
-    n_step = global_count(sum(loss_units(b) for b in batches) if counted else 0)
+    counted = counted if isinstance(counted, list) else [counted] * len(batches)
+    n_step = global_count(sum(loss_units(b) for b, c in zip(batches, counted) if c))
     total = 0.0
     for i, batch in enumerate(batches):
         interrupt.check()
@@ -110,7 +112,7 @@ def accumulate(model, batches: list[dict], loss_fn: LossFn, placement: Placement
         with contextlib.nullcontext() if last else strategy.no_sync(model):  # exchange gradients once a step
             with placement.autocast():
                 loss_sum, _ = loss_fn(model, to_device(batch, placement.device))
-            if not counted:
+            if not counted[i]:
                 loss_sum = loss_sum * 0.0
             loss = loss_sum / max(n_step, 1)
             strategy.backward(model, scaler.scale(loss) if scaler is not None else loss)
@@ -290,31 +292,21 @@ def optimizer_step(optimizer, scheduler, scaler) -> dict:
     return {"loss_scale": scaler.get_scale(), **({"skipped": 1} if skipped else {})}
 
 
-def _forwards(step_groups: list[Items], rank: int, size: int, per_forward: int, recut: bool) -> tuple[list[Items], bool]:
-    """(this rank's forwards of the step, whether they count). One process keeps the drawn
+def _forwards(step_groups: list[Items], rank: int, size: int, per_forward: int,
+              recut: bool) -> tuple[list[Items], bool | list[bool]]:
+    """(this rank's forwards of the step, whether each counts). One process keeps the drawn
     micro-batches (unless cut into forwards of `per_forward` examples); several cut their share
-    into forwards of up to `per_forward` (train.batch_size). A rank left without an example (a
-    short last batch of an epoch) runs the step's first example weighted zero."""
+    into forwards of up to `per_forward` (train.batch_size). Every rank runs as many forwards as
+    the rank with the most (a sharded model gathers its weights in each, with every rank): a rank
+    with fewer (a short last batch of an epoch) adds forwards of the step's first example,
+    weighted zero."""
     if size == 1 and not recut:
         return step_groups, True
     flat = [e for g in step_groups for e in g]
     mine = rank_share(flat, rank, size) if size > 1 else flat
-    if not mine:
-        return [flat[:1]], False
-    return [mine[i:i + per_forward] for i in range(0, len(mine), per_forward)], True
-
-
-def restore_weights(model, ckpt_root: Path | None, step: int) -> None:
-    from safetensors.torch import load_file
-
-    path = ckpt_root / f"step-{step}" / "trainable.safetensors" if ckpt_root else None
-    if path is None or not path.is_file():
-        raise TunesmithError(f"train.restore_best: no checkpoint of step {step} (set train.save_every)")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in load_file(str(path)).items():
-            params[name].copy_(value)
-    print(f"restored the best weights (step {step})", flush=True)
+    forwards = [mine[i:i + per_forward] for i in range(0, len(mine), per_forward)]
+    most = max(math.ceil(len(rank_share(flat, r, size)) / per_forward) for r in range(size))
+    return forwards + [flat[:1]] * (most - len(forwards)), [True] * len(forwards) + [False] * (most - len(forwards))
 
 
 _ONE_PROCESS = Strategy(None, None)
