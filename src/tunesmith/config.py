@@ -106,6 +106,8 @@ class DistributedSection(_Section):
                                                     "stops with an error (a dead or stuck rank).")
     bucket_mb: float = Field(25, gt=0, description="ddp: gradient bucket size; a full bucket is all-reduced while "
                                                    "the backward goes on.")
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep parameters, gradients and optimizer state in CPU "
+                                                      "memory between uses (less GPU memory, slower steps).")
 
 
 class TrainSection(_Section):

@@ -79,6 +79,18 @@ def _cross_field_errors(cfg: Config) -> list[str]:
             parse_best_metric(e.best_metric, e.tasks)
         except ConfigError as exc:
             errors.append(str(exc))
+    if t.distributed.fsdp_cpu_offload and t.distributed.strategy != "fsdp":
+        errors.append(f"train.distributed.fsdp_cpu_offload=true needs train.distributed.strategy=fsdp (it is "
+                      f"{t.distributed.strategy!r}): only FSDP offloads its shards to the CPU; set the strategy "
+                      "or remove the key")
+    if e.during_training and t.distributed.strategy == "fsdp":
+        errors.append("eval.during_training with train.distributed.strategy=fsdp: the tasks generate with the "
+                      "whole model in one process, and under fsdp every rank holds only a shard of it; evaluate "
+                      "the saved run afterwards with `tunesmith eval`, or use strategy ddp")
+    if cfg.objective.name == "dpo" and d.validation and t.distributed.strategy == "fsdp":
+        errors.append("data.validation with objective.name=dpo and train.distributed.strategy=fsdp: the held-out "
+                      "preference accuracy is computed on the whole model, and under fsdp every rank holds only a "
+                      "shard of it; remove data.validation or use strategy ddp")
     if d.sources and d.train and d.train != DataSection.model_fields["train"].default:
         errors.append(f"data.train={d.train!r} and data.sources are both set: data.sources replaces data.train; "
                       "keep one")

@@ -279,6 +279,10 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
     loss_fn = PreferenceLoss(obj, cache)
     strategy = choose_strategy(tcfg.distributed, method, model, placement)
     print(strategy.describe(), flush=True)
+    if strategy.shards and val:  # auto chose a sharding strategy (config_rules: explicit)
+        raise ConfigError(f"data.validation cannot be evaluated under {strategy.describe()}: the held-out preference "
+                          "accuracy is computed on the whole model, and every rank holds only a shard of it; remove "
+                          "data.validation or set train.distributed.strategy=ddp")
 
     evaluated: dict = {}  # the last evaluation's step and numbers: the same on every process
 

@@ -127,7 +127,7 @@ def prepare_model(model, cfg: Config, placement):
     return model
 
 
-def micro_batching(tcfg, placement, model):
+def micro_batching(tcfg, placement, model, strategy=None):
     """(the loop's collate function, examples per forward or None, a description) for train.micro_batch.
 
     micro_batch=example keeps the step (batch_size x grad_accum examples, the same ones in the same
@@ -144,9 +144,14 @@ def micro_batching(tcfg, placement, model):
                               f"train.micro_batch={tcfg.micro_batch} runs padded batches on {placement.device.type}")
         return collate, None, f"micro-batches of {tcfg.batch_size} padded examples"
     per_step = tcfg.batch_size * tcfg.grad_accum
+    sharded = getattr(strategy, "shards", False)  # gathers and frees each layer's weights around every use
+    if sharded and tcfg.parallel_examples > 1:
+        raise ConfigError(f"train.parallel_examples={tcfg.parallel_examples} with {strategy.describe()}: a sharded "
+                          "model cannot run examples in threads (each frees its gathered weights after use); remove it")
     # an explicit train.parallel_examples must divide the step (config.py checks it); auto takes the
     # largest count up to 2 on CPU that does, so every forward of the step is whole
-    k = tcfg.parallel_examples or max(d for d in (1, 2 if placement.device.type == "cpu" and world()[1] == 1 else 1)
+    alone = placement.device.type == "cpu" and world()[1] == 1 and not sharded
+    k = tcfg.parallel_examples or max(d for d in (1, 2 if alone else 1)
                                       if per_step % d == 0)  # several processes: they are the parallelism
     at_once = f"{k} at once"
     if k > 1 and placement.device.type != "cpu":
@@ -204,10 +209,14 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
     print(f"model: {resolved.id}  method: {cfg.method.name}  trainable {trainable:,} of {total:,} "
           f"parameters ({100 * trainable / total:.2f}%)", flush=True)
     train_items, val_items = packed_if_asked(cfg, model, train_set, val_set)
-    collate_fn, per_forward, how = micro_batching(tcfg, placement, model)
-    print(f"batching: {how}; memory allocator: {allocator.active()}", flush=True)
     strategy = choose_strategy(tcfg.distributed, method, model, placement)
+    collate_fn, per_forward, how = micro_batching(tcfg, placement, model, strategy)
+    print(f"batching: {how}; memory allocator: {allocator.active()}", flush=True)
     print(strategy.describe(), flush=True)
+    if strategy.shards and cfg.eval.during_training:  # auto chose a sharding strategy (config_rules: explicit)
+        raise ConfigError(f"eval.during_training cannot run under {strategy.describe()}: the tasks generate with the "
+                          "whole model in one process, and every rank holds only a shard of it; evaluate the saved "
+                          "run afterwards with `tunesmith eval`, or set train.distributed.strategy=ddp")
 
     with open_run(cfg, resume, prefix="sft") as run:
         # --- train ---------------------------------------------------------------------------

@@ -323,17 +323,4 @@ def _forwards(step_groups: list[Items], rank: int, size: int, per_forward: int, 
     return own + [flat[:1]] * (most - len(own)), len(own)
 
 
-def restore_weights(model, ckpt_root: Path | None, step: int) -> None:
-    from safetensors.torch import load_file
-
-    path = ckpt_root / f"step-{step}" / "trainable.safetensors" if ckpt_root else None
-    if path is None or not path.is_file():
-        raise TunesmithError(f"train.restore_best: no checkpoint of step {step} (set train.save_every)")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in load_file(str(path)).items():
-            params[name].copy_(value)
-    print(f"restored the best weights (step {step})", flush=True)
-
-
 _ONE_PROCESS = Strategy(None, None)

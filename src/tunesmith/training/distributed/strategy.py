@@ -101,7 +101,7 @@ class Strategy:
         return load_checkpoint(path, inner_model(module), optimizer, scheduler, scaler)
 
     def restore_weights(self, module, ckpt_root: Path | None, step: int) -> None:
-        from tunesmith.training.loop import restore_weights
+        from tunesmith.training.checkpoint import restore_weights
 
         restore_weights(inner_model(module), ckpt_root, step)
 
@@ -174,8 +174,14 @@ def _local_world() -> int:
 
 def choose_strategy(dcfg, method, model: torch.nn.Module, placement) -> Strategy:
     """The strategy for this run and why, said out loud like the device and precision."""
+    import torch.distributed as dist
+
     rank, size = world()
     name = dcfg.strategy
+    if size == 1 and name in ("fsdp", "deepspeed") and dist.is_available() and dist.is_initialized():
+        # a group of one (--nproc 1): the sharded strategy runs as asked, e.g. to resume its checkpoint
+        return _strategy_class(name)(placement, dcfg, "1 process in a process group, as configured "
+                                                      "(train.distributed.strategy)")
     if size == 1:
         if name in ("fsdp", "deepspeed"):
             raise ConfigError(f"train.distributed.strategy={name} needs a process group: start the run with "
