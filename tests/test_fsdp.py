@@ -277,10 +277,10 @@ def test_every_rank_runs_as_many_forwards_as_the_rank_with_most():
     from tunesmith.training.loop import _forwards
 
     step = [["a", "b", "c", "d", "e"]]  # a short last batch of an epoch: 3 and 2 examples over 2 ranks
-    assert _forwards(step, 0, 2, 1, True) == ([["a"], ["b"], ["c"]], [True, True, True])
-    assert _forwards(step, 1, 2, 1, True) == ([["d"], ["e"], ["a"]], [True, True, False])
-    assert _forwards([["a"]], 1, 2, 1, True) == ([["a"]], [False])  # nothing of its own: one forward, weighted zero
-    assert _forwards(step, 1, 2, 8, False) == ([["d", "e"]], [True])
+    assert _forwards(step, 0, 2, 1, True) == ([["a"], ["b"], ["c"]], 3)  # (forwards, how many are its own)
+    assert _forwards(step, 1, 2, 1, True) == ([["d"], ["e"], ["a"]], 2)
+    assert _forwards([["a"]], 1, 2, 1, True) == ([["a"]], 0)  # nothing of its own: one forward, weighted zero
+    assert _forwards(step, 1, 2, 8, False) == ([["d", "e"]], 1)
 
 
 def test_decoder_layers_are_found_from_the_model_not_its_type():
