@@ -84,6 +84,34 @@ class MethodSection(_Section):
     double_quant: bool = Field(True, description="qlora: also quantize the quantization constants.")
 
 
+class DeepSpeedSection(_Section):
+    """train.distributed.strategy=deepspeed: DeepSpeed ZeRO (pip install 'tunesmith[deepspeed]'). Mapped to
+    DeepSpeed's JSON by training/distributed/deepspeed.py; batch sizes, accumulation, clipping, precision and
+    the optimizer always come from train.*."""
+
+    zero_stage: Literal[2, 3] = Field(
+        2, description="2: optimizer state and gradients split over ranks, every rank holds the weights. 3: the "
+                       "weights too (models too big for one device), gathered layer by layer in each forward.")
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none", description="cpu: optimizer state and its step in CPU memory (DeepSpeed's CPU Adam): the least "
+                            "GPU memory, a slower step. NVMe offload: through a DeepSpeed JSON (config).")
+    offload_params: Literal["none", "cpu"] = Field(
+        "none", description="cpu: zero_stage 3 keeps the weights in CPU memory between uses (slower).")
+    config: str | None = Field(
+        None, description="A DeepSpeed JSON file, used as it is (its zero_optimization wins over the keys above, "
+                          "which must then agree with it or stay unset). Keys tunesmith sets from train.* (batch "
+                          "sizes, gradient_accumulation_steps, gradient_clipping, bf16/fp16, the optimizer's lr "
+                          "and weight_decay) may be left out or \"auto\"; a different value is an error.")
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage_3(self):
+        if self.offload_params != "none" and self.zero_stage != 3 and self.config is None:
+            raise ValueError(f"train.distributed.deepspeed.offload_params={self.offload_params} needs "
+                             f"train.distributed.deepspeed.zero_stage=3 (it is {self.zero_stage}): ZeRO-2 keeps "
+                             "every weight on every rank; set zero_stage: 3 or remove offload_params")
+        return self
+
+
 class DistributedSection(_Section):
     """Several processes (GPUs, machines): see README "Scaling out". train.batch_size x
     train.grad_accum stays the step's batch whatever the number of processes: N ranks split it."""
@@ -108,6 +136,8 @@ class DistributedSection(_Section):
                                                    "the backward goes on.")
     fsdp_cpu_offload: bool = Field(False, description="fsdp: keep parameters, gradients and optimizer state in CPU "
                                                       "memory between uses (less GPU memory, slower steps).")
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection,
+                                        description="strategy deepspeed: ZeRO stage, offload, or a DeepSpeed JSON.")
 
 
 class TrainSection(_Section):

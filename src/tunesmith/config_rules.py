@@ -91,7 +91,29 @@ def _cross_field_errors(cfg: Config) -> list[str]:
         errors.append("data.validation with objective.name=dpo and train.distributed.strategy=fsdp: the held-out "
                       "preference accuracy is computed on the whole model, and under fsdp every rank holds only a "
                       "shard of it; remove data.validation or use strategy ddp")
+    errors += _deepspeed_errors(t)
     if d.sources and d.train and d.train != DataSection.model_fields["train"].default:
         errors.append(f"data.train={d.train!r} and data.sources are both set: data.sources replaces data.train; "
                       "keep one")
+    return errors
+
+
+def _deepspeed_errors(t: TrainSection) -> list[str]:
+    """train.distributed.deepspeed.* only means something under strategy deepspeed, which also
+    takes its precision and optimizer from train.* (and supports only some of them)."""
+    dist = t.distributed
+    changed = [f"train.distributed.deepspeed.{k}={v!r}" for k, v in dist.deepspeed.model_dump().items()
+               if v != type(dist.deepspeed).model_fields[k].default]
+    if dist.strategy != "deepspeed":
+        return [f"{', '.join(changed)} does nothing with train.distributed.strategy={dist.strategy}: set "
+                "train.distributed.strategy=deepspeed, or remove it"] if changed else []
+    errors = []
+    if t.precision == "fp16":
+        errors.append("train.precision=fp16 with train.distributed.strategy=deepspeed: the loop's fp16 loss "
+                      "scaler cannot reach DeepSpeed's partitioned gradients; use train.precision=bf16 (or "
+                      "strategy ddp/fsdp for fp16)")
+    if t.optimizer != "adamw":
+        errors.append(f"train.optimizer={t.optimizer} with train.distributed.strategy=deepspeed: ZeRO steps "
+                      "flattened partitions of the weights, which bitsandbytes' optimizers are not tested on; "
+                      "use train.optimizer=adamw")
     return errors
