@@ -178,15 +178,14 @@ def choose_strategy(dcfg, method, model: torch.nn.Module, placement) -> Strategy
 
     rank, size = world()
     name = dcfg.strategy
-    if size == 1 and name in ("fsdp", "deepspeed") and dist.is_available() and dist.is_initialized():
-        # a group of one (--nproc 1): the sharded strategy runs as asked, e.g. to resume its checkpoint
-        return _strategy_class(name)(placement, dcfg, "1 process in a process group, as configured "
-                                                      "(train.distributed.strategy)")
+    grouped = dist.is_available() and dist.is_initialized()
     if size == 1:
-        # one launched GPU rank (--nproc 1) has a group: ZeRO offload on one GPU is a real use (on
-        # CPU one process runs its examples on threads, which ZeRO's hooks cannot share)
-        if name == "deepspeed" and placement.device.type == "cuda" and dist.is_available() and dist.is_initialized():
-            return _strategy_class(name)(placement, dcfg, "1 process, as configured (train.distributed.strategy)")
+        # a launched group of one (--nproc 1) runs a sharded strategy as asked: to resume its
+        # checkpoint, or ZeRO offload on one GPU. Not DeepSpeed on a CPU: one process there runs
+        # its examples on threads, which ZeRO's hooks cannot share.
+        if grouped and (name == "fsdp" or (name == "deepspeed" and placement.device.type == "cuda")):
+            return _strategy_class(name)(placement, dcfg, "1 process in a process group, as configured "
+                                                          "(train.distributed.strategy)")
         if name in ("fsdp", "deepspeed"):
             raise ConfigError(f"train.distributed.strategy={name} needs a process group: start the run with "
                               "`tunesmith train CONFIG --nproc N` or torchrun (--nproc 1 for one process)")
