@@ -37,10 +37,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _gsm8k import write_data
 from _machine import machine_line
 
-ROOT = Path(__file__).resolve().parent.parent
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 MODEL = "smollm2-135m-instruct"
 LOSS_TOL = 2e-3  # relative; the same steps on 1 or 2 ranks differ only in summation order
 
@@ -53,14 +52,6 @@ ROWS = {  # name: (method, processes, threads per process, overrides)
     "full-2p-ddp-1bucket": ("full", 2, 1, ["train.distributed.strategy=ddp", "train.distributed.bucket_mb=100000"]),
     "full-2p-fsdp": ("full", 2, 1, ["train.distributed.strategy=fsdp"]),
 }
-
-
-def write_data(path: Path, n: int) -> None:
-    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:n]]
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps({"prompt": [{"role": "user", "content": r["question"]}],
-                                "completion": [{"role": "assistant", "content": r["answer"]}]}) + "\n")
 
 
 def gpus() -> int:

@@ -65,12 +65,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _gsm8k import write_data
 from _machine import describe, machine_info
 from _same_steps import check_rows, fingerprint, follow_steps, steps_of, untrain_after_eos
 from _workers import allocator_env, busy_flag, parse_overrides, resolved_allocator, run_worker, worker_main
 
-ROOT = Path(__file__).resolve().parents[1]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 MODEL = "smollm2-135m-instruct"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 EXAMPLES_PER_STEP = 8      # effective batch, in examples
@@ -89,14 +88,6 @@ TUNESMITH = {"train.batch_size": EXAMPLES_PER_STEP, "train.grad_accum": 1, "trai
              "train.activation_memory_mb": 250}
 TUNESMITH_FAST = {"train.batch_size": EXAMPLES_PER_STEP, "train.grad_accum": 1}
 ROWS = ("trl", "trl+alloc", "tunesmith", "tunesmith-fast")
-
-
-def write_data(path: Path, n: int) -> None:
-    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:n]]
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps({"prompt": [{"role": "user", "content": r["question"]}],
-                                "completion": [{"role": "assistant", "content": r["answer"]}]}) + "\n")
 
 
 def tunesmith_config(data: Path, method: str, out: Path, settings: dict):
@@ -310,8 +301,6 @@ def main() -> None:
     rows = args.rows.split(",")
     if set(rows) - set(ROWS) or args.examples % EXAMPLES_PER_STEP or args.examples <= 0:
         raise SystemExit(f"--rows takes {', '.join(ROWS)}; --examples a positive multiple of {EXAMPLES_PER_STEP}")
-    if not GSM8K.is_file():
-        raise SystemExit(f"{GSM8K} is missing: the benchmark needs ../shared/data")
     from tunesmith.models.registry import resolve_model
 
     resolve_model(MODEL)  # convert once, outside every row's timing
