@@ -4,5 +4,5 @@ Everything rank-dependent lives here (DESIGN.md): who writes (`is_main`), how gr
 exchanged (strategy.py), how processes are started (launch.py). Recipes read the same on 1
 process or 64."""
 from tunesmith.training.distributed.group import (  # noqa: F401
-    DistributedError, any_rank, barrier, broadcast, global_count, is_main, launched_env, process_group,
+    DistributedError, barrier, broadcast, global_count, is_main, launched_env, process_group,
     sum_scalar, world)

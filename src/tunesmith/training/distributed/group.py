@@ -171,19 +171,20 @@ def check_split(tcfg, size: int) -> None:
 
 
 def global_count(n: int) -> int:
-    if world()[1] == 1:
-        return n
-    t = torch.tensor([n], dtype=torch.long, device=_collective_device())
-    dist.all_reduce(t)
-    return int(t.item())
+    return int(_summed(n, torch.long))
 
 
 def sum_scalar(x: float) -> float:
+    return float(_summed(x, torch.float64))
+
+
+def _summed(x, dtype: torch.dtype):
+    """x added up over the ranks (x itself in one process)."""
     if world()[1] == 1:
         return x
-    t = torch.tensor([x], dtype=torch.float64, device=_collective_device())
+    t = torch.tensor([x], dtype=dtype, device=_collective_device())
     dist.all_reduce(t)
-    return float(t.item())
+    return t.item()
 
 
 def broadcast(obj):
@@ -198,11 +199,6 @@ def broadcast(obj):
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when it is True on one (a stop that must be taken together)."""
-    return sum_scalar(1.0 if flag else 0.0) > 0
 
 
 def _collective_device() -> torch.device:
