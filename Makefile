@@ -20,9 +20,12 @@ $(STAMP): pyproject.toml
 # The test extras add llama-cpp-python, built from source (PyPI has no wheel): skip its multimodal
 # library to halve the build, and target generic AVX2 rather than this CPU so that pip's cached
 # wheel runs on any x86-64 machine here. Only `make test` waits for it, not `make demo`.
+# tests/llama_vendor.py then takes llama.cpp's vocab-only GGUF files and its reference converter
+# from the same sdist (tests/families.py builds each model family's tokenizer from them).
 $(TEST_STAMP): $(STAMP)
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=4 \
 		$(PY) -m pip install -q -e ".[test,qlora,tracking,eval,serve]"
+	$(PY) tests/llama_vendor.py $(VENV)/llama.cpp
 	touch $(TEST_STAMP)
 
 setup: $(STAMP)
