@@ -34,7 +34,7 @@ demo: setup
 	$(VENV)/bin/tunesmith demo
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -m "not slow"
