@@ -118,6 +118,28 @@ def _template_end_of_turn(tokenizer) -> str | None:
     return next((t for t in sorted(specials, key=len, reverse=True) if t and after.startswith(t)), None)
 
 
+_SYSTEM_PROBE = "PROBE-SYSTEM-5"
+_SYSTEM_CACHE: dict[str, str] = {}
+
+
+def system_support(tokenizer) -> str:
+    """How the chat template treats a leading system message: 'kept' when its text is in the
+    render (as its own turn, or merged by the template itself as Gemma 3's does), 'raises' when
+    the template refuses it (Gemma 2, Mistral v0.2), 'drops' when the template renders the chat
+    without it (Phi-3-mini's first template). data/tokenize.render merges it into the first user
+    message for the last two, so no system text is ever trained or served without a word."""
+    template = getattr(tokenizer, "chat_template", None)
+    key = template if isinstance(template, str) else repr(template)
+    if key not in _SYSTEM_CACHE:
+        try:
+            text = tokenizer.apply_chat_template([{"role": "system", "content": _SYSTEM_PROBE},
+                                                  {"role": "user", "content": "hi"}], tokenize=False)
+            _SYSTEM_CACHE[key] = "kept" if _SYSTEM_PROBE in text else "drops"
+        except Exception:  # noqa: BLE001 (the template's own raise_exception, whatever its wording)
+            _SYSTEM_CACHE[key] = "raises"
+    return _SYSTEM_CACHE[key]
+
+
 def stop_ids(tokenizer, generation_config=None) -> list[int]:
     """Token ids generation stops on: the rule's (end of turn, EOS), then any other EOS id the
     model's own generation_config lists (a base model may end text with one of its own)."""

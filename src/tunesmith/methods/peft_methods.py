@@ -3,15 +3,50 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods import register_method
+from tunesmith.models.families import family_of
 
 
-def _lora_config(cfg, use_dora: bool):
+def _linear_names(model) -> list[str]:
+    """Leaf names of the model's linear layers but the output head: what PEFT's all-linear takes
+    (bitsandbytes' 4-bit layers are nn.Linear subclasses)."""
+    head = model.get_output_embeddings()
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    return sorted(names)
+
+
+def all_linear_targets(model, requested, method: str, family_modules: str = "linear_modules"):
+    """`target_modules: all-linear` resolved from the family table (models/families.py; IA3 reads
+    Family.ia3_modules) and said at training start; an unlisted architecture keeps PEFT's own
+    resolution (None for IA3: PEFT's per-model defaults). An explicit list passes unchanged."""
+    if requested != "all-linear":
+        return requested
+    family, present = family_of(model.config), _linear_names(model)
+    kind = getattr(model.config, "model_type", "?")
+    if family is None:
+        print(f"{method} targets ({kind}, all-linear): PEFT's own choice for an architecture outside the family "
+              f"table (linear layers: {', '.join(present)})", flush=True)
+        return "all-linear" if family_modules == "linear_modules" else None
+    targets = getattr(family, family_modules)
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise ModelError(f"the {family.name} family's all-linear targets {missing} are not linear layers of this "
+                         f"model (it has {', '.join(present)}); set method.target_modules to a list of them")
+    # a variant with linear layers the table does not list says so rather than leaving them out unseen
+    others = [n for n in present if n not in targets] if family_modules == "linear_modules" else []
+    print(f"{method} targets ({family.name}, all-linear): {', '.join(targets)}"
+          + (f"; not targeted: {', '.join(others)}" if others else ""), flush=True)
+    return list(targets)
+
+
+def _lora_config(model, cfg, use_dora: bool, method: str):
     from peft import LoraConfig
 
+    # bias="none": the base model's biases (Qwen2's q/k/v) stay frozen, as every other base weight
+    targets = all_linear_targets(model, cfg.target_modules, method)
     return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
-                      use_dora=use_dora, target_modules=cfg.target_modules, task_type="CAUSAL_LM", bias="none")
+                      use_dora=use_dora, target_modules=targets, task_type="CAUSAL_LM", bias="none")
 
 
 def _wrap(model, peft_cfg):
@@ -26,13 +61,13 @@ LORA_OPTIONS = ("r", "alpha", "dropout", "rslora", "target_modules")
 @register_method("lora", options=LORA_OPTIONS)
 def build_lora(model, cfg):
     """LoRA: low-rank updates on the target linear layers."""
-    return _wrap(model, _lora_config(cfg, use_dora=False))
+    return _wrap(model, _lora_config(model, cfg, use_dora=False, method="lora"))
 
 
 @register_method("dora", options=LORA_OPTIONS)
 def build_dora(model, cfg):
     """DoRA: LoRA with a learned magnitude per output feature."""
-    return _wrap(model, _lora_config(cfg, use_dora=True))
+    return _wrap(model, _lora_config(model, cfg, use_dora=True, method="dora"))
 
 
 def compute_dtype(cfg) -> torch.dtype:
@@ -64,7 +99,7 @@ def build_qlora(model, cfg):
 
     # Gradient checkpointing stays a training option, not a side effect of choosing QLoRA.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return _wrap(model, _lora_config(cfg, use_dora=False))
+    return _wrap(model, _lora_config(model, cfg, use_dora=False, method="qlora"))
 
 
 @register_method("ia3", options=("target_modules",))
@@ -72,8 +107,14 @@ def build_ia3(model, cfg):
     """IA3: learned rescaling of attention keys/values and feed-forward activations."""
     from peft import IA3Config
 
-    targets = None if cfg.target_modules == "all-linear" else cfg.target_modules  # PEFT's per-model defaults
-    ff = None if targets is None else [t for t in targets if any(k in t for k in ("down", "fc2", "mlp", "ffn"))]
+    targets = all_linear_targets(model, cfg.target_modules, "ia3", "ia3_modules")
+    family = family_of(model.config)
+    if targets is None:  # PEFT's per-model defaults
+        ff = None
+    elif cfg.target_modules == "all-linear":
+        ff = [t for t in targets if t in family.feedforward_modules]
+    else:  # an explicit list: its feed-forward layers, by the usual names
+        ff = [t for t in targets if any(k in t for k in ("down", "fc2", "mlp", "ffn"))]
     return _wrap(model, IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=ff))
 
 

@@ -5,6 +5,11 @@ Everything that differs between architectures lives here and nowhere else (DESIG
 to, how the GGUF exporter names tensors and writes hyperparameters, whether the chat template
 has a system role, the Ollama TEMPLATE, and the hub models tested per family.
 
+`system_role` records what the hub template does with a system message; tunesmith itself finds
+that out by rendering (data/templates.system_support) and, where the template refuses or drops
+it ('none'), merges it into the first user message as Gemma 3's template does ('merged'):
+tests/test_family_templates.py checks that the two agree.
+
 A model of an unlisted architecture still trains through transformers and PEFT (`family_of`
 returns None); exports and checks that need the table refuse it by name.
 """
@@ -32,6 +37,11 @@ class Family:
     final_softcap_key: str | None = None   # config key of the final logit soft-capping, when it has one
     system_role: str = "native"            # native | merged (into the first user turn) | none
     hub: tuple[HubModel, ...] = field(default_factory=tuple)
+    # IA3 (`target_modules: all-linear`): rescale keys, values and the feed-forward activations
+    # (the IA3 paper's choice; Phi-3's fused qkv_proj rescales its queries too); feed-forward
+    # modules get the scale on their input
+    ia3_modules: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
+    feedforward_modules: tuple[str, ...] = ("down_proj",)
 
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -62,7 +72,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            hub=(HubModel("gemma-3-270m-it", "google/gemma-3-270m-it", "gated"),
                 HubModel("gemma-3-1b-it", "google/gemma-3-1b-it", "gated"))),
     Family("phi3", ("phi3",), "Phi-3 / Phi-3.5 mini (fused qkv and gate_up)",
-           ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "phi3",
+           ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "phi3", ia3_modules=("qkv_proj", "down_proj"),
            hub=(HubModel("phi-3-mini", "microsoft/Phi-3-mini-4k-instruct"),
                 HubModel("phi-3.5-mini", "microsoft/Phi-3.5-mini-instruct"))),
 ]}
@@ -75,6 +85,41 @@ def family_of(config) -> Family | None:
     """The family of a transformers config (or a config.json dict); None for an unlisted one."""
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     return _BY_TYPE.get(model_type)
+
+
+# What an unlisted architecture's forward does to the head's output, under transformers' config
+# names (Cohere multiplies by logit_scale, Granite divides by logits_scaling, Gemma-likes soft-cap).
+_UNLISTED_SOFTCAP_KEY = "final_logit_softcapping"
+_UNLISTED_SCALES = (("logit_scale", False), ("logits_scaling", True))  # (key, divides)
+
+
+def logit_transform(config) -> tuple[float, float | None]:
+    """(scale, soft-cap) that the model's own forward applies to `lm_head(hidden)`:
+    logits = cap * tanh(scale * raw / cap) with a cap, else scale * raw. models/load.OutputHead
+    applies it wherever tunesmith projects hidden states itself."""
+    family = family_of(config)
+    get = (lambda key: config.get(key)) if isinstance(config, dict) else (lambda key: getattr(config, key, None))
+    if family is not None:
+        cap = get(family.final_softcap_key) if family.final_softcap_key else None
+        return 1.0, (float(cap) if cap else None)
+    scale = 1.0
+    for key, divides in _UNLISTED_SCALES:
+        value = get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+            scale = scale / value if divides else scale * value
+    cap = get(_UNLISTED_SOFTCAP_KEY)
+    return scale, (float(cap) if cap else None)
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of a model's sliding-window layers, None when it has none. transformers
+    names it sliding_window everywhere; layer_types, where a config has them, say whether any layer
+    uses it (Qwen2 keeps a window size in its config with use_sliding_window off)."""
+    get = (lambda key: config.get(key)) if isinstance(config, dict) else (lambda key: getattr(config, key, None))
+    window, types = get("sliding_window"), get("layer_types")
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
 
 
 def supported_model_types() -> list[str]:

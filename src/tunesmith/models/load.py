@@ -75,14 +75,38 @@ def dequantized(model, dtype: torch.dtype):
     return model.to(dtype)
 
 
-def decoder_and_head(model):
-    """(decoder returning hidden states, output projection) of a causal LM, PEFT-wrapped or not.
+class OutputHead:
+    """The output head as the model's own forward applies it: the projection (lm_head), then what
+    the architecture does to its output (models/families.logit_transform: Gemma 2's final logit
+    soft-capping, cap * tanh(logits / cap); Cohere's and Granite's scales). Every path that
+    projects hidden states itself goes through it, so none silently trains or scores raw logits
+    that the model never produces."""
+
+    def __init__(self, proj: torch.nn.Module, scale: float = 1.0, softcap: float | None = None):
+        self.proj, self.scale, self.softcap = proj, scale, softcap
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.proj(hidden))
+
+    def finish(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def decoder_and_head(model) -> tuple[torch.nn.Module, OutputHead]:
+    """(decoder returning hidden states, output head) of a causal LM, PEFT-wrapped or not.
 
     The training loss projects only the trained positions through the head, so the full
     [tokens x vocab] logits are never built for prompt tokens.
     """
+    from tunesmith.models.families import logit_transform
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
+    scale, softcap = logit_transform(base.config)
+    return base.get_decoder(), OutputHead(base.get_output_embeddings(), scale, softcap)
 
 
 @torch.no_grad()
@@ -91,11 +115,18 @@ def check_packing_isolates(model) -> None:
     a per-example causal mask (masking_utils.find_packed_sequence_indices), which it does only with
     attention_mask=None and no KV cache, and only in models built on masking_utils. Check it on
     the model about to be trained: a path that skips it would let examples attend to each other
-    without any error, so run two examples packed and the second alone and compare."""
+    without any error, so run two examples packed and the second alone and compare. With a small
+    sliding window (tiny test models) the second example outgrows it, so the sliding-window
+    layers' mask is checked too; a real model's window (512+ tokens) would make the check cost a
+    long forward, and transformers builds both masks from the same packed-sequence indices."""
+    from tunesmith.models.families import sliding_window
+
     decoder, _ = decoder_and_head(model)
     param = next(decoder.parameters())
-    ids = torch.arange(3, 12, device=param.device) % decoder.get_input_embeddings().num_embeddings
-    positions = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4], device=param.device)
+    window = sliding_window(decoder.config) or 0
+    second = window + 4 if 0 < window <= 60 else 5
+    ids = torch.arange(3, 7 + second, device=param.device) % decoder.get_input_embeddings().num_embeddings
+    positions = torch.cat([torch.arange(4), torch.arange(second)]).to(param.device)
     was_training = model.training
     model.eval()  # dropout would make the two passes differ for no reason
     try:

@@ -63,20 +63,26 @@ def rows_loss_sum(model, rows: list[dict], threads: int = 1) -> tuple[torch.Tens
 CHUNK_ROWS = 256  # rows of logits alive at once: 256 x 49,152 fp32 = 48 MiB for SmolLM2
 
 
-def head_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed CE of `head(hidden)` against `targets`: chunked when the head is a plain linear layer
-    (an adapter on the head itself, e.g. LoRA on lm_head, goes the ordinary way)."""
-    if type(head) is torch.nn.Linear and hidden.shape[0] > 0:
-        return linear_cross_entropy(hidden, head.weight, head.bias, targets)
+def head_cross_entropy(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed CE of `head(hidden)` against `targets`. `head`: a models.load.OutputHead (its logit
+    scale and soft-cap applied) or a bare module. Chunked when the projection is a plain linear
+    layer (an adapter on the head itself, e.g. LoRA on lm_head, goes the ordinary way)."""
+    proj = getattr(head, "proj", head)
+    if type(proj) is torch.nn.Linear and hidden.shape[0] > 0:
+        return linear_cross_entropy(hidden, proj.weight, proj.bias, targets, scale=getattr(head, "scale", 1.0),
+                                    softcap=getattr(head, "softcap", None))
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-    """sum_i CE(hidden[i] @ weight.T + bias, targets[i]), never holding more than `chunk_rows`
-    rows of logits. Equal to F.cross_entropy(F.linear(...), reduction="sum") up to float rounding.
+                         targets: torch.Tensor, chunk_rows: int = CHUNK_ROWS, scale: float = 1.0,
+                         softcap: float | None = None) -> torch.Tensor:
+    """sum_i CE(z_i, targets[i]) with z_i = hidden[i] @ weight.T + bias, times `scale`, then
+    soft-capped (cap * tanh(z / cap)) when `softcap` is set (models.load.OutputHead), never holding
+    more than `chunk_rows` rows of logits. Equal to the unchunked computation up to float rounding.
     Its backward runs once (it scales gradients computed in the forward in place)."""
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, torch.is_grad_enabled())
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, torch.is_grad_enabled(), scale,
+                                     softcap)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -87,7 +93,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     trains (full fine-tuning), d(weight), which autograd would allocate anyway. Same FLOPs."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows, grad_enabled):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, grad_enabled, scale=1.0, softcap=None):
         need_h, need_w, need_b = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
@@ -95,13 +101,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
-            logits = F.linear(h, weight, bias).float()
+            logits, dlogits = _finish(F.linear(h, weight, bias).float(), scale, softcap)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if not (need_h or need_w or need_b):
                 continue
             grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             grad[torch.arange(len(t), device=t.device), t] -= 1  # d CE / d logits = softmax - onehot
+            if dlogits is not None:  # chain rule through the scale / soft-cap: d CE / d (h @ W.T + b)
+                grad.mul_(dlogits)
             if need_h:
                 grad_h[start:start + chunk_rows] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
@@ -117,7 +125,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad_out,
                 None if grad_w is None else grad_w.mul_(grad_out).to(ctx.weight_dtype),  # in place: no 2nd copy
-                None if grad_b is None else grad_b.mul_(grad_out).to(ctx.weight_dtype), None, None, None)
+                None if grad_b is None else grad_b.mul_(grad_out).to(ctx.weight_dtype), None, None, None, None, None)
+
+
+def _finish(raw: torch.Tensor, scale: float, softcap: float | None):
+    """(logits, d logits / d raw or None) for OutputHead's transform of one chunk's raw logits."""
+    if softcap:
+        t = torch.tanh(raw * (scale / softcap))
+        return t * softcap, (1 - t * t).mul_(scale)
+    if scale != 1.0:
+        return raw * scale, scale
+    return raw, None
 
 
 def reference_sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
