@@ -66,9 +66,19 @@ def cmd_runs_compare(runs: list[str], plot: str | None) -> int:
 def cmd_models_list() -> int:
     from tunesmith.models.registry import list_models, tunesmith_home
 
+    rows = list_models()
     print(f"cache: {tunesmith_home() / 'models'}")
-    for row in list_models():
+    for row in [r for r in rows if "repo" not in r]:
         print(f"  {row['name']:<24} {row['description']}\n  {'':<24} {row['state']}")
+    print("hub models tested per family (model.name=ALIAS downloads REPO into the Hugging Face cache):")
+    family = None
+    for row in [r for r in rows if "repo" in r]:
+        if row["family"] != family:
+            family = row["family"]
+            print(f"  {family}: {row['description']}")
+        print(f"    {row['name']:<24} {row['repo']:<36} {row['state']}")
+    print("needs download: use model.name=ALIAS while online, or `hf download REPO --local-dir DIR` and "
+          "model.name=DIR;\ngated: first accept the terms at https://huggingface.co/REPO and log in (hf auth login)")
     return 0
 
 

@@ -62,7 +62,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                 HubModel("qwen3-8b", "Qwen/Qwen3-8B"))),
     Family("mistral", ("mistral",), "Mistral 7B (Llama 2 SentencePiece vocabulary)", _ATTN + _MLP, "llama",
            rope_permute=True, system_role="none",
-           hub=(HubModel("mistral-7b-instruct", "mistralai/Mistral-7B-Instruct-v0.2"),)),
+           hub=(HubModel("mistral-7b-instruct", "mistralai/Mistral-7B-Instruct-v0.2", "gated"),)),
     Family("gemma2", ("gemma2",), "Gemma 2 (soft-capping, sliding windows)", _ATTN + _MLP, "gemma2",
            norm_offset=1.0, final_softcap_key="final_logit_softcapping", system_role="none",
            hub=(HubModel("gemma-2-2b-it", "google/gemma-2-2b-it", "gated"),

@@ -1,5 +1,10 @@
 """Model resolution: alias | local HF directory | local .gguf | hub id  ->  a local HF directory.
 
+Two kinds of alias: the embedded ones (ALIASES: a GGUF file shipped in a pip package) and the hub
+models tested per family (models/families.py HUB_ALIASES, e.g. qwen2.5-0.5b-instruct), which resolve
+to their hub repo through the Hugging Face cache like any hub id, recorded under the alias with the
+repo beside it.
+
 GGUF files (the embedded default included) are converted once into a safetensors HF directory in
 the cache under $TUNESMITH_HOME, written into a temporary folder and renamed into place, so an
 interrupted conversion never leaves a cache entry that looks usable.
@@ -15,6 +20,7 @@ from pathlib import Path
 
 from tunesmith.atomic import atomic_dir
 from tunesmith.errors import ModelError
+from tunesmith.models.families import FAMILIES, HUB_ALIASES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -49,6 +55,12 @@ class ResolvedModel:
     path: Path       # a local HF directory with config.json + safetensors + tokenizer
     source: str      # alias | directory | gguf | hub
     sha256: str      # of the source weights (GGUF file or safetensors files)
+    repo: str | None = None  # the hub repo a hub alias stands for
+
+    def record(self) -> dict:
+        """The manifest's "model" entry."""
+        out = {"id": self.id, "source": self.source, "path": str(self.path), "sha256": self.sha256}
+        return out | ({"repo": self.repo} if self.repo else {})
 
 
 def tunesmith_home() -> Path:
@@ -108,51 +120,63 @@ def _from_gguf(gguf: Path, model_id: str, source: str) -> ResolvedModel:
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 
 
-def _hub_failure(repo_id: str, exc: Exception) -> str:
-    """What went wrong fetching `repo_id`, as what it is: offline, unreachable, not found, gated,
-    refused credentials, or an HTTP error; each with what to do about it."""
+def _hub_failure(repo_id: str, exc: Exception, alias: str | None = None) -> str:
+    """What went wrong fetching `repo_id` (asked for as `alias`, when it was one), as what it is:
+    offline, unreachable, not found, gated, refused credentials, or an HTTP error; each with what
+    to do about it."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RepositoryNotFoundError)
 
-    local = (f"Or download it where the hub is reachable (hf download {repo_id} --local-dir DIR) and set "
+    what = f"model '{alias}' (hub repo {repo_id})" if alias else f"model '{repo_id}'"
+    gated = HUB_ALIASES[alias].note.startswith("gated") if alias in HUB_ALIASES else False
+    terms = (f"accept its terms at https://huggingface.co/{repo_id} and log in (hf auth login), then "
+             if gated else "")
+    local = (f"Or {terms}download it where the hub is reachable (hf download {repo_id} --local-dir DIR) and set "
              f"model.name=DIR; or use a local .gguf file or the alias '{DEFAULT_MODEL}'.")
     cause = exc.__cause__ if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ is not None else exc
     status = getattr(getattr(cause, "response", None), "status_code", None)
     if isinstance(cause, GatedRepoError):
-        return (f"model '{repo_id}' is gated on the Hugging Face hub (HTTP {status}): accept its terms at "
+        return (f"{what} is gated on the Hugging Face hub (HTTP {status}): accept its terms at "
                 f"https://huggingface.co/{repo_id} and log in (hf auth login, or set HF_TOKEN). {local}")
     if isinstance(cause, RepositoryNotFoundError):
-        return (f"model '{repo_id}' was not found on the Hugging Face hub (HTTP {status}): check the id, or, if "
+        return (f"{what} was not found on the Hugging Face hub (HTTP {status}): check the id, or, if "
                 f"it is private, log in with a token that can read it (hf auth login, or set HF_TOKEN). {local}")
     if isinstance(cause, HfHubHTTPError) and status == 401:
-        return (f"the Hugging Face hub refused the credentials for '{repo_id}' (HTTP 401): the token is invalid "
+        return (f"the Hugging Face hub refused the credentials for {what} (HTTP 401): the token is invalid "
                 f"or expired; log in again (hf auth login) or unset HF_TOKEN. {local}")
     if isinstance(cause, HfHubHTTPError):
-        return f"downloading '{repo_id}' failed: the Hugging Face hub answered HTTP {status} ({cause}). {local}"
+        return f"downloading {what} failed: the Hugging Face hub answered HTTP {status} ({cause}). {local}"
     if isinstance(cause, OfflineModeIsEnabled) or (isinstance(exc, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE):
-        return (f"model '{repo_id}' is not in the Hugging Face cache, and downloads are off (HF_HUB_OFFLINE=1): "
+        return (f"{what} is not in the Hugging Face cache, and downloads are off (HF_HUB_OFFLINE=1): "
                 f"unset HF_HUB_OFFLINE to download it. {local}")
     if isinstance(exc, LocalEntryNotFoundError):
-        return (f"model '{repo_id}' is not in the Hugging Face cache and the hub could not be reached "
+        return (f"{what} is not in the Hugging Face cache and the hub could not be reached "
                 f"({type(cause).__name__}: {cause}); check the network or proxy. {local}")
-    return f"downloading '{repo_id}' failed ({type(exc).__name__}: {exc}). {local}"
+    return f"downloading {what} failed ({type(exc).__name__}: {exc}). {local}"
 
 
-def _from_hub(repo_id: str) -> ResolvedModel:
+def _cached_snapshot(repo_id: str) -> Path:
+    """The repo's snapshot in the Hugging Face cache (never the network); raises when absent."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+
+
+def _from_hub(repo_id: str, alias: str | None = None) -> ResolvedModel:
     from huggingface_hub import constants, snapshot_download
 
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+        path = _cached_snapshot(repo_id)
     except Exception as cached_miss:  # not cached (or partly): download it, unless offline
         try:
             if constants.HF_HUB_OFFLINE:
                 raise cached_miss
             path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, etag_timeout=5))
         except Exception as exc:
-            raise ModelError(_hub_failure(repo_id, exc)) from exc
+            raise ModelError(_hub_failure(repo_id, exc, alias)) from exc
     _check_hf_dir(path)
-    return ResolvedModel(repo_id, path, "hub", _sha256_weights(path))
+    return ResolvedModel(alias or repo_id, path, "hub", _sha256_weights(path), repo_id if alias else None)
 
 
 def resolve_model(spec: str | None) -> ResolvedModel:
@@ -160,6 +184,8 @@ def resolve_model(spec: str | None) -> ResolvedModel:
     spec = spec or DEFAULT_MODEL
     if spec in ALIASES:
         return _from_gguf(ALIASES[spec].locate(), spec, "alias")
+    if spec.lower() in HUB_ALIASES:
+        return _from_hub(HUB_ALIASES[spec.lower()].repo, spec.lower())
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _from_gguf(path.resolve(), spec, "gguf")
@@ -172,13 +198,14 @@ def resolve_model(spec: str | None) -> ResolvedModel:
         raise ModelError(f"model '{spec}': not a model directory or .gguf file")
     if spec.count("/") == 1:
         return _from_hub(spec)
-    close = ", ".join(ALIASES)
-    raise ModelError(f"unknown model '{spec}': use an alias ({close}), a local directory, a .gguf file "
-                     "or a hub id like org/name")
+    raise ModelError(f"unknown model '{spec}': use an alias ({', '.join(ALIASES)}, or a hub alias such as "
+                     f"{', '.join(list(HUB_ALIASES)[:3])}: `tunesmith models list` shows them all), a local "
+                     "directory, a .gguf file or a hub id like org/name")
 
 
 def list_models() -> list[dict]:
-    """Aliases with their cache state, plus every converted model in the cache."""
+    """Embedded aliases with their cache state, every converted model in the cache, then the hub
+    models tested per family (family, repo, and whether the Hugging Face cache holds them)."""
     rows = []
     cache = tunesmith_home() / "models"
     for alias, entry in ALIASES.items():
@@ -194,4 +221,19 @@ def list_models() -> list[dict]:
     for p in sorted(cache.glob("*")) if cache.is_dir() else []:
         if (p / "tunesmith.json").is_file() and not any(p.name in r["state"] for r in rows):
             rows.append({"name": str(p), "description": "converted GGUF", "state": "cached"})
+    for family in FAMILIES.values():
+        for hub in family.hub:
+            rows.append({"name": hub.alias, "description": family.description, "family": family.name,
+                         "repo": hub.repo, "state": hub_state(hub)})
     return rows
+
+
+def hub_state(hub) -> str:
+    """'cached at PATH' (a complete snapshot in the Hugging Face cache), else 'needs download' or
+    'gated, needs download'; looked up in the cache only, never on the network."""
+    try:
+        path = _cached_snapshot(hub.repo)
+        _check_hf_dir(path)
+        return f"cached at {path}"
+    except Exception:  # noqa: BLE001 - any cache miss (absent, partial, no weights) means a download
+        return "gated, needs download" if hub.note.startswith("gated") else "needs download"

@@ -8,6 +8,20 @@ and their cache is merged by padding the shorter one on the left (zeros, masked 
 are selected out, and columns that have become padding for every remaining row are trimmed.
 A step that raises leaves the batch as it was before it (so its rows can be retried), and a batch
 can be split in two (so the engine can find the row that makes a step fail).
+
+Sliding-window layers (Gemma 2/3, Phi-3, Mistral v0.1, Qwen2 with use_sliding_window) are served
+from the same full-length cache: transformers builds their window from the attention mask, not from
+the cache (masking_utils' sliding_window_overlay: a query at column q sees columns > q - window), and
+a DynamicCache made without a config keeps every layer as a plain full DynamicLayer. Because every
+row's tokens fill the trailing columns contiguously (merges pad on the left, trims drop only
+columns that are padding in every row), the distance between two columns is the distance between
+two of the row's tokens, so the window hides exactly what it would for the row alone. The cost is
+memory: a sliding layer holds the whole row, not just the window. A sliding-window cache layer
+(DynamicSlidingWindowLayer, which drops old columns) is never used, since dropping columns per
+layer would break the column alignment that merging and trimming rely on. Layers whose state is
+not a per-token key/value (linear attention, convolution, recurrent, shared-KV "dummy" layers) or
+whose mask depends on absolute positions (chunked attention) cannot be edited this way and are
+refused by check_servable.
 """
 from __future__ import annotations
 
@@ -17,6 +31,40 @@ import torch
 import torch.nn.functional as F
 
 Forward = Callable[..., torch.Tensor]  # (names, **model inputs) -> next-token logits [rows, vocab]
+SERVABLE_LAYERS = ("full_attention", "sliding_attention")  # cache layers whose columns can be edited
+
+
+def cache_layer_types(config) -> list[str]:
+    """The cache layer type of each decoder layer, as transformers' DynamicCache(config=...) reads
+    them: layer_types when the config has them, else sliding_attention when it sets a sliding_window
+    (Phi-3, Mistral v0.1), chunked_attention for attention_chunk_size, else full_attention."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return list(get_layer_types_and_kwargs(text)[0])
+
+
+def check_servable(config) -> list[str]:
+    """The model's cache layer types, or ModelError when a layer's cache cannot be merged and
+    trimmed column by column (see the module docstring)."""
+    from tunesmith.errors import ModelError
+
+    types = cache_layer_types(config)
+    bad = sorted(set(types) - set(SERVABLE_LAYERS))
+    if bad:
+        raise ModelError(f"serving supports models whose layers are all {' or '.join(SERVABLE_LAYERS)}; "
+                         f"this {getattr(config, 'model_type', '?')} model has {', '.join(bad)} layers "
+                         f"(layer types: {types}), whose cache rows the batching engine cannot merge or "
+                         "trim. Generate with `tunesmith generate` (transformers' own loop) instead")
+    return types
+
+
+def _cache(layers=None):
+    """A DynamicCache of full layers (no config on purpose: see the module docstring), empty or
+    holding these (keys, values) per layer."""
+    from transformers import DynamicCache
+
+    return DynamicCache() if layers is None else DynamicCache(ddp_cache_data=layers)
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -40,13 +88,11 @@ class KVBatch:
     def prefill(self, prompts: list[list[int]], names: list[str | None]) -> torch.Tensor:
         """Run new rows' prompts (left-padded together) and add them to the batch: their first
         next-token logits [len(prompts), vocab]."""
-        from transformers import DynamicCache
-
         from tunesmith.generation import _left_padded
 
         ids, mask = _left_padded(prompts, self.pad_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # pads get 0; they are masked anyway
-        cache = DynamicCache()
+        cache = _cache()
         logits = self.forward(names, input_ids=ids, attention_mask=mask, position_ids=positions,
                               past_key_values=cache, use_cache=True, logits_to_keep=1)
         self._join(cache, mask, names)
@@ -67,10 +113,8 @@ class KVBatch:
 
     def _roll_back(self, mask: torch.Tensor) -> None:
         """Undo a step that raised: the layers it reached had appended the new column to their cache."""
-        from transformers import DynamicCache
-
         width = mask.shape[1]
-        self.cache = DynamicCache(ddp_cache_data=[(k[:, :, :width], v[:, :, :width]) for k, v, *_ in self.cache])
+        self.cache = _cache([(k[:, :, :width], v[:, :, :width]) for k, v, *_ in self.cache])
         self.mask = mask
 
     def split(self, rows: list[int]) -> "KVBatch":
@@ -82,8 +126,6 @@ class KVBatch:
         return other
 
     def _join(self, cache, mask: torch.Tensor, names: list[str | None]) -> None:
-        from transformers import DynamicCache
-
         if self.cache is None:
             self.cache, self.mask, self.names = cache, mask, list(names)
             return
@@ -91,14 +133,12 @@ class KVBatch:
         layers = [(torch.cat([_left_pad(k0, width), _left_pad(k1, width)]),
                    torch.cat([_left_pad(v0, width), _left_pad(v1, width)]))
                   for (k0, v0, *_), (k1, v1, *_) in zip(self.cache, cache)]
-        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.cache = _cache(layers)
         self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
         self.names += names
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order); finished and cancelled rows stop costing compute."""
-        from transformers import DynamicCache
-
         if len(rows) == len(self) and rows == list(range(len(self))):
             return
         if not rows:
@@ -107,6 +147,6 @@ class KVBatch:
         idx = torch.tensor(rows, dtype=torch.long, device=self.device)
         mask = self.mask[idx]
         first = int(mask.any(0).nonzero()[0])  # leading columns now padding in every row
-        self.cache = DynamicCache(ddp_cache_data=[(k[idx, :, first:], v[idx, :, first:]) for k, v, *_ in self.cache])
+        self.cache = _cache([(k[idx, :, first:], v[idx, :, first:]) for k, v, *_ in self.cache])
         self.mask = mask[:, first:]
         self.names = [self.names[i] for i in rows]

@@ -30,7 +30,7 @@ import torch
 from tunesmith.data.templates import stop_ids
 from tunesmith.errors import DataError, ModelError, TunesmithError
 from tunesmith.serve.adapters import AdapterDir, LoadedAdapters
-from tunesmith.serve.batch import KVBatch
+from tunesmith.serve.batch import KVBatch, check_servable
 from tunesmith.serve.decode import RowText, choose, make_generator
 from tunesmith.serve.handle import Completion, Delta, Handle
 from tunesmith.serve.threads import off_main_thread
@@ -430,11 +430,6 @@ def _load_tokenizer(path: Path):
 
 
 def _check_model(model) -> None:
-    """Rows are merged and trimmed by editing a full-attention KV cache; a sliding-window or
-    recurrent layer's cache cannot be edited that way, so such models are refused, not served wrong."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"} or getattr(cfg, "use_sliding_window", False):
-        raise ModelError(f"serving supports full-attention models; this one has {sorted(kinds)} layers "
-                         "(sliding-window / linear attention)")
-
+    """Rows are merged and trimmed by editing the KV cache column by column: full-attention and
+    sliding-window layers allow that (serve/batch.py says why); other layer kinds are refused."""
+    check_servable(model.config)

@@ -120,8 +120,7 @@ def manifest_base(kind: str, run: OpenRun, resolved_model, parameters: tuple[int
     trainable, total = parameters
     return {
         "kind": kind, "run_name": run.name, "versions": versions(),
-        "model": {"id": resolved_model.id, "source": resolved_model.source, "path": str(resolved_model.path),
-                  "sha256": resolved_model.sha256},
+        "model": resolved_model.record(),  # id, source, path, sha256 (+ repo for a hub alias)
         "method": run.config.method.name, "parameters": {"trainable": trainable, "total": total},
         "seed": run.config.train.seed, "started": started, "finished": now_iso(),
         "steps": result.steps, "tokens": result.tokens, "trained_tokens": result.trained_tokens,
