@@ -2,13 +2,20 @@
 run's chat template did in training.
 
 Ollama cannot run a Jinja chat template: it needs the same format written in Go's text/template.
-We do not translate Jinja. We know a few template families (ChatML, Llama-3, Alpaca), each with
-an Ollama TEMPLATE, and pick the one whose rendering of a set of probe conversations equals the
-run template's rendering, character for character. The check uses a small renderer for the
-subset of Go templates these TEMPLATEs use (`render_go`). A template that injects a default
-system prompt when the chat has none (SmolLM2's does) gets it as SYSTEM, which Ollama prepends
-as a system message in exactly that case. A template that matches no family gets a ModelError
-and no Modelfile, never a TEMPLATE that would serve a different prompt format than the one trained.
+We do not translate Jinja. We know the chat formats of the families tunesmith is tested on
+(ChatML for Qwen 2/2.5/3 and SmolLM, Llama 3, Mistral's [INST], Gemma's turns, Phi-3's, Alpaca),
+each with an Ollama TEMPLATE, and pick the one whose rendering of a set of probe conversations
+equals the run's rendering (data/tokenize.render, what training and serving use), character for
+character. The check uses a small renderer for the subset of Go templates these TEMPLATEs use
+(`render_go`). A template that injects a default system prompt when the chat has none (Qwen 2.5's,
+SmolLM2's) gets it as SYSTEM, which Ollama prepends as a system message in exactly that case.
+Templates without a system role (Mistral v0.2, Gemma 2; Gemma 3 merges it itself) get tunesmith's
+rule in Go: the system text goes before the first user message, followed by a blank line. A
+template that matches no family gets a ModelError and no Modelfile, never a TEMPLATE that would
+serve a different prompt format than the one trained.
+
+Go templates have no `trim`: where a family's Jinja trims message contents (Llama 3, Gemma), a
+message with leading or trailing whitespace renders with it in Ollama.
 """
 from __future__ import annotations
 
@@ -38,7 +45,20 @@ ALPACA = Family("alpaca", '{{- range .Messages }}{{ if eq .Role "system" }}{{ .C
                           '{{ else if eq .Role "user" }}### Instruction:\n{{ .Content }}\n\n'
                           '{{ else }}### Response:\n{{ .Content }}{{ .Eos }}\n\n{{ end }}{{ end }}### Response:\n',
                 ("### Instruction:",))
-FAMILIES = (CHATML, LLAMA3, ALPACA)
+# The system text is held in $system and written at the start of the next user message (tunesmith's
+# rule for templates without a system role, and Gemma 3's own).
+_HOLD_SYSTEM = '{{- $system := "" }}{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}'
+_SYSTEM_FIRST = '{{ if $system }}{{ $system }}\n\n{{ $system = "" }}{{ end }}'
+MISTRAL = Family("mistral", _HOLD_SYSTEM + '{{ else if eq .Role "user" }}[INST] ' + _SYSTEM_FIRST +
+                 '{{ .Content }} [/INST]{{ else if eq .Role "assistant" }}{{ .Content }}{{ .Eos }}{{ end }}{{ end }}',
+                 ("[INST]",))
+GEMMA = Family("gemma", _HOLD_SYSTEM + '{{ else if eq .Role "user" }}<start_of_turn>user\n' + _SYSTEM_FIRST +
+               '{{ .Content }}<end_of_turn>\n{{ else if eq .Role "assistant" }}<start_of_turn>model\n'
+               '{{ .Content }}<end_of_turn>\n{{ end }}{{ end }}<start_of_turn>model\n',
+               ("<end_of_turn>", "<start_of_turn>"))
+PHI3 = Family("phi-3", '{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n',
+              ("<|end|>", "<|user|>", "<|assistant|>"))
+FAMILIES = (CHATML, LLAMA3, MISTRAL, GEMMA, PHI3, ALPACA)
 
 PROBES = [
     [{"role": "user", "content": "Hello, who are you?"}],
@@ -70,6 +90,9 @@ def _lex(template: str) -> list[tuple[str, str]]:
     return out
 
 
+_VAR = re.compile(r"(\$\w+)\s*(:?=)\s*(.+)")
+
+
 def _parse(tokens: list[tuple[str, str]], i: int = 0, stop: tuple[str, ...] = ()) -> tuple[list, int, str]:
     nodes: list = []
     while i < len(tokens):
@@ -93,6 +116,10 @@ def _parse(tokens: list[tuple[str, str]], i: int = 0, stop: tuple[str, ...] = ()
             nodes.append(("if", branches))
         elif value.startswith("."):
             nodes.append(("field", value[1:]))
+        elif m := _VAR.fullmatch(value):
+            nodes.append(("set", m.group(1), m.group(3).strip()))
+        elif re.fullmatch(r"\$\w+", value):
+            nodes.append(("var", value))
         else:
             raise ValueError(f"unsupported Go template action {{{{ {value} }}}}")
     if stop:
@@ -100,40 +127,63 @@ def _parse(tokens: list[tuple[str, str]], i: int = 0, stop: tuple[str, ...] = ()
     return nodes, i, ""
 
 
-def _true(cond: str, dot: dict) -> bool:
+def _value(expr: str, dot: dict, root: dict, vars: dict) -> str:
+    if expr == '""':
+        return ""
+    if expr.startswith("."):
+        return str(dot.get(expr[1:], root.get(expr[1:], "")))
+    if expr.startswith("$"):
+        return vars[expr]  # KeyError: used before `:=`, as Go refuses to parse it
+    raise ValueError(f"unsupported Go template value '{expr}'")
+
+
+def _true(cond: str, dot: dict, root: dict, vars: dict) -> bool:
     if cond == "true":
         return True
+    if re.fullmatch(r"\$\w+", cond):
+        return bool(vars[cond])  # Go: the empty string is false
     m = re.fullmatch(r'eq \.(\w+) "([^"]*)"', cond)
     if not m:
         raise ValueError(f"unsupported Go template condition '{cond}'")
     return dot.get(m.group(1)) == m.group(2)
 
 
-def _eval(nodes: list, dot: dict, root: dict) -> str:
+def _eval(nodes: list, dot: dict, root: dict, vars: dict) -> str:
+    """Variables live in one scope: these templates declare them at the top and assign them inside
+    range/if, which Go (1.11+) applies to the outer variable."""
     out = []
     for node in nodes:
         if node[0] == "text":
             out.append(node[1])
         elif node[0] == "field":
-            out.append(str(dot.get(node[1], root.get(node[1], ""))))
+            out.append(_value("." + node[1], dot, root, vars))
+        elif node[0] == "var":
+            out.append(vars[node[1]])
+        elif node[0] == "set":
+            vars[node[1]] = _value(node[2], dot, root, vars)
         elif node[0] == "range":
-            out += [_eval(node[2], item, root) for item in root[node[1].lstrip(".")]]
-        else:
-            out += [_eval(body, dot, root) for cond, body in node[1] if _true(cond, dot)][:1]
+            out += [_eval(node[2], item, root, vars) for item in root[node[1].lstrip(".")]]
+        else:  # only the first true branch runs (its assignments included)
+            body = next((body for cond, body in node[1] if _true(cond, dot, root, vars)), None)
+            out.append(_eval(body, dot, root, vars) if body is not None else "")
     return "".join(out)
 
 
 def render_go(template: str, messages: list[dict], **fields) -> str:
     """Render the Go text/template subset used here: text, {{ .Field }}, {{ range .Messages }},
-    {{ if eq .Role "x" }} / {{ else if ... }} / {{ else }} / {{ end }}, and `{{- ` / ` -}}` trimming."""
+    {{ if eq .Role "x" }} / {{ if $var }} / {{ else if ... }} / {{ else }} / {{ end }}, string
+    variables ({{ $v := "" }}, {{ $v = .Content }}, {{ $v }}), and `{{- ` / ` -}}` trimming."""
     nodes, _, _ = _parse(_lex(template))
     msgs = [{"Role": m["role"], "Content": m["content"]} | fields for m in messages]
-    return _eval(nodes, {}, {"Messages": msgs} | fields)
+    return _eval(nodes, {}, {"Messages": msgs} | fields, {})
 
 
 # ---------------------------------------------------------------- family detection
 def _hf(tokenizer, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    """The prompt tunesmith renders for `messages` (training, generate and serve render this way)."""
+    from tunesmith.data.tokenize import render
+
+    return render(tokenizer, messages, add_generation_prompt=True)
 
 
 def _bos_prefix(tokenizer) -> str:
@@ -143,12 +193,13 @@ def _bos_prefix(tokenizer) -> str:
     return tokenizer.bos_token if bos is not None and ids and ids[0] == bos else ""
 
 
-def _ollama(family: Family, tokenizer, messages: list[dict], system: str | None) -> str:
+def _ollama(family: Family, tokenizer, messages: list[dict], system: str | None, bos: bool = True) -> str:
     """What Ollama would feed the model: its default SYSTEM prepended when the chat has no system
     message (server/routes.go), the TEMPLATE rendered, after the BOS llama.cpp adds."""
     if system is not None and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}] + messages
-    return _bos_prefix(tokenizer) + render_go(family.template, messages, Eos=tokenizer.eos_token or "")
+    prefix = _bos_prefix(tokenizer) if bos else ""
+    return prefix + render_go(family.template, messages, Eos=tokenizer.eos_token or "")
 
 
 def _default_system(family: Family, tokenizer) -> str | None:
@@ -171,21 +222,41 @@ def _candidates(tokenizer) -> list[Family]:
     return out
 
 
+def _expected(tokenizer) -> tuple[list, list[str]]:
+    """(probes, their renderings). A probe with a system message that the rendering refuses is left
+    out (a template without a system role, before data/tokenize.render merged such messages): the
+    families that can match it then hold the system text for the first user message."""
+    probes, expected = [], []
+    for p in PROBES:
+        try:
+            expected.append(_hf(tokenizer, p))
+            probes.append(p)
+        except Exception as exc:  # noqa: BLE001 - the template's own raise_exception
+            if p[0]["role"] != "system":
+                raise ModelError(f"the chat template fails on a plain chat ({type(exc).__name__}: {exc}); "
+                                 "write the Ollama TEMPLATE by hand") from None
+    return probes, expected
+
+
 def detect_family(tokenizer) -> tuple[Family, str | None]:
     """(family, default system prompt or None) whose Ollama rendering equals the tokenizer's chat
     template on every probe conversation."""
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError("the tokenizer has no chat template, so no Ollama TEMPLATE can match it")
-    try:
-        expected = [_hf(tokenizer, p) for p in PROBES]
-    except Exception as exc:  # a template that rejects plain system/user/assistant chats
-        raise ModelError(f"the chat template fails on a plain chat ({type(exc).__name__}: {exc}); "
-                         "write the Ollama TEMPLATE by hand") from None
+    probes, expected = _expected(tokenizer)
     for family in _candidates(tokenizer):
         for system in (None, _default_system(family, tokenizer)):
-            if all(_ollama(family, tokenizer, p, system) == e for p, e in zip(PROBES, expected)):
+            if all(_ollama(family, tokenizer, p, system) == e for p, e in zip(probes, expected)):
                 return family, system
-    shown = expected[1][:200].replace("\n", "\\n")
+    for family in FAMILIES:
+        if all(_ollama(family, tokenizer, p, None, bos=False) == e for p, e in zip(probes, expected)):
+            raise ModelError(
+                f"the chat template is the {family.name} format but does not write the BOS token "
+                f"{tokenizer.bos_token}, while the tokenizer adds it to plain text: the GGUF says add_bos_token, "
+                "so llama.cpp and Ollama would put a BOS before every prompt that tunesmith trained and serves "
+                "without one. No Modelfile was written; set add_bos_token to false in the tokenizer (or make "
+                "the template write the BOS) and export again")
+    shown = expected[-1][:200].replace("\n", "\\n")
     raise ModelError(f"the run's chat template matches none of the Ollama templates tunesmith knows "
                      f"({', '.join(f.name for f in FAMILIES)}); it renders a system+user chat as '{shown}'. "
                      "No Modelfile was written: a wrong TEMPLATE would serve a prompt format the model "

