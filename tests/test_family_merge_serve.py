@@ -25,12 +25,14 @@ MULTI = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "H
 
 @pytest.fixture(scope="module")
 def family_dir(tmp_path_factory):
-    """family -> its tiny model directory, built once per module when first asked for."""
+    """family -> (its tiny model directory, its tokenizer), built and loaded once per module when
+    first asked for (loading a 128k/152k-token tokenizer takes seconds)."""
     root, built = tmp_path_factory.mktemp("family-models"), {}
 
     def get(family: str):
         if family not in built:
-            built[family] = build_family_model(family, root / family)
+            path = build_family_model(family, root / family)
+            built[family] = path, _tokenizer(path)
         return built[family]
     return get
 
@@ -76,7 +78,8 @@ def test_merged_model_reloads_and_equals_the_adapter(family, family_dir, tmp_pat
     from tunesmith.models.registry import resolve_model
     from tunesmith.testing import random_lora_run
 
-    base = resolve_model(str(family_dir(family)))
+    path, base_tok = family_dir(family)
+    base = resolve_model(str(path))
     run = random_lora_run(base, tmp_path / "run", r=4, scale=0.05, seed=3)
     out = export_run(run, "merged", tmp_path / "merged")
 
@@ -85,7 +88,7 @@ def test_merged_model_reloads_and_equals_the_adapter(family, family_dir, tmp_pat
     assert not (out / "adapter_config.json").exists()
     adapter = PeftModel.from_pretrained(_load(base.path), str(run / "adapter")).eval()
     ids = _ids(tok, MULTI)
-    assert ids == _ids(_tokenizer(run / "tokenizer"), MULTI) and len(ids) > WINDOW
+    assert ids == _ids(base_tok, MULTI) and len(ids) > WINDOW  # the run's template and tokens travel with it
     want = _last_logits(adapter, ids)
     diff = float((_last_logits(merged, ids) - want).abs().max())
     assert diff < 1e-4, (family, diff)
@@ -105,8 +108,8 @@ def test_batched_cache_edits_keep_each_rows_logits(family, family_dir):
     each row's logits equal a cache-free forward of that row's tokens alone."""
     from tunesmith.serve.batch import KVBatch
 
-    path = family_dir(family)
-    model, tok = _load(path, **_window(family)), _tokenizer(path)
+    path, tok = family_dir(family)
+    model = _load(path, **_window(family))
     window = getattr(model.config, "sliding_window", None)
     forward = lambda names, **kw: model(**kw).logits[:, -1, :].float()  # noqa: E731
     batch = KVBatch(forward, tok.pad_token_id, torch.device("cpu"))
@@ -179,8 +182,8 @@ def test_engine_greedy_equals_generate_and_stops_on_end_of_turn(family, family_d
     from tunesmith.data.templates import stop_ids, stop_tokens
     from tunesmith.serve.engine import Engine, GenRequest
 
-    path = family_dir(family)
-    model, tok = _load(path, **_window(family)), _tokenizer(path)
+    path, tok = family_dir(family)
+    model = _load(path, **_window(family))
     stops = stop_tokens(tok)
     assert stops.end_of_turn == {"llama": "<|eot_id|>", "qwen2": "<|im_end|>", "qwen3": "<|im_end|>",
                                  "mistral": "</s>", "gemma2": "<end_of_turn>", "gemma3": "<end_of_turn>",
