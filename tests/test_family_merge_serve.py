@@ -215,7 +215,7 @@ def test_layers_without_an_editable_kv_cache_are_refused():
 
     assert check_servable(transformers.Gemma2Config(num_hidden_layers=2)) == ["sliding_attention", "full_attention"]
     assert check_servable(transformers.MistralConfig(num_hidden_layers=1, sliding_window=None)) == ["full_attention"]
-    with pytest.raises(ModelError, match=r"mamba model has linear_attention layers.*tunesmith generate"):
+    with pytest.raises(ModelError, match=r"mamba model has linear_attention layers.*cannot merge or trim"):
         check_servable(transformers.MambaConfig(num_hidden_layers=2))
     with pytest.raises(ModelError, match=r"chunked_attention"):
         check_servable(transformers.Llama4TextConfig(num_hidden_layers=2))

@@ -7,7 +7,6 @@ format, so a wrong Jinja rendering cannot make both sides agree on the wrong thi
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 

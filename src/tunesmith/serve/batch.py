@@ -19,9 +19,9 @@ two of the row's tokens, so the window hides exactly what it would for the row a
 memory: a sliding layer holds the whole row, not just the window. A sliding-window cache layer
 (DynamicSlidingWindowLayer, which drops old columns) is never used, since dropping columns per
 layer would break the column alignment that merging and trimming rely on. Layers whose state is
-not a per-token key/value (linear attention, convolution, recurrent, shared-KV "dummy" layers) or
-whose mask depends on absolute positions (chunked attention) cannot be edited this way and are
-refused by check_servable.
+not a per-token key/value (linear attention, convolution, recurrent, shared-KV "dummy" layers)
+cannot be edited this way, and chunked attention (Llama 4) has not been shown to stay exact under
+these edits: check_servable refuses both by name.
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from tunesmith.errors import ModelError
 
 Forward = Callable[..., torch.Tensor]  # (names, **model inputs) -> next-token logits [rows, vocab]
 SERVABLE_LAYERS = ("full_attention", "sliding_attention")  # cache layers whose columns can be edited
@@ -47,15 +49,13 @@ def cache_layer_types(config) -> list[str]:
 def check_servable(config) -> list[str]:
     """The model's cache layer types, or ModelError when a layer's cache cannot be merged and
     trimmed column by column (see the module docstring)."""
-    from tunesmith.errors import ModelError
-
     types = cache_layer_types(config)
     bad = sorted(set(types) - set(SERVABLE_LAYERS))
     if bad:
         raise ModelError(f"serving supports models whose layers are all {' or '.join(SERVABLE_LAYERS)}; "
                          f"this {getattr(config, 'model_type', '?')} model has {', '.join(bad)} layers "
                          f"(layer types: {types}), whose cache rows the batching engine cannot merge or "
-                         "trim. Generate with `tunesmith generate` (transformers' own loop) instead")
+                         "trim; serve it with a server built for such caches (vLLM, for one)")
     return types
 
 
