@@ -41,16 +41,9 @@ MARKERS = {"<|start_header_id|>", "<|im_start|>", "[INST]", "<start_of_turn>", "
 
 
 def tunesmith_prompt(tok, chat: list[dict]) -> str:
-    """What training and serving render. A template without a system role refuses the system
-    message; tunesmith's rule then puts its text before the first user message with a blank line
-    (data/tokenize.render applies the rule itself once it merges such messages)."""
-    try:
-        return render(tok, chat, add_generation_prompt=True)
-    except Exception:
-        if chat[0]["role"] != "system":
-            raise
-        merged = [{"role": "user", "content": f"{chat[0]['content']}\n\n{chat[1]['content']}"}, *chat[2:]]
-        return render(tok, merged, add_generation_prompt=True)
+    """What training and serving render (a system message that the template refuses goes before
+    the first user message, with a blank line: data/tokenize.render)."""
+    return render(tok, chat, add_generation_prompt=True)
 
 
 def parse_modelfile(text: str) -> dict:

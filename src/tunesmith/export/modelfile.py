@@ -222,20 +222,14 @@ def _candidates(tokenizer) -> list[Family]:
     return out
 
 
-def _expected(tokenizer) -> tuple[list, list[str]]:
-    """(probes, their renderings). A probe with a system message that the rendering refuses is left
-    out (a template without a system role, before data/tokenize.render merged such messages): the
-    families that can match it then hold the system text for the first user message."""
-    probes, expected = [], []
-    for p in PROBES:
-        try:
-            expected.append(_hf(tokenizer, p))
-            probes.append(p)
-        except Exception as exc:  # noqa: BLE001 - the template's own raise_exception
-            if p[0]["role"] != "system":
-                raise ModelError(f"the chat template fails on a plain chat ({type(exc).__name__}: {exc}); "
-                                 "write the Ollama TEMPLATE by hand") from None
-    return probes, expected
+def _expected(tokenizer) -> list[str]:
+    """The probes as tunesmith renders them (a system message that the template refuses is merged
+    into the first user message there, and the TEMPLATEs of such formats do the same)."""
+    try:
+        return [_hf(tokenizer, p) for p in PROBES]
+    except Exception as exc:  # a template that rejects plain system/user/assistant chats
+        raise ModelError(f"the chat template fails on a plain chat ({type(exc).__name__}: {exc}); "
+                         "write the Ollama TEMPLATE by hand") from None
 
 
 def detect_family(tokenizer) -> tuple[Family, str | None]:
@@ -243,7 +237,7 @@ def detect_family(tokenizer) -> tuple[Family, str | None]:
     template on every probe conversation."""
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError("the tokenizer has no chat template, so no Ollama TEMPLATE can match it")
-    probes, expected = _expected(tokenizer)
+    probes, expected = PROBES, _expected(tokenizer)
     for family in _candidates(tokenizer):
         for system in (None, _default_system(family, tokenizer)):
             if all(_ollama(family, tokenizer, p, system) == e for p, e in zip(probes, expected)):
