@@ -15,8 +15,7 @@ from typing import Callable
 
 from tunesmith.atomic import atomic_dir
 from tunesmith.errors import ModelError
-
-GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+from tunesmith.export.gguf import OUTTYPES as GGUF_TYPES  # noqa: F401 (the CLI's list)
 
 
 @contextmanager
@@ -56,15 +55,14 @@ def _merged(run: Path, out: Path, options: dict) -> None:
 
 
 def _gguf(run: Path, out: Path, options: dict) -> None:
-    from tunesmith.export.gguf import write_gguf
+    from tunesmith.export.gguf import check_outtype, write_gguf
     from tunesmith.export.merge import merge_run
     from tunesmith.export.modelfile import write_modelfile
     from tunesmith.models.load import load_tokenizer
 
     quants = options.get("quant") or ["q8_0"]
-    bad = [q for q in quants if q not in GGUF_TYPES]
-    if bad:
-        raise ModelError(f"--quant {','.join(bad)}: GGUF types are {', '.join(GGUF_TYPES)}")
+    for quant in quants:  # before merging: an unknown type, or a k-quant the gguf package cannot write
+        check_outtype(quant)
     merged = out / ".merged"
     merged.mkdir()
     merge_run(run, merged, "float32")  # quantise from full precision, not from a 16-bit copy

@@ -189,14 +189,46 @@ def parity(run_dir: str | Path, formats: tuple[str, ...] = ("f16", "q8_0", "q4_0
         backend.close()
         for fmt in formats:
             path = (gguf_files or {}).get(fmt) or write_gguf(merged, Path(tmp) / f"{run.name}-{fmt}.gguf", fmt)
-            backend = _LlamaCpp(path, n_ctx)
-            try:
-                row = _compare(backend, ids, ref, max_new_tokens, stop)
-                row["tokenize_match"] = sum(backend.tokenize(t) == i for t, i in zip(texts, ids)) / len(ids)
-                row["texts"] = [tok.decode(t, skip_special_tokens=True) for t in row["outputs"]]
-            finally:
-                backend.close()
-            report["backends"][f"gguf-{fmt}"] = row
+            report["backends"][f"gguf-{fmt}"] = _gguf_row(path, tok, texts, ids, ref, max_new_tokens, stop, n_ctx)
+    return report
+
+
+def _gguf_row(path: Path, tok, texts: list[str], ids: list[list[int]], ref: list[dict], max_new: int,
+              stop: set[int], n_ctx: int) -> dict:
+    backend = _LlamaCpp(path, n_ctx)
+    try:
+        row = _compare(backend, ids, ref, max_new, stop)
+        row["tokenize_match"] = sum(backend.tokenize(t) == i for t, i in zip(texts, ids)) / len(ids)
+        row["texts"] = [tok.decode(t, skip_special_tokens=True) for t in row["outputs"]]
+    finally:
+        backend.close()
+    return row
+
+
+def model_parity(model_dir: str | Path, gguf_files: dict[str, Path], prompts: list[list[dict]] | None = None,
+                 max_new_tokens: int = 16) -> dict:
+    """Compare an HF model directory (the reference: float32, transformers) with GGUF files of it run
+    by llama.cpp, e.g. the exports of one family's model. Same report as parity(), keyed
+    'gguf-<name>' for each entry of `gguf_files`."""
+    from tunesmith.data.templates import stop_tokens
+    from tunesmith.data.tokenize import prompt_ids
+    from tunesmith.models.load import load_model, load_tokenizer
+
+    model_dir = Path(model_dir)
+    conversations = prompts or PROMPTS
+    tok = load_tokenizer(model_dir)
+    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    ids = [prompt_ids(tok, c) for c in conversations]
+    stop = set(stop_tokens(tok).ids)
+    reference = _HF(load_model(model_dir))
+    ref = [{"tokens": (t := reference.greedy(p, max_new_tokens, stop)), "scores": reference.scores(p, t)} for p in ids]
+    reference.close()
+    report: dict = {"model": str(model_dir), "prompts": len(conversations), "max_new_tokens": max_new_tokens,
+                    "prompt_lengths": [len(p) for p in ids], "reference": "the model directory, float32, transformers",
+                    "reference_outputs": [r["tokens"] for r in ref], "backends": {}}
+    n_ctx = max(len(p) for p in ids) + max_new_tokens + 8
+    for name, path in gguf_files.items():
+        report["backends"][f"gguf-{name}"] = _gguf_row(Path(path), tok, texts, ids, ref, max_new_tokens, stop, n_ctx)
     return report
 
 

@@ -42,6 +42,17 @@ class Family:
     # modules get the scale on their input
     ia3_modules: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
     feedforward_modules: tuple[str, ...] = ("down_proj",)
+    # --- GGUF export (export/gguf*.py), as llama.cpp's convert_hf_to_gguf.py writes each architecture
+    architectures: tuple[str, ...] = ()    # config.json architectures exported as this family's causal LM
+    attn_softcap_key: str | None = None    # config key of the attention-logit soft-capping, when it has one
+    # sliding window in llama.cpp's architecture: "none" (it has none: nothing written), "ignored" (the
+    # converter writes the window but llama.cpp attends to the whole context), "per_layer" (the window
+    # and which layers slide, from config.layer_types)
+    gguf_sliding_window: str = "none"
+    query_scale_key: str | None = None     # config key of the attention scale's denominator (Gemma)
+    # layer counts for which llama.cpp scales attention by hidden_size / heads instead of head_dim
+    # (it recognises Gemma's 27B by its layer count)
+    query_scale_hidden_layers: tuple[int, ...] = ()
 
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -49,30 +60,37 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("llama", ("llama",), "Llama 3 / 3.1 / 3.2 (and Llama 2, SmolLM)", _ATTN + _MLP, "llama",
-           rope_permute=True,
+           rope_permute=True, architectures=("LlamaForCausalLM",),
            hub=(HubModel("llama-3.2-1b-instruct", "meta-llama/Llama-3.2-1B-Instruct", "gated"),
                 HubModel("llama-3.2-3b-instruct", "meta-llama/Llama-3.2-3B-Instruct", "gated"),
                 HubModel("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct", "gated"))),
     Family("qwen2", ("qwen2",), "Qwen 2 / 2.5 (biases on q, k, v)", _ATTN + _MLP, "qwen2",
+           architectures=("Qwen2ForCausalLM",),
            hub=(HubModel("qwen2.5-0.5b-instruct", "Qwen/Qwen2.5-0.5B-Instruct"),
                 HubModel("qwen2.5-1.5b-instruct", "Qwen/Qwen2.5-1.5B-Instruct"),
                 HubModel("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct"))),
     Family("qwen3", ("qwen3",), "Qwen 3 dense (q/k norms)", _ATTN + _MLP, "qwen3",
+           architectures=("Qwen3ForCausalLM",),
            hub=(HubModel("qwen3-0.6b", "Qwen/Qwen3-0.6B"), HubModel("qwen3-1.7b", "Qwen/Qwen3-1.7B"),
                 HubModel("qwen3-8b", "Qwen/Qwen3-8B"))),
     Family("mistral", ("mistral",), "Mistral 7B (Llama 2 SentencePiece vocabulary)", _ATTN + _MLP, "llama",
-           rope_permute=True, system_role="none",
+           rope_permute=True, system_role="none", architectures=("MistralForCausalLM",),
            hub=(HubModel("mistral-7b-instruct", "mistralai/Mistral-7B-Instruct-v0.2", "gated"),)),
     Family("gemma2", ("gemma2",), "Gemma 2 (soft-capping, sliding windows)", _ATTN + _MLP, "gemma2",
            norm_offset=1.0, final_softcap_key="final_logit_softcapping", system_role="none",
+           architectures=("Gemma2ForCausalLM",), attn_softcap_key="attn_logit_softcapping",
+           gguf_sliding_window="per_layer", query_scale_key="query_pre_attn_scalar", query_scale_hidden_layers=(46,),
            hub=(HubModel("gemma-2-2b-it", "google/gemma-2-2b-it", "gated"),
                 HubModel("gemma-2-9b-it", "google/gemma-2-9b-it", "gated"))),
     Family("gemma3", ("gemma3_text",), "Gemma 3 text (sliding windows, q/k norms)", _ATTN + _MLP, "gemma3",
            norm_offset=1.0, final_softcap_key="final_logit_softcapping", system_role="merged",
+           architectures=("Gemma3ForCausalLM",), gguf_sliding_window="per_layer",
+           query_scale_key="query_pre_attn_scalar", query_scale_hidden_layers=(62,),
            hub=(HubModel("gemma-3-270m-it", "google/gemma-3-270m-it", "gated"),
                 HubModel("gemma-3-1b-it", "google/gemma-3-1b-it", "gated"))),
     Family("phi3", ("phi3",), "Phi-3 / Phi-3.5 mini (fused qkv and gate_up)",
            ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "phi3", ia3_modules=("qkv_proj", "down_proj"),
+           architectures=("Phi3ForCausalLM",), gguf_sliding_window="ignored",
            hub=(HubModel("phi-3-mini", "microsoft/Phi-3-mini-4k-instruct"),
                 HubModel("phi-3.5-mini", "microsoft/Phi-3.5-mini-instruct"))),
 ]}
