@@ -32,6 +32,7 @@ def runs(tmp_path_factory):
 def test_train_merge_gguf_llamacpp_serve(family, runs):
     from tunesmith.data.templates import stop_tokens
     from tunesmith.data.tokenize import prompt_ids
+    from tunesmith.export import export_run
     from tunesmith.export.parity import parity
     from tunesmith.models.load import load_model, load_tokenizer
     from tunesmith.serve.engine import Engine, GenRequest
@@ -46,6 +47,10 @@ def test_train_merge_gguf_llamacpp_serve(family, runs):
     # f16 weights against the fp32 reference: tokens equal, or a divergence only at a near-tie
     assert f16["argmax_agreement"] == 1.0 or all(
         d["reference_margin"] < 2 * d["logit_diff_there"] for d in f16["divergences"]), (family, f16)
+
+    # the user's command: tunesmith export RUN --format gguf (merge, GGUF, Modelfile for Ollama)
+    out = export_run(run, "gguf", runs / f"{family}-gguf", quant=["q8_0"])
+    assert (out / f"{run.name}-q8_0.gguf").is_file() and "TEMPLATE" in (out / "Modelfile").read_text()
 
     tok = load_tokenizer(run / "tokenizer")
     stops = stop_tokens(tok)

@@ -14,6 +14,7 @@ from families import NAMES, family_tokenizer
 from tunesmith.data.templates import stop_tokens
 from tunesmith.data.tokenize import render
 from tunesmith.errors import ModelError
+from tunesmith.export.gguf_vocab import adds_bos
 from tunesmith.export.modelfile import detect_family, modelfile_text, render_go
 
 USER = {"role": "user", "content": "Deliver to Lyon:\n3 {{ scarves }}, \"pink\""}
@@ -57,18 +58,7 @@ def ollama_prompt(tok, modelfile: dict, chat: list[dict]) -> str:
     after the BOS llama.cpp adds when the GGUF says add_bos_token (the tokenizer adds it)."""
     if modelfile["system"] is not None and chat[0]["role"] != "system":
         chat = [{"role": "system", "content": modelfile["system"]}] + chat
-    adds_bos = tok.bos_token_id is not None and tok("a")["input_ids"][0] == tok.bos_token_id
-    return (tok.bos_token if adds_bos else "") + render_go(modelfile["template"], chat)
-
-
-def without_bos_added(tok):
-    """The tokenizer with plain-text BOS switched off (Phi-3.5's own tokenizer_config has
-    add_bos_token: false); its chat template never wrote one."""
-    from tokenizers import processors
-
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
-    assert tok("a")["input_ids"][0] != tok.bos_token_id
-    return tok
+    return (tok.bos_token if adds_bos(tok) else "") + render_go(modelfile["template"], chat)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +67,7 @@ def tokenizers():
 
     def get(name):
         if name not in cache:
-            tok = family_tokenizer(name)
-            cache[name] = without_bos_added(tok) if name == "phi3" else tok
+            cache[name] = family_tokenizer(name)
         return cache[name]
     return get
 
@@ -101,13 +90,16 @@ def test_modelfile_template_renders_the_family_prompt(family, tokenizers, tmp_pa
                                  "gemma2": "<end_of_turn>", "gemma3": "<end_of_turn>", "phi3": "<|end|>"}[family]
 
 
-def test_a_template_without_bos_on_a_tokenizer_that_adds_it_is_refused_by_name(tmp_path):
-    """Phi-3's template writes no BOS; a tokenizer that adds one to plain text makes the GGUF say
-    add_bos_token, so Ollama's prompts would start with a BOS that training never saw."""
-    tok = family_tokenizer("phi3")
-    assert tok("a")["input_ids"][0] == tok.bos_token_id
-    with pytest.raises(ModelError, match=r"phi-3 format but does not write the BOS token <s>.*add_bos_token"):
-        modelfile_text(tmp_path / "m.gguf", tok, tmp_path)
+def test_a_template_without_bos_makes_a_gguf_without_add_bos(tmp_path, tokenizers):
+    """Phi-3.5's template writes no BOS while its tokenizer adds one to plain text: tunesmith trains
+    on the rendered chat (no BOS), so the GGUF says add_bos_token false and Ollama's prompt (no BOS
+    added) equals the training prompt; a template that writes BOS keeps add_bos_token."""
+    phi3, llama = tokenizers("phi3"), tokenizers("llama")
+    assert phi3("a")["input_ids"][0] == phi3.bos_token_id and not adds_bos(phi3)
+    assert adds_bos(llama) and not adds_bos(tokenizers("qwen2"))
+    chat = [{"role": "user", "content": "u"}]
+    modelfile = parse_modelfile(modelfile_text(tmp_path / "m.gguf", phi3, tmp_path))
+    assert ollama_prompt(phi3, modelfile, chat) == tunesmith_prompt(phi3, chat) == "<|user|>\nu<|end|>\n<|assistant|>\n"
 
 
 def test_go_variables_hold_the_system_text_for_the_first_user_turn():

@@ -315,6 +315,20 @@ def _adds(tokenizer, token_id: int | None, first: bool) -> bool:
     return token_id is not None and bool(ids) and ids[0 if first else -1] == token_id
 
 
+def adds_bos(tokenizer) -> bool:
+    """The GGUF's add_bos_token: whether llama.cpp (and Ollama through it) should put BOS before a
+    prompt. The tokenizer's own rule, except that a chat template which renders no BOS wins (Phi-3.5
+    writes none while its tokenizer adds one to plain text): tunesmith trains on the rendered chat,
+    so a BOS there would be a token the model never saw in that place."""
+    if not _adds(tokenizer, tokenizer.bos_token_id, first=True):
+        return False
+    if not getattr(tokenizer, "chat_template", None):
+        return True
+    from tunesmith.data.tokenize import render
+
+    return render(tokenizer, [{"role": "user", "content": "a"}]).startswith(tokenizer.bos_token)
+
+
 # GGUF has no key for an added token's lstrip / rstrip: llama.cpp sets rstrip on the special tokens
 # of a model whose general.name contains one of these (llama-vocab.cpp, for Phi-3's tokenizer),
 # except on these three, and on "</s>"
@@ -375,7 +389,7 @@ def add_tokenizer(w, tokenizer, cfg: dict, model_dir: Path, name: str) -> list[s
     # stops on the tokens it recognises as end-of-generation by name (<|endoftext|>, <|im_end|> ...).
     for name, value in special_ids(tokenizer, cfg, model_dir).items():
         getattr(w, f"add_{name}_token_id")(value)
-    w.add_add_bos_token(_adds(tokenizer, tokenizer.bos_token_id, first=True))
+    w.add_add_bos_token(adds_bos(tokenizer))
     w.add_add_eos_token(_adds(tokenizer, tokenizer.eos_token_id, first=False))
     if tokenizer.chat_template:
         w.add_chat_template(tokenizer.chat_template)

@@ -187,10 +187,11 @@ def _hf(tokenizer, messages: list[dict]) -> str:
 
 
 def _bos_prefix(tokenizer) -> str:
-    """Text llama.cpp/Ollama put before the rendered prompt themselves: BOS, when the tokenizer adds it."""
-    bos = tokenizer.bos_token_id
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return tokenizer.bos_token if bos is not None and ids and ids[0] == bos else ""
+    """Text llama.cpp/Ollama put before the rendered prompt themselves: BOS, when the GGUF says
+    add_bos_token (export/gguf_vocab.adds_bos decides it)."""
+    from tunesmith.export.gguf_vocab import adds_bos
+
+    return tokenizer.bos_token if adds_bos(tokenizer) else ""
 
 
 def _ollama(family: Family, tokenizer, messages: list[dict], system: str | None, bos: bool = True) -> str:
@@ -242,14 +243,6 @@ def detect_family(tokenizer) -> tuple[Family, str | None]:
         for system in (None, _default_system(family, tokenizer)):
             if all(_ollama(family, tokenizer, p, system) == e for p, e in zip(probes, expected)):
                 return family, system
-    for family in FAMILIES:
-        if all(_ollama(family, tokenizer, p, None, bos=False) == e for p, e in zip(probes, expected)):
-            raise ModelError(
-                f"the chat template is the {family.name} format but does not write the BOS token "
-                f"{tokenizer.bos_token}, while the tokenizer adds it to plain text: the GGUF says add_bos_token, "
-                "so llama.cpp and Ollama would put a BOS before every prompt that tunesmith trained and serves "
-                "without one. No Modelfile was written; set add_bos_token to false in the tokenizer (or make "
-                "the template write the BOS) and export again")
     shown = expected[-1][:200].replace("\n", "\\n")
     raise ModelError(f"the run's chat template matches none of the Ollama templates tunesmith knows "
                      f"({', '.join(f.name for f in FAMILIES)}); it renders a system+user chat as '{shown}'. "

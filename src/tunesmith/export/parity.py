@@ -166,7 +166,7 @@ def parity(run_dir: str | Path, formats: tuple[str, ...] = ("f16", "q8_0", "q4_0
     type in `formats` run by llama.cpp. `merged_dir` / `gguf_files` reuse exports already written;
     missing ones are written to a temporary folder. Returns the report described in the module doc."""
     from tunesmith.data.templates import stop_tokens
-    from tunesmith.data.tokenize import prompt_ids
+    from tunesmith.data.tokenize import prompt_ids, render
     from tunesmith.export.gguf import write_gguf
     from tunesmith.models.load import load_model, load_tokenizer
 
@@ -176,7 +176,7 @@ def parity(run_dir: str | Path, formats: tuple[str, ...] = ("f16", "q8_0", "q4_0
                     "reference": ("the run's own weights" if (run / "model").is_dir() else
                                   "adapter on base (PEFT)") + ", float32, transformers", "backends": {}}
     tok = load_tokenizer(run / "tokenizer")
-    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    texts = [render(tok, c, add_generation_prompt=True) for c in conversations]
     ids = [prompt_ids(tok, c) for c in conversations]
     stop = set(stop_tokens(tok).ids)  # where the trained model ends a reply (data/templates.py)
     ref = _reference(run, ids, max_new_tokens, stop)
@@ -211,13 +211,13 @@ def model_parity(model_dir: str | Path, gguf_files: dict[str, Path], prompts: li
     by llama.cpp, e.g. the exports of one family's model. Same report as parity(), keyed
     'gguf-<name>' for each entry of `gguf_files`."""
     from tunesmith.data.templates import stop_tokens
-    from tunesmith.data.tokenize import prompt_ids
+    from tunesmith.data.tokenize import prompt_ids, render
     from tunesmith.models.load import load_model, load_tokenizer
 
     model_dir = Path(model_dir)
     conversations = prompts or PROMPTS
     tok = load_tokenizer(model_dir)
-    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    texts = [render(tok, c, add_generation_prompt=True) for c in conversations]
     ids = [prompt_ids(tok, c) for c in conversations]
     stop = set(stop_tokens(tok).ids)
     reference = _HF(load_model(model_dir))
