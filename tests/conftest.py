@@ -103,3 +103,18 @@ def train_tiny_run(model_dir: Path, out_dir: Path, name: str, *overrides: str, s
                              f"run.name={name}", f"train.max_steps={steps}", "train.lr=5e-2",
                              "train.batch_size=4", *overrides])
     return run_sft(cfg)
+
+
+def trained_runs(enc) -> list[list[int]]:
+    """Contiguous runs of trained token ids of an encoded example (labels equal the ids there)."""
+    from tunesmith.data.tokenize import IGNORE
+
+    runs, cur = [], []
+    for tid, lab in zip(enc.input_ids, enc.labels):
+        if lab != IGNORE:
+            assert lab == tid
+            cur.append(tid)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])

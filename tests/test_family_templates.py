@@ -8,6 +8,7 @@ merged into the first user message, by Gemma 3's own rule.
 """
 import pytest
 
+from conftest import trained_runs
 from families import NAMES, family_tokenizer
 from tunesmith.data.records import Example
 from tunesmith.data.templates import stop_tokens, system_support
@@ -46,17 +47,9 @@ def family(request):
     return request.param, family_tokenizer(request.param)
 
 
-def trained_runs(tok, enc) -> list[str]:
+def trained_texts(tok, enc) -> list[str]:
     """The trained tokens, decoded run by run (a run: consecutive trained positions)."""
-    runs, cur = [], []
-    for i, label in zip(enc.input_ids, enc.labels):
-        if label != IGNORE:
-            assert label == i
-            cur.append(i)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    return [tok.decode(r) for r in runs + ([cur] if cur else [])]
+    return [tok.decode(r) for r in trained_runs(enc)]
 
 
 @pytest.mark.parametrize("chat", CHATS)
@@ -67,7 +60,7 @@ def test_training_ids_are_the_tokenizers_own_and_the_mask_is_each_answer(family,
     assert enc.input_ids == tok(render(tok, messages), add_special_tokens=False)["input_ids"]
     eot = END_OF_TURN[name]
     answers = [m["content"] + eot for m in messages if m["role"] == "assistant"]
-    assert trained_runs(tok, enc) == answers
+    assert trained_texts(tok, enc) == answers
     # what serving feeds the model before each answer is exactly what training put there
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
@@ -124,7 +117,7 @@ def test_a_template_that_drops_the_system_message_gets_it_merged(capsys):
     enc = encode_conversation(tok, messages, 4096)
     assert f"{SYSTEM}\n\nName a colour." in render(tok, messages)
     assert "silently drops system messages" in capsys.readouterr().out
-    assert trained_runs(tok, enc) == ["Blue.<|end|>", "Green.<|end|>"]
+    assert trained_texts(tok, enc) == ["Blue.<|end|>", "Green.<|end|>"]
     with pytest.raises(DataError, match="row 9: the chat template has no system role.*not followed by a user message"):
         encode_conversation(tok, [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}], 64,
                             where="row 9")
@@ -139,7 +132,7 @@ def test_qwen3_think_block_is_template_text_not_trained():
     enc = encode_conversation(tok, messages, 4096)
     untrained = tok.decode([i for i, lb in zip(enc.input_ids, enc.labels) if lb == IGNORE])
     assert think.strip() in untrained
-    assert not any("think" in run for run in trained_runs(tok, enc))
+    assert not any("think" in run for run in trained_texts(tok, enc))
 
 
 def test_preference_prompt_is_the_generation_prompt(family):
@@ -149,8 +142,8 @@ def test_preference_prompt_is_the_generation_prompt(family):
                  rejected=[{"role": "assistant", "content": "I cannot say."}], location="row 1", format="preference")
     pair = encode_preference(tok, ex, 4096)
     assert pair.chosen.input_ids[:pair.prompt_length] == prompt_ids(tok, prompt)
-    assert trained_runs(tok, pair.chosen) == ["Red." + END_OF_TURN[name]]
-    assert trained_runs(tok, pair.rejected) == ["I cannot say." + END_OF_TURN[name]]
+    assert trained_texts(tok, pair.chosen) == ["Red." + END_OF_TURN[name]]
+    assert trained_texts(tok, pair.rejected) == ["I cannot say." + END_OF_TURN[name]]
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2"])

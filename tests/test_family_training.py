@@ -156,7 +156,7 @@ def test_packed_examples_stay_apart_past_the_sliding_window(name, family_dirs):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_all_linear_resolves_from_the_family_table(name, family_dirs, capsys):
-    from peft import IA3Config, LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     family = FAMILIES[name]
     model = load_model(family_dirs(name))

@@ -13,7 +13,6 @@ import pytest
 from families import NAMES, family_tokenizer
 from tunesmith.data.templates import stop_tokens
 from tunesmith.data.tokenize import render
-from tunesmith.errors import ModelError
 from tunesmith.export.gguf_vocab import adds_bos
 from tunesmith.export.modelfile import detect_family, modelfile_text, render_go
 

@@ -1,10 +1,10 @@
 import pytest
 
-from conftest import build_tokenizer
+from conftest import build_tokenizer, trained_runs
 from tunesmith.data.dataset import load_examples
 from tunesmith.data.formats import normalise
 from tunesmith.data.records import Example
-from tunesmith.data.tokenize import IGNORE, encode_conversation, encode_dataset, render
+from tunesmith.data.tokenize import encode_conversation, encode_dataset, render
 from tunesmith.errors import DataError
 
 CONV = [
@@ -14,19 +14,6 @@ CONV = [
     {"role": "user", "content": "And the city?"},
     {"role": "assistant", "content": " Oslo\n"},
 ]
-
-
-def trained_runs(enc):
-    """Contiguous runs of trained token ids."""
-    runs, cur = [], []
-    for tid, lab in zip(enc.input_ids, enc.labels):
-        if lab != IGNORE:
-            assert lab == tid
-            cur.append(tid)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    return runs + ([cur] if cur else [])
 
 
 def test_mask_is_exactly_each_assistant_turn_plus_eos(tiny_tokenizer):
