@@ -172,7 +172,8 @@ class LoadedAdapters:
 
     @torch.no_grad()
     def forward(self, names: list[str | None], **inputs) -> torch.Tensor:
-        """Next-token logits [rows, vocab] (float32). names[i] is row i's adapter (None: the base);
+        """Next-token logits [rows, vocab] (float32); with logits_to_keep=0 every position's logits
+        [rows, columns, vocab] in the model's dtype. names[i] is row i's adapter (None: the base);
         the rows are all mixable, or all of one non-mixable adapter."""
         kinds = set(names)
         if self.peft is None:
@@ -184,6 +185,8 @@ class LoadedAdapters:
             self._route(kinds)
             routed = {"adapter_names": [BASE if n is None else n for n in names]} if self._mode == "mixed" else {}
             out = self.peft(**inputs, **routed)
+        if inputs.get("logits_to_keep") == 0:  # every position (prompt log-probabilities), as computed
+            return out.logits
         return out.logits[:, -1, :].float()
 
 

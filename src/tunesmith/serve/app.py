@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from tunesmith.errors import ConfigError, DataError, ModelError, TunesmithError
 from tunesmith.serve import checks as c
+from tunesmith.serve import logprobs as lp
 from tunesmith.serve import protocol as p
 from tunesmith.serve.adapters import NAME_RE  # the engine checks names again when it loads
 from tunesmith.serve.checks import Limits
@@ -94,7 +95,7 @@ class _Service:
         ids = await run_in_threadpool(c.chat_ids, tok, req.model, req.conversation())
         max_tokens = c.max_tokens(req, self.limits, self.limits.default_max_tokens, [ids])
         c.check_prompts([ids], max_tokens, self.limits, "messages")
-        return await self._run(request, req, [ids], max_tokens, chat=True)
+        return await self._run(request, req, [ids], max_tokens, chat=True, tok=tok)
 
     async def completions(self, request):
         req = p.parse_request(p.CompletionRequest, await c.json_body(request, self.limits.max_body_bytes))
@@ -103,7 +104,8 @@ class _Service:
         prompts = await run_in_threadpool(c.completion_ids, tok, req.prompts())
         max_tokens = c.max_tokens(req, self.limits, 16, prompts)
         c.check_prompts(prompts, max_tokens, self.limits, "prompt")
-        return await self._run(request, req, prompts, max_tokens, chat=False)
+        texts = [x if isinstance(x, str) else None for x in req.prompts()]  # token-id prompts: decoded
+        return await self._run(request, req, prompts, max_tokens, chat=False, tok=tok, texts=texts)
 
     def _check_n(self, req, prompts: int = 1) -> None:
         if req.n > self.limits.max_n:
@@ -127,7 +129,8 @@ class _Service:
                 for j in range(req.n):
                     handles.append(self.engine.submit(GenRequest(
                         prompt_ids=ids, model=req.model, max_tokens=max_tokens, temperature=req.temperature,
-                        top_p=req.top_p, stop=req.stops, seed=req.choice_seed(j))))
+                        top_p=req.top_p, stop=req.stops, seed=req.choice_seed(j), logprobs=req.top,
+                        prompt_logprobs=bool(getattr(req, "echo", False)) and req.top is not None)))
         except BaseException as exc:
             for h in handles:
                 h.cancel()
@@ -147,8 +150,9 @@ class _Service:
     def _one_done(self, _task) -> None:
         self.in_flight -= 1
 
-    async def _run(self, request, req, prompts, max_tokens, chat: bool):
+    async def _run(self, request, req, prompts, max_tokens, chat: bool, tok, texts=None):
         handles = self._submit(req, prompts, max_tokens)
+        text_of = lp.TokenText(tok) if req.top is not None else None
         meta = (p.new_id("chatcmpl" if chat else "cmpl"), p.now(), req.model)
         prompt_tokens = sum(len(ids) for ids in prompts)
         if req.stream:
@@ -157,23 +161,48 @@ class _Service:
             for i, task in enumerate(pumps):  # queued after the pump's last delta
                 task.add_done_callback(lambda t, i=i: queue.put_nowait((i, t)))
             self._track(pumps)
-            events = self._stream(handles, queue, meta, chat, req.include_usage, prompt_tokens)
+            events = self._stream(handles, queue, meta, chat, req.include_usage, prompt_tokens, text_of,
+                                  [self._prompt_text(tok, ids, texts, i) for i, ids in enumerate(prompts)
+                                   for _ in range(req.n)] if not chat else None)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         tasks = [asyncio.ensure_future(h.aresult()) for h in handles]
         self._track(tasks)
         results = await _results(request, handles, tasks)
-        choices = [(r.text, r.finish_reason) for r in results]
+        if chat:
+            choices = [(r.text, r.finish_reason, lp.chat_content(text_of, r.logprobs) if text_of else None)
+                       for r in results]
+        else:
+            choices = [self._text_choice(req, r, self._prompt_text(tok, prompts[k // req.n], texts, k // req.n),
+                                         text_of) for k, r in enumerate(results)]
         # prompt tokens are counted once per prompt, however many choices share it (as OpenAI does)
         use = p.usage(prompt_tokens, sum(r.completion_tokens for r in results))
         build = p.chat_completion if chat else p.text_completion
         return JSONResponse(build(*meta, choices, use))
 
-    async def _stream(self, handles, queue, meta, chat: bool, include_usage: bool, prompt_tokens: int):
+    @staticmethod
+    def _prompt_text(tok, ids: list[int], texts: list | None, i: int) -> str:
+        if texts and texts[i] is not None:
+            return texts[i]
+        return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    @staticmethod
+    def _text_choice(req, result, prompt_text: str, text_of) -> tuple:
+        """(text, finish_reason, logprobs) of a completion: with echo the prompt comes first, in the
+        text and in the logprobs (its first token's logprob is null: nothing predicts it)."""
+        text = prompt_text + result.text if req.echo else result.text
+        if text_of is None:
+            return text, result.finish_reason, None
+        entries = (result.prompt_logprobs or []) + (result.logprobs or []) if req.echo else result.logprobs or []
+        return text, result.finish_reason, lp.legacy(text_of, entries, 0 if req.echo else len(prompt_text))
+
+    async def _stream(self, handles, queue, meta, chat: bool, include_usage: bool, prompt_tokens: int,
+                      text_of=None, prompt_texts: list[str] | None = None):
         """SSE events: a role chunk per choice (chat), text deltas as they come, a final chunk per
         choice with its finish_reason, the usage chunk when asked, then [DONE]. The request's
         handles are cancelled if the client goes away (Starlette cancels this generator)."""
         finished: set[int] = set()
+        offsets: dict[int, int] = {}  # completions: each choice's next text_offset
 
         def event(obj) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -192,8 +221,16 @@ class _Service:
                         return
                     continue
                 # text and finish_reason in separate chunks, as OpenAI sends them (the last delta is empty)
-                if item.text:
-                    yield event(p.chunk(chat, *meta, i, item.text, None, with_usage=include_usage))
+                logprobs = None
+                if text_of is not None and item.logprobs:
+                    if chat:
+                        logprobs = lp.chat_content(text_of, item.logprobs)
+                    else:
+                        logprobs = lp.legacy(text_of, item.logprobs, offsets.get(i, len(prompt_texts[i])))
+                        offsets[i] = lp.next_offset(logprobs)
+                if item.text or logprobs:
+                    yield event(p.chunk(chat, *meta, i, item.text, None, with_usage=include_usage,
+                                        logprobs=logprobs))
                 if item.finish_reason:
                     yield event(p.chunk(chat, *meta, i, None, item.finish_reason, with_usage=include_usage))
                     finished.add(i)

@@ -85,16 +85,19 @@ class KVBatch:
     def __len__(self) -> int:
         return len(self.names)
 
-    def prefill(self, prompts: list[list[int]], names: list[str | None]) -> torch.Tensor:
+    def prefill(self, prompts: list[list[int]], names: list[str | None],
+                every_position: bool = False) -> torch.Tensor:
         """Run new rows' prompts (left-padded together) and add them to the batch: their first
-        next-token logits [len(prompts), vocab]."""
+        next-token logits [len(prompts), vocab] (float32), or with every_position the logits of
+        every column [len(prompts), columns, vocab] (the model's dtype; the last column is the
+        next-token one)."""
         from tunesmith.generation import _left_padded
 
         ids, mask = _left_padded(prompts, self.pad_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # pads get 0; they are masked anyway
         cache = _cache()
         logits = self.forward(names, input_ids=ids, attention_mask=mask, position_ids=positions,
-                              past_key_values=cache, use_cache=True, logits_to_keep=1)
+                              past_key_values=cache, use_cache=True, logits_to_keep=0 if every_position else 1)
         self._join(cache, mask, names)
         return logits
 

@@ -33,6 +33,7 @@ from tunesmith.serve.adapters import AdapterDir, LoadedAdapters
 from tunesmith.serve.batch import KVBatch, check_servable
 from tunesmith.serve.decode import RowText, choose, make_generator
 from tunesmith.serve.handle import Completion, Delta, Handle
+from tunesmith.serve.logprobs import MAX_TOP_CHAT, TokenLogprob, pick, prefill_parts, prompt_entries
 from tunesmith.serve.threads import off_main_thread
 
 __all__ = ["Completion", "Delta", "Engine", "GenRequest", "Handle", "off_main_thread"]
@@ -48,6 +49,8 @@ class GenRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None     # report each generated token's logprob and the k most likely (k)
+    prompt_logprobs: bool = False   # report the prompt's own logprobs too (then max_tokens may be 0)
 
 
 @dataclass
@@ -60,6 +63,9 @@ class _Row:
     limit: int
     gen: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # every generated token's (when asked)
+    unsent: int = 0                                             # of those, not yet in a Delta
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class Engine:
@@ -73,6 +79,8 @@ class Engine:
         self.adapters = LoadedAdapters(model)
         self.device = next(model.parameters()).device
         self.context = getattr(model.config, "max_position_embeddings", None)
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.vocab = getattr(text_config, "vocab_size", None) or len(tokenizer)  # sizes echo prefills
         self._gen_config = getattr(model, "generation_config", None)
         self._tokenizers: dict[str, object] = {}
         self._decoders: dict[str, object] = {}
@@ -192,8 +200,10 @@ class Engine:
             raise DataError("the prompt is empty: it must hold at least one token")
         if self.context and n >= self.context:
             raise DataError(f"the prompt is {n} tokens; this model's context is {self.context} tokens")
-        if not 1 <= req.max_tokens:
-            raise DataError(f"max_tokens must be at least 1 (got {req.max_tokens})")
+        if req.max_tokens < (0 if req.prompt_logprobs else 1):
+            raise DataError(f"max_tokens must be at least 1, or 0 with prompt_logprobs (got {req.max_tokens})")
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_CHAT:
+            raise DataError(f"logprobs must be in 0..{MAX_TOP_CHAT} (got {req.logprobs})")
         if req.temperature < 0 or not 0 < req.top_p <= 1:
             raise DataError(f"temperature must be >= 0 and top_p in (0, 1] (got {req.temperature}, {req.top_p})")
         tok = self._decoder(req.model)
@@ -320,15 +330,24 @@ class Engine:
             if key not in self._batches:
                 self._batches[key] = KVBatch(self.adapters.forward, self._pad_id, self.device)
                 self._rows[key] = []
-            self._prefill(key, group)
+            plain = [r for r in group if not r.req.prompt_logprobs]
+            echo = [r for r in group if r.req.prompt_logprobs]
+            if plain:
+                self._prefill(key, plain)
+            # rows that want their prompt's logprobs need every position's logits: prefilled apart,
+            # in parts small enough that those logits fit in memory
+            for part in prefill_parts([len(r.req.prompt_ids) for r in echo], self.vocab):
+                self._prefill(key, [echo[i] for i in part])
             if not self._rows[key]:
                 del self._rows[key], self._batches[key]
 
     def _prefill(self, key: str, group: list[_Row]) -> None:
         """Prefill new rows into batch `key`. When that raises, each half is tried on its own, so a
         bad row (or adapter) fails only its own request; the rows already running are untouched."""
+        every = any(r.req.prompt_logprobs for r in group)
         try:
-            logits = self._batches[key].prefill([r.req.prompt_ids for r in group], [r.adapter for r in group])
+            logits = self._batches[key].prefill([r.req.prompt_ids for r in group], [r.adapter for r in group],
+                                                every_position=every)
         except Exception as exc:  # noqa: BLE001 - handed to the request's caller
             if len(group) == 1:
                 group[0].handle._fail(exc)
@@ -338,7 +357,10 @@ class Engine:
             return
         self._rows[key] += group
         self.stats["prefills"] += 1
-        self._advance(key, logits, start=len(self._rows[key]) - len(group))
+        full = None
+        if every:
+            full, logits = logits, logits[:, -1, :].float()
+        self._advance(key, logits, start=len(self._rows[key]) - len(group), full=full)
 
     def _step(self, key: str) -> None:
         live = [i for i, r in enumerate(self._rows[key]) if not r.handle.cancelled]
@@ -370,17 +392,27 @@ class Engine:
         self._batches[new] = self._batches[key].split(half)
         self._rows[new], self._rows[key] = [rows[i] for i in half], rows[:len(rows) // 2]
 
-    def _advance(self, key: str, logits: torch.Tensor, start: int = 0) -> None:
+    def _advance(self, key: str, logits: torch.Tensor, start: int = 0, full: torch.Tensor | None = None) -> None:
         """Choose each row's next token from logits (rows start.. of the batch) and end the rows
-        that are done."""
+        that are done. full: every position's logits of a prefill (rows that want prompt logprobs)."""
         rows = self._rows[key]
         done = set()
         for i, token in enumerate(choose(logits, [(r.req.temperature, r.req.top_p, r.gen) for r in rows[start:]]),
                                   start):
+            row = rows[i]
             try:
+                if full is not None and row.req.prompt_logprobs:
+                    row.prompt_logprobs = prompt_entries(full[i - start], row.req.prompt_ids, row.req.logprobs or 0)
+                if row.limit == 0:  # only the prompt was to be scored
+                    row.handle._finish(Delta("", "length"), self._completion(row, "length"))
+                    done.add(i)
+                    continue
                 if isinstance(token, Exception):  # this row's sampling failed (choose says why)
                     raise token
-                ended = self._emit(rows[i], token)
+                if row.req.logprobs is not None:
+                    row.logprobs += pick(logits[i - start:i - start + 1], [token], row.req.logprobs)
+                    row.unsent += 1
+                ended = self._emit(row, token)
             except Exception as exc:  # noqa: BLE001 - handed to the request's caller; the others go on
                 rows[i].handle._fail(exc)
                 ended = True
@@ -400,7 +432,22 @@ class Engine:
             del self._rows[key], self._batches[key]
 
     @staticmethod
-    def _emit(row: _Row, token: int) -> bool:
+    def _completion(row: _Row, reason: str) -> Completion:
+        return Completion(row.text.text, reason, row.handle.prompt_tokens, len(row.tokens), list(row.tokens),
+                          logprobs=list(row.logprobs) if row.req.logprobs is not None else None,
+                          prompt_logprobs=row.prompt_logprobs)
+
+    @staticmethod
+    def _unsent(row: _Row) -> list[TokenLogprob] | None:
+        """The logprobs of the tokens not yet in a Delta: they go with the next one."""
+        if row.req.logprobs is None:
+            return None
+        out = row.logprobs[len(row.logprobs) - row.unsent:]
+        row.unsent = 0
+        return out
+
+    @classmethod
+    def _emit(cls, row: _Row, token: int) -> bool:
         """Record a token; stream its text; True when the row has ended."""
         row.tokens.append(token)
         if token in row.eos:
@@ -413,10 +460,9 @@ class Engine:
                 reason, piece = "length", piece + row.text.flush()
             else:
                 if piece:
-                    row.handle._push(Delta(piece, None))
+                    row.handle._push(Delta(piece, None, cls._unsent(row)))
                 return False
-        row.handle._finish(Delta(piece, reason), Completion(
-            row.text.text, reason, row.handle.prompt_tokens, len(row.tokens), list(row.tokens)))
+        row.handle._finish(Delta(piece, reason, cls._unsent(row)), cls._completion(row, reason))
         return True
 
 

@@ -7,11 +7,14 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
+from tunesmith.serve.logprobs import TokenLogprob
+
 
 @dataclass
 class Delta:
     text: str                   # new text since the previous Delta (may be "" on the final one)
     finish_reason: str | None   # None while running; "stop", "length" (or "cancelled") at the end
+    logprobs: list[TokenLogprob] | None = None  # tokens generated since the previous Delta (when asked)
 
 
 @dataclass
@@ -21,6 +24,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int      # tokens generated, the EOS that ended the row included
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None         # one per generated token (GenRequest.logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token (GenRequest.prompt_logprobs)
 
 
 class Handle:

@@ -2,9 +2,10 @@
 builders and OpenAI-style error JSON.
 
 Requests are validated strictly. Fields the OpenAI API defines that do not change what is
-generated (`user`, `store`, `metadata`, `logprobs: false`, `presence_penalty: 0` ...) are accepted
-and ignored; fields that would change the output in a way this server cannot honour (`logprobs:
-true`, `tools`, `response_format: json_object`, non-zero penalties ...) are a 400 that says so;
+generated (`user`, `store`, `metadata`, `presence_penalty: 0` ...) are accepted and ignored;
+fields that would change the output in a way this server cannot honour (`tools`,
+`response_format: json_object`, non-zero penalties ...) are a 400 that says so; `logprobs` /
+`top_logprobs` (chat) and `logprobs` / `echo` (completions) follow OpenAI's ranges and rules;
 a field OpenAI does not define at all is a 400 naming the closest valid one, as OpenAI does.
 """
 from __future__ import annotations
@@ -15,6 +16,8 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunesmith.serve.logprobs import MAX_TOP_CHAT, MAX_TOP_LEGACY
 
 SEED_RANGE = 2 ** 63  # seeds are taken modulo this, so seed + choice index never overflows
 
@@ -124,7 +127,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_CHAT)
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -136,8 +139,8 @@ class ChatCompletionRequest(_Sampling):
 
     @model_validator(mode="after")
     def _supported(self):
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs are not supported by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
         if self.tools or self.functions or self.tool_choice not in (None, "none") \
                 or self.function_call not in (None, "none"):
             raise ValueError("tools and function calling are not supported by this server")
@@ -155,6 +158,11 @@ class ChatCompletionRequest(_Sampling):
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def top(self) -> int | None:
+        """The engine's logprobs setting: None (none), else how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def conversation(self) -> list[dict]:
         """Messages as the chat template expects them (`developer` is OpenAI's new name for `system`)."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
@@ -162,17 +170,18 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: score the prompt, generate nothing
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LEGACY)
     best_of: int | None = None
     suffix: str | None = None
 
     @model_validator(mode="after")
     def _supported(self):
-        if self.logprobs:
-            raise ValueError("logprobs are not supported by this server")
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 generates nothing; it is only allowed with echo (to score the prompt)")
+        if self.echo and self.stream:
+            raise ValueError("echo is not supported with stream by this server; send stream: false")
         if self.best_of not in (None, self.n):
             raise ValueError("best_of is not supported by this server (only best_of == n)")
         if self.suffix:
@@ -182,6 +191,10 @@ class CompletionRequest(_Sampling):
     @property
     def requested_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def top(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string, or token ids given by the client."""
@@ -258,30 +271,38 @@ def model_card(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "tunesmith"}
 
 
-def chat_completion(rid: str, created: int, model: str, choices: list[tuple[str, str]], use: dict) -> dict:
-    """choices: (text, finish_reason) per index."""
+def chat_completion(rid: str, created: int, model: str, choices: list[tuple], use: dict) -> dict:
+    """choices: (text, finish_reason[, logprobs]) per index; logprobs: the `content` list or None."""
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": fin} for i, (text, fin) in enumerate(choices)],
+                         "logprobs": chat_logprobs(lp[0] if lp else None), "finish_reason": fin}
+                        for i, (text, fin, *lp) in enumerate(choices)],
             "usage": use}
 
 
-def text_completion(rid: str, created: int, model: str, choices: list[tuple[str, str]], use: dict) -> dict:
+def chat_logprobs(content: list[dict] | None) -> dict | None:
+    return None if content is None else {"content": content, "refusal": None}
+
+
+def text_completion(rid: str, created: int, model: str, choices: list[tuple], use: dict) -> dict:
+    """choices: (text, finish_reason[, logprobs]) per index; logprobs: the legacy object or None."""
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": fin}
-                        for i, (text, fin) in enumerate(choices)],
+            "choices": [{"index": i, "text": text, "logprobs": lp[0] if lp else None, "finish_reason": fin}
+                        for i, (text, fin, *lp) in enumerate(choices)],
             "usage": use}
 
 
 def chunk(chat: bool, rid: str, created: int, model: str, index: int, text: str | None,
-          finish_reason: str | None, first: bool = False, with_usage: bool = False) -> dict:
-    """One streamed piece of choice `index` (chat.completion.chunk or text_completion)."""
+          finish_reason: str | None, first: bool = False, with_usage: bool = False,
+          logprobs: list | dict | None = None) -> dict:
+    """One streamed piece of choice `index` (chat.completion.chunk or text_completion); logprobs:
+    those of the tokens this piece covers (chat: the `content` list; completions: the legacy object)."""
     if chat:
         delta: dict = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs), "finish_reason": finish_reason}
         out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         out = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
     if with_usage:
         out["usage"] = None  # OpenAI: null on every chunk but the last one when include_usage is set
