@@ -277,8 +277,8 @@ ERRORS = [  # (method, path, body or raw bytes, headers, status, param, words in
     ("POST", "/v1/chat/completions", {"model": "base", "messages": []}, {}, 400, "messages", []),
     ("POST", "/v1/chat/completions", {"model": "base", "messages": MSGS, "max_tokn": 3}, {}, 400, "max_tokn",
      ["max_tokens"]),
-    ("POST", "/v1/chat/completions", {"model": "base", "messages": MSGS, "logprobs": True}, {}, 400, "logprobs",
-     ["logprobs"]),
+    ("POST", "/v1/chat/completions", {"model": "base", "messages": MSGS, "top_logprobs": 3}, {}, 400,
+     "top_logprobs", ["logprobs"]),
     ("POST", "/v1/chat/completions", {"model": "base", "messages": MSGS, "tools": [{"type": "function"}]}, {},
      400, "tools", ["tools"]),
     ("POST", "/v1/chat/completions", {"model": "base", "messages": MSGS, "presence_penalty": 0.5}, {}, 400, "presence_penalty",
@@ -291,8 +291,9 @@ ERRORS = [  # (method, path, body or raw bytes, headers, status, param, words in
      "messages[0].content", []),
     ("POST", "/v1/chat/completions", {"model": "base", "messages": MSGS, "stop": ["a"] * 5}, {}, 400, "stop",
      ["4"]),
-    ("POST", "/v1/completions", {"model": "base", "prompt": "x", "echo": True}, {}, 400, "echo", ["echo"]),
-    ("POST", "/v1/completions", {"model": "base", "prompt": "x", "logprobs": 1}, {}, 400, "logprobs", ["logprobs"]),
+    ("POST", "/v1/completions", {"model": "base", "prompt": "x", "echo": True, "stream": True}, {}, 400, "echo",
+     ["stream"]),
+    ("POST", "/v1/completions", {"model": "base", "prompt": "x", "logprobs": 6}, {}, 400, "logprobs", ["5"]),
     ("POST", "/v1/chat/completions", {"model": "base", "messages": MSGS, "response_format": {"type": "json_object"}},
      {}, 400, "response_format", []),
     ("POST", "/v1/chat/completions", {"model": "base", "messages": MSGS, "stream_options": {"include_usage": True}},
@@ -339,7 +340,8 @@ JUNK = [None, "", "x", -1, 0, 1.5, 10 ** 40, -10 ** 40, 1e308, True, [], {}, [[[
         ["a"] * 6, [1, -5], [[1], ["x"]], {"include_usage": "maybe"}, "text" * 300]
 COMMON = ["model", "max_tokens", "temperature", "top_p", "n", "stop", "stream", "seed", "stream_options", "logprobs",
           "user"]
-FIELDS = {"/v1/chat/completions": COMMON + ["messages", "tools", "response_format", "max_completion_tokens"],
+FIELDS = {"/v1/chat/completions": COMMON + ["messages", "tools", "response_format", "max_completion_tokens",
+                                            "top_logprobs"],
           "/v1/completions": COMMON + ["prompt", "best_of", "echo", "suffix"]}
 
 

@@ -204,8 +204,8 @@ def test_openai_client_errors(server, client):
         client.chat.completions.create(model="nope", messages=MSGS)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model=BASE, messages=MSGS, max_tokens=10_000)
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.chat.completions.create(model=BASE, messages=MSGS, logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model=BASE, messages=MSGS, logprobs=True, top_logprobs=21)
 
 
 def test_adapters_unload_and_load_by_name(server, client):

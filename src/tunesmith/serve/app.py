@@ -170,7 +170,7 @@ class _Service:
         self._track(tasks)
         results = await _results(request, handles, tasks)
         if chat:
-            choices = [(r.text, r.finish_reason, lp.chat_content(text_of, r.logprobs) if text_of else None)
+            choices = [(r.text, r.finish_reason, lp.chat_content(text_of, r.logprobs or []) if text_of else None)
                        for r in results]
         else:
             choices = [self._text_choice(req, r, self._prompt_text(tok, prompts[k // req.n], texts, k // req.n),

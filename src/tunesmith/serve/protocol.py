@@ -172,7 +172,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: score the prompt, generate nothing
     echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LEGACY)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LEGACY, strict=True)  # a count, not a flag
     best_of: int | None = None
     suffix: str | None = None
 
