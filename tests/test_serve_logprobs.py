@@ -5,6 +5,8 @@ scores a multiple-choice task over HTTP with the same log-likelihoods and accura
 eval` on the same items."""
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 import torch
@@ -13,6 +15,7 @@ from fastapi.testclient import TestClient
 from conftest import build_tokenizer, tiny_llama
 from serve_fake import assert_error
 from tunesmith.data.tokenize import prompt_ids
+from tunesmith.errors import DataError
 from tunesmith.serve.app import build_app
 from tunesmith.serve.checks import Limits
 from tunesmith.serve.engine import Engine, GenRequest
@@ -121,6 +124,16 @@ def test_completion_logprobs_without_echo_start_after_the_prompt(client, tok, mo
                                                   for j in range(3)], abs=TOL)
 
 
+def test_completions_stream_carries_the_same_logprobs(client):
+    body = {"model": BASE, "prompt": PROMPTS[1], "max_tokens": 6, "logprobs": 2, "temperature": 0}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    parts = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    joined = {k: [x for part in parts for x in part[k]] for k in whole}
+    assert joined == whole  # text_offset too: it runs on across chunks
+
+
 def test_chat_logprobs_equal_a_forward_and_the_openai_client_parses_them(app, tok, model):
     client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", max_retries=0,
                            http_client=TestClient(app))
@@ -143,7 +156,10 @@ def test_chat_logprobs_equal_a_forward_and_the_openai_client_parses_them(app, to
         assert entry.token == text_of(token)[0]
         for t, i in [(entry, token)] + list(zip(entry.top_logprobs, idx.tolist())):  # the real UTF-8 bytes
             assert bytes(t.bytes).decode("utf-8", "replace") == tok.decode([i])
-            assert t.token.startswith("bytes:") or bytes(t.bytes).decode() == t.token
+            if t.token.startswith("bytes:"):  # part of a character: OpenAI's "bytes:\\xNN" and the byte itself
+                assert bytes(t.bytes) == bytes.fromhex(t.token[6:].replace("\\x", "")) and t.bytes[0] >= 0x80
+            else:
+                assert bytes(t.bytes).decode() == t.token
     # streamed: the chunks' logprobs join to the same list
     stream = client.chat.completions.create(model=BASE, messages=MSGS, max_tokens=5, temperature=0,
                                             logprobs=True, top_logprobs=4, stream=True)
@@ -169,6 +185,32 @@ def test_sampled_tokens_logprobs_are_of_the_raw_distribution(engine, tok, model)
     for j in range(1, len(full)):
         assert abs(entries[j].logprob - float(ref[j - 1, full[j]])) < TOL
         assert [t for t, _ in entries[j].top] == ref[j - 1].topk(2).indices.tolist()
+    with pytest.raises(DataError, match="max_tokens"):
+        engine.submit(GenRequest(ids, BASE, max_tokens=-1))
+    with pytest.raises(DataError, match="logprobs"):
+        engine.submit(GenRequest(ids, BASE, logprobs=21))
+
+
+def test_echo_rows_prefill_apart_and_leave_other_rows_unchanged(tok, model):
+    """Rows asking for prompt logprobs are prefilled apart from the others in one admission (all
+    positions' logits only where needed); every row's reply is the one it gets alone."""
+    from tunesmith.serve import logprobs as lp
+
+    reqs = [GenRequest(tok(t)["input_ids"], BASE, max_tokens=5, logprobs=1 if i % 2 else None,
+                       prompt_logprobs=bool(i % 2)) for i, t in enumerate(PROMPTS + ["Grace Mori"])]
+    with Engine(model, tok, BASE, max_batch=8, batch_wait_ms=300) as eng:
+        alone = [eng.submit(r).result() for r in reqs]
+        handles = [eng.submit(r) for r in reqs]
+        together = [h.result() for h in handles]
+    assert [a.token_ids for a in alone] == [t.token_ids for t in together]
+    for a, t in zip(alone, together):
+        assert (a.prompt_logprobs is None) == (t.prompt_logprobs is None)
+        if t.prompt_logprobs:
+            assert [e.logprob for e in t.prompt_logprobs[1:]] == pytest.approx(
+                [e.logprob for e in a.prompt_logprobs[1:]], abs=TOL)
+    # the logits budget: rows x widest prompt x vocab x 8 bytes within LOGIT_BYTES, one row always allowed
+    vocab = lp.LOGIT_BYTES // (8 * 100)  # room for 100 positions
+    assert lp.prefill_parts([30, 30, 30, 50, 200, 10], vocab) == [[0, 1, 2], [3], [4], [5]]
 
 
 @pytest.mark.parametrize("path,body,param,words", [
@@ -191,6 +233,8 @@ def test_echo_without_logprobs_and_null_logprobs_are_plain(client):
     body = client.post("/v1/completions", json={"model": BASE, "prompt": "Hi", "max_tokens": 2, "echo": True,
                                                 "temperature": 0, "logprobs": None}).json()
     assert body["choices"][0]["text"].startswith("Hi") and body["choices"][0]["logprobs"] is None
+    body = client.post("/v1/completions", json={"model": BASE, "prompt": "Hi", "max_tokens": 0, "echo": True}).json()
+    assert body["choices"][0]["text"] == "Hi" and body["usage"]["completion_tokens"] == 0
 
 
 # ------------------------------------------------------------------ lm-eval local-completions
@@ -231,3 +275,19 @@ def test_lm_eval_local_completions_equal_tunesmith_eval(tmp_path, tok, model, mo
     res = out["results"]["colours_api"]
     assert res["acc,none"] == pytest.approx(ours.metrics["acc"])
     assert res["acc_norm,none"] == pytest.approx(ours.metrics["acc_norm"])
+
+
+@pytest.mark.parametrize("family,lead,split", [("llama", "", False), ("qwen2", "", True), ("mistral", " ", True)])
+def test_token_bytes_join_to_the_texts_utf8(family, lead, split):
+    """Each token's `bytes` are its real UTF-8 bytes, parts of characters included (byte-level BPE
+    alphabet, SentencePiece <0xNN> pieces), so a client can join them; SentencePiece tokens keep the
+    space their word starts with (the first one too: the tokenizer adds it)."""
+    from families import family_tokenizer
+
+    tok = family_tokenizer(family)
+    text = "Café naïve 😀 — ok, 東京"
+    text_of = TokenText(tok)
+    parts = [text_of(i) for i in tok(text, add_special_tokens=False)["input_ids"]]
+    assert b"".join(bytes(raw) for _, raw in parts) == (lead + text).encode()
+    # Qwen splits 東 and Mistral the emoji inside the character; Llama 3 has them whole
+    assert any(s.startswith("bytes:") for s, _ in parts) == split

@@ -1,7 +1,8 @@
 """`tunesmith serve`: an OpenAI-compatible HTTP server over the batching engine.
 
 Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1/completions
-(both with `stream: true` as server-sent events), GET /v1/adapters (which are in memory),
+(both with `stream: true` as server-sent events, and token log-probabilities on request:
+serve/logprobs.py), GET /v1/adapters (which are in memory),
 POST /v1/adapters/{name}/load|unload, GET /health.
 Chat prompts are rendered with the requested model's own chat template (an adapter trained in a
 run directory keeps the template it was trained with). Adapters also load lazily on their first

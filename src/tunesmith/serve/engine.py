@@ -50,7 +50,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None     # report each generated token's logprob and the k most likely (k)
-    prompt_logprobs: bool = False   # report the prompt's own logprobs too (then max_tokens may be 0)
+    prompt_logprobs: bool = False   # report the prompt's own logprobs too (max_tokens 0: nothing else)
 
 
 @dataclass
@@ -200,8 +200,8 @@ class Engine:
             raise DataError("the prompt is empty: it must hold at least one token")
         if self.context and n >= self.context:
             raise DataError(f"the prompt is {n} tokens; this model's context is {self.context} tokens")
-        if req.max_tokens < (0 if req.prompt_logprobs else 1):
-            raise DataError(f"max_tokens must be at least 1, or 0 with prompt_logprobs (got {req.max_tokens})")
+        if req.max_tokens < 0:  # 0: the prompt is only prefilled (scored, with prompt_logprobs)
+            raise DataError(f"max_tokens must be at least 0 (got {req.max_tokens})")
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_CHAT:
             raise DataError(f"logprobs must be in 0..{MAX_TOP_CHAT} (got {req.logprobs})")
         if req.temperature < 0 or not 0 < req.top_p <= 1:

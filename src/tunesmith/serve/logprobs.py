@@ -24,6 +24,7 @@ MAX_TOP_CHAT = 20    # OpenAI: top_logprobs in 0..20
 MAX_TOP_LEGACY = 5   # OpenAI: the completions endpoint's logprobs in 0..5
 LOGIT_BYTES = 1 << 30  # prompt logits one echo prefill may hold (raw and float32 copies)
 REPLACEMENT = "\ufffd"
+METASPACE = "\u2581"  # SentencePiece's word-start mark
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # SentencePiece byte fallback
 
 
@@ -89,11 +90,13 @@ class TokenText:
 
     def _render(self, token: int) -> tuple[str, list[int]]:
         text = self.tok.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        piece = self.tok.convert_ids_to_tokens(token)
+        if isinstance(piece, str) and piece.startswith(METASPACE) and not text.startswith(" "):
+            text = " " + text  # SentencePiece drops a word's space when its token is decoded alone
         if REPLACEMENT not in text:
             return text, list(text.encode("utf-8"))
         # part of a character: its real bytes, from the byte-level alphabet or a <0xNN> piece
         raw = None
-        piece = self.tok.convert_ids_to_tokens(token)
         if isinstance(piece, str):
             m = _BYTE_PIECE.match(piece)
             if m:
@@ -110,7 +113,7 @@ def _byte_level_decoder(tokenizer) -> dict[str, int] | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or "ByteLevel" not in type(backend.decoder).__name__ + repr(backend.decoder):
         return None
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
