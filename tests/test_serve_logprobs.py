@@ -132,6 +132,20 @@ def test_completions_stream_carries_the_same_logprobs(client):
     parts = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
     joined = {k: [x for part in parts for x in part[k]] for k in whole}
     assert joined == whole  # text_offset too: it runs on across chunks
+    # with echo: the prompt (and its logprobs) in a first chunk, then the same as without streaming
+    body.update(echo=True, prompt=[PROMPTS[1], PROMPTS[0]], logprobs=1)
+    whole = client.post("/v1/completions", json=body).json()["choices"]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    for k, choice in enumerate(whole):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == k]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        parts = [c["logprobs"] for c in mine if c["logprobs"]]
+        assert {key: [x for part in parts for x in part[key]] for key in choice["logprobs"]} == choice["logprobs"]
+    body.pop("logprobs")
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == 1) == whole[1]["text"]
 
 
 def test_chat_logprobs_equal_a_forward_and_the_openai_client_parses_them(app, tok, model):
@@ -223,7 +237,6 @@ def test_echo_rows_prefill_apart_and_leave_other_rows_unchanged(tok, model):
     ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs", []),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens", ["echo"]),
     ("/v1/completions", {"prompt": "x", "max_tokens": -1}, "max_tokens", []),
-    ("/v1/completions", {"prompt": "x", "echo": True, "stream": True}, "echo", ["stream"]),
 ])
 def test_out_of_range_logprobs_fields_are_openai_400s(client, path, body, param, words):
     assert_error(client.post(path, json={"model": BASE, **body}), 400, param, words)

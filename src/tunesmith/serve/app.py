@@ -164,7 +164,7 @@ class _Service:
             self._track(pumps)
             events = self._stream(handles, queue, meta, chat, req.include_usage, prompt_tokens, text_of,
                                   [self._prompt_text(tok, ids, texts, i) for i, ids in enumerate(prompts)
-                                   for _ in range(req.n)] if not chat else None)
+                                   for _ in range(req.n)] if not chat else None, echo=getattr(req, "echo", False))
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         tasks = [asyncio.ensure_future(h.aresult()) for h in handles]
@@ -198,10 +198,11 @@ class _Service:
         return text, result.finish_reason, lp.legacy(text_of, entries, 0 if req.echo else len(prompt_text))
 
     async def _stream(self, handles, queue, meta, chat: bool, include_usage: bool, prompt_tokens: int,
-                      text_of=None, prompt_texts: list[str] | None = None):
-        """SSE events: a role chunk per choice (chat), text deltas as they come, a final chunk per
-        choice with its finish_reason, the usage chunk when asked, then [DONE]. The request's
-        handles are cancelled if the client goes away (Starlette cancels this generator)."""
+                      text_of=None, prompt_texts: list[str] | None = None, echo: bool = False):
+        """SSE events: a role chunk per choice (chat), with echo a chunk of the prompt per choice
+        (and its logprobs), text deltas as they come, a final chunk per choice with its finish_reason,
+        the usage chunk when asked, then [DONE]. The request's handles are cancelled if the client
+        goes away (Starlette cancels this generator)."""
         finished: set[int] = set()
         offsets: dict[int, int] = {}  # completions: each choice's next text_offset
 
@@ -221,6 +222,15 @@ class _Service:
                         yield event(err.body())  # the status line has gone out: the error is an event
                         return
                     continue
+                if echo and i not in offsets:  # the choice's first delta: its prompt goes out first
+                    prompt_lp = None
+                    if text_of is not None and item.prompt_logprobs:
+                        prompt_lp = lp.legacy(text_of, item.prompt_logprobs, 0)
+                    offsets[i] = lp.next_offset(prompt_lp) if prompt_lp else len(prompt_texts[i])
+                    yield event(p.chunk(False, *meta, i, prompt_texts[i], None, with_usage=include_usage,
+                                        logprobs=prompt_lp))
+                    if item.prompt_logprobs:
+                        continue
                 # text and finish_reason in separate chunks, as OpenAI sends them (the last delta is empty)
                 logprobs = None
                 if text_of is not None and item.logprobs:

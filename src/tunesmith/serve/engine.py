@@ -403,6 +403,7 @@ class Engine:
             try:
                 if full is not None and row.req.prompt_logprobs:
                     row.prompt_logprobs = prompt_entries(full[i - start], row.req.prompt_ids, row.req.logprobs or 0)
+                    row.handle._push(Delta("", None, prompt_logprobs=row.prompt_logprobs))  # streamed first
                 if row.limit == 0:  # only the prompt was to be scored
                     row.handle._finish(Delta("", "length"), self._completion(row, "length"))
                     done.add(i)

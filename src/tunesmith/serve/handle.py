@@ -15,6 +15,7 @@ class Delta:
     text: str                   # new text since the previous Delta (may be "" on the final one)
     finish_reason: str | None   # None while running; "stop", "length" (or "cancelled") at the end
     logprobs: list[TokenLogprob] | None = None  # tokens generated since the previous Delta (when asked)
+    prompt_logprobs: list[TokenLogprob] | None = None  # the prompt's, in a Delta of their own before any text
 
 
 @dataclass

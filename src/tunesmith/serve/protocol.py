@@ -180,8 +180,6 @@ class CompletionRequest(_Sampling):
     def _supported(self):
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens: 0 generates nothing; it is only allowed with echo (to score the prompt)")
-        if self.echo and self.stream:
-            raise ValueError("echo is not supported with stream by this server; send stream: false")
         if self.best_of not in (None, self.n):
             raise ValueError("best_of is not supported by this server (only best_of == n)")
         if self.suffix:
