@@ -133,8 +133,9 @@ def test_evaluators_shard_examples_and_equal_one_process(spawned, work):
         assert [r["prediction"] for r in out["results"]["mc"]["examples"]] == \
             [r["prediction"] for r in alone["mc"]["examples"]]
     # each row through the decoder once: the ranks' rows add up to one process's, and both ranks worked;
-    # only multiple choice's two one-row forwards run on every rank (the cache probe, the task's shared head)
-    assert spawned[0]["rows"] + spawned[1]["rows"] == rows + 2
+    # only multiple choice's three one-row forwards run on every rank (the cache probe of the scorer and of
+    # the results' `scoring` setting, the task's shared head)
+    assert spawned[0]["rows"] + spawned[1]["rows"] == rows + 3
     assert 0 < spawned[1]["rows"] < rows
 
 

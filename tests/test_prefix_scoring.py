@@ -3,6 +3,7 @@
 0-shot and k-shot, with fewer tokens fed; models whose cache cannot be reused fall back."""
 import logging
 import random
+import time
 
 import pytest
 import torch
@@ -164,22 +165,45 @@ def test_sliding_window_cache_falls_back(tiny_tokenizer):
                     reason="shared ARC / HellaSwag data absent")
 def test_embedded_model_shared_prefix_equals_per_choice(embedded_model):
     """>= 50 real items (ARC 0- and 5-shot, HellaSwag 0- and 2-shot, two-choice) on SmolLM2, fp32."""
-    from tunesmith.generation import InferenceModel
+    from tunesmith.generation import load_for_inference
 
-    im = InferenceModel.load(embedded_model)
+    im = load_for_inference(str(embedded_model.path))
     model, tok = im.model.float().eval(), im.tokenizer
     assert prefix_scoring.unsupported(model) is None
     arc, _ = load_items(SHARED_DATA / "arc" / "ARC-Easy-test.jsonl")
     hs, _ = load_items(SHARED_DATA / "hellaswag-val" / "hellaswag_val_full.txt.bz2")
     two = [MCItem(it.id, it.question, it.text, [it.choices[it.gold], it.choices[(it.gold + 1) % len(it.choices)]],
-                  0, ["A", "B"]) for it in arc[40:55]]
-    cases = [(arc[:20], 0, arc), (arc[20:30], 5, arc), (hs[:12], 0, hs), (hs[12:18], 2, hs), (two, 0, two)]
+                  0, ["A", "B"]) for it in arc[40:50]]
+    cases = {"arc 0-shot": (arc[:20], 0, arc), "arc 5-shot": (arc[20:28], 5, arc), "hellaswag 0-shot": (hs[:10], 0, hs),
+             "hellaswag 2-shot": (hs[10:14], 2, hs), "two-choice 0-shot": (two, 0, two)}
     worst, n = 0.0, 0
-    for items, k, pool in cases:
+    for name, (items, k, pool) in cases.items():
         contexts = [mc.build_context(it, mc.draw_shots(it, pool, k, seed=1)) for it in items]
-        old = mc.score_items(model, tok, items, contexts, 8, shared_prefix=False)
-        new = mc.score_items(model, tok, items, contexts, 8)
-        worst = max(worst, max(abs(a - b) for a, b in zip(lls(old), lls(new))))
+        t0 = time.perf_counter()
+        old = mc.score_items(model, tok, items, contexts, 16, shared_prefix=False)
+        t1 = time.perf_counter()
+        new = mc.score_items(model, tok, items, contexts, 16)
+        t2 = time.perf_counter()
+        diff = max(abs(a - b) for a, b in zip(lls(old), lls(new)))
+        print(f"{name}: {len(items)} items, largest difference {diff:.2e}, per-choice {t1 - t0:.1f}s, "
+              f"shared prefix {t2 - t1:.1f}s")
         assert [r["prediction"] for r in old] == [r["prediction"] for r in new]
-        n += len(items)
+        worst, n = max(worst, diff), n + len(items)
     assert n >= 50 and worst < 1e-4
+
+
+def test_evaluate_records_the_scoring_and_the_switch_keeps_results(tiny, tiny_tokenizer, tmp_path):
+    from conftest import write_jsonl
+    from tunesmith.config import EvalTaskSection
+    from tunesmith.generation import InferenceModel
+
+    rows = [{"question": it.question, "choices": {"text": it.choices, "label": it.labels}, "answerKey": it.labels[it.gold]}
+            for it in arc_items(6)]
+    path = write_jsonl(tmp_path / "arc.jsonl", rows)
+    im = InferenceModel(tiny, tiny_tokenizer, "tiny")
+    results = {on: mc.evaluate(im, EvalTaskSection(name="arc", kind="multiple_choice", path=str(path), shots=2,
+                                                   batch_size=4, shared_prefix=on)) for on in (True, False)}
+    assert results[True].settings["scoring"] == "shared-prefix KV cache"
+    assert results[False].settings["scoring"] == "per choice (shared_prefix off)"
+    assert results[True].metrics == results[False].metrics
+    assert lls(results[True].examples) == pytest.approx(lls(results[False].examples), abs=1e-4)

@@ -211,6 +211,14 @@ def _row(item: MCItem, lls: list[float]) -> dict:
             "score_bytes": float(pred_bytes == item.gold), "loglikelihoods": lls, "choices": item.choices}
 
 
+def scoring_mode(model, shared_prefix: bool) -> str:
+    """How score_requests scores on this model, for the results file."""
+    if not shared_prefix:
+        return "per choice (shared_prefix off)"
+    reason = prefix_scoring.unsupported(model)
+    return f"per choice: {reason}" if reason else "shared-prefix KV cache"
+
+
 def score_items(model, tok, items: list[MCItem], contexts: list[str], batch_size: int = 16,
                 shared_prefix: bool = True) -> list[dict]:
     requests = [(ctx, TARGET_DELIMITER + c) for item, ctx in zip(items, contexts) for c in item.choices]
@@ -234,7 +242,7 @@ def evaluate(im, task) -> TaskResult:
     was_training = im.model.training
     im.model.eval()  # also called during training: put the mode back afterwards
     try:
-        rows = score_items(im.model, im.tokenizer, chosen, contexts, task.batch_size)
+        rows = score_items(im.model, im.tokenizer, chosen, contexts, task.batch_size, task.shared_prefix)
     finally:
         im.model.train(was_training)
     n = len(rows)
@@ -242,6 +250,7 @@ def evaluate(im, task) -> TaskResult:
                for name, key in (("acc", "score"), ("acc_norm", "score_norm"), ("acc_bytes", "score_bytes"))}
     settings = {"path": str(Path(task.path)), "format": fmt, "shots": task.shots, "shots_path": task.shots_path,
                 "seed": task.seed, "limit": task.limit, "sample": task.sample, "batch_size": task.batch_size,
+                "scoring": scoring_mode(im.model, task.shared_prefix),
                 "acc_norm": "log-likelihood / characters of the choice (lm-eval acc_norm)",
                 "example_prompt": contexts[0] + TARGET_DELIMITER + chosen[0].choices[chosen[0].gold]}
     return TaskResult(task=task.name, kind="multiple_choice", model=im.label, metrics=metrics, primary="acc",
