@@ -27,6 +27,8 @@ import torch
 
 from tunesmith.training.distributed.group import map_shared
 
+ROW_TOKENS = 2048  # lm-eval's default row length: the memory a per-choice batch of batch_size rows may take
+
 
 def unsupported(model) -> str | None:
     """Why `model`'s KV cache cannot be reused for scoring, or None when it can."""
@@ -114,9 +116,12 @@ def score_grouped(model, encoded: list[tuple[list[int], list[int]]], indices: li
             for i in questions[ctx]:
                 rows.setdefault((b, tuple(encoded[i][1][:-1])), []).append(i)
         keys = sorted(rows, key=lambda r: -len(r[1]))
+        # continuation rows are short: take more than batch_size per forward, as long as the cache rows
+        # they copy stay within what batch_size rows of ROW_TOKENS would hold
+        per_forward = max(batch_size, batch_size * ROW_TOKENS // (cached + 1 + len(keys[0][1])))
         out = []
-        for s in range(0, len(keys), batch_size):
-            chunk = keys[s:s + batch_size]
+        for s in range(0, len(keys), per_forward):
+            chunk = keys[s:s + per_forward]
             width = 1 + len(chunk[0][1])
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), cached + width), dtype=torch.long)
