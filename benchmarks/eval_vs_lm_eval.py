@@ -1,7 +1,7 @@
 """tunesmith's multiple-choice evaluator vs lm-evaluation-harness, on the same model and questions.
 
     python benchmarks/eval_vs_lm_eval.py [--task arc_easy|arc_challenge] [--limit N | --sample N]
-        [--seed S] [--batch-size B]
+        [--seed S] [--batch-size B] [--per-choice]
 
 What is the same for both tools
   * model: the embedded SmolLM2-135M-Instruct, fp32, loaded once and handed to both in memory
@@ -21,7 +21,12 @@ Printed: both tools' acc and acc_norm, the number of questions where their predi
 (`other CPU`), so a run disturbed by other work is visible rather than silently trusted, after
 the machine line (benchmarks/_machine.py: cores, CPU flags, measured fp32 matmul rate).
 
-Last line: `tunesmith_acc=<x> lm_eval_acc=<y>`, accuracies in percent with 2 decimals.
+tunesmith scores each question's context once and its choices from the cached keys/values
+(eval/prefix_scoring.py); `--per-choice` feeds each choice whole instead, as lm-eval does, to
+compare the two paths.
+
+Last line: `tunesmith_acc=<x> lm_eval_acc=<y> speedup=<z>`, accuracies in percent with 2 decimals,
+speedup = lm-eval's wall time / tunesmith's.
 """
 from __future__ import annotations
 
@@ -56,6 +61,7 @@ def main() -> None:
     pick.add_argument("--sample", type=int, help="a seeded sample of N questions (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--per-choice", action="store_true", help="tunesmith without the shared-prefix cache")
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -81,7 +87,7 @@ def main() -> None:
           f"{im.label}")
 
     task = EvalTaskSection(name=args.task, kind="multiple_choice", path=str(path), limit=limit, sample=sample,
-                           seed=args.seed, batch_size=args.batch_size)
+                           seed=args.seed, batch_size=args.batch_size, shared_prefix=not args.per_choice)
     ours, t_ours, other_ours = timed(lambda: mc.evaluate(im, task))
     with tempfile.TemporaryDirectory() as tmp:
         yaml_path = local_task_yaml(path, Path(tmp) / f"{args.task}_local.yaml", task_name=f"{args.task}_local")
@@ -106,7 +112,9 @@ def main() -> None:
     print(f"lm-eval acc stderr {100 * lm_metrics['acc_stderr']:.2f} points")
     print(f"questions where the predictions differ: acc {differ}, acc_norm {differ_norm} (of {len(mine)})")
     print(f"max |log-likelihood difference| over {n_choices} choices: {max_diff:.2e}")
-    print(f"tunesmith_acc={100 * ours.metrics['acc']:.2f} lm_eval_acc={100 * lm_metrics['acc']:.2f}")
+    print(f"tunesmith scoring: {ours.settings['scoring']}")
+    print(f"tunesmith_acc={100 * ours.metrics['acc']:.2f} lm_eval_acc={100 * lm_metrics['acc']:.2f} "
+          f"speedup={t_lm / t_ours:.2f}")
 
 
 if __name__ == "__main__":

@@ -321,7 +321,7 @@ def test_loglikelihoods_of_a_lora_model_equal_lm_eval(tiny_tokenizer):
 
 
 def test_one_token_choices_share_one_row(monkeypatch, tiny, tiny_tokenizer):
-    """Choices that are one token each after the same context need one forward row, not four."""
+    """Per-choice path: choices that are one token each after the same context need one forward row, not four."""
     texts = sorted({tiny_tokenizer.decode([t]) for t in range(len(tiny_tokenizer))})
     words = [w for w in texts if w[:1] == " " and w[1:].isalpha() and len(tiny_tokenizer.encode(w)) == 1][:4]
     requests = [("Deliver to Lyon, attention Grace Mori: 3 scarves,", w) for w in words]
@@ -332,7 +332,7 @@ def test_one_token_choices_share_one_row(monkeypatch, tiny, tiny_tokenizer):
         return real(model, ids, keep)
 
     monkeypatch.setattr(mc, "_forward_tail", counting)
-    scores = mc.score_requests(tiny, tiny_tokenizer, requests + REQUESTS[:2])
+    scores = mc.score_requests(tiny, tiny_tokenizer, requests + REQUESTS[:2], shared_prefix=False)
     assert len(words) == 4 and sum(rows) == 3
     exact = [float64_reference(tiny, tiny_tokenizer, c, x) for c, x in requests + REQUESTS[:2]]
     assert scores == pytest.approx(exact, abs=1e-4) and len(set(scores)) == len(scores)

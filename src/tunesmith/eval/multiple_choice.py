@@ -23,6 +23,7 @@ draws a seeded sample of N from those.
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import DataError
+from tunesmith.eval import prefix_scoring
 from tunesmith.eval.mc_formats import MCItem, load_items
 from tunesmith.eval.results import TaskResult
 from tunesmith.training.distributed.group import map_shared
@@ -37,6 +39,7 @@ from tunesmith.training.distributed.group import map_shared
 TARGET_DELIMITER = " "     # lm-eval: between prompt and answer
 FEWSHOT_DELIMITER = "\n\n"  # lm-eval: after each solved example
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer give a length
+log = logging.getLogger("tunesmith.eval")
 
 
 # --- prompts ----------------------------------------------------------------------------------
@@ -113,23 +116,47 @@ def _forward_tail(model, ids: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_requests(model, tok, requests: list[tuple[str, str]], batch_size: int = 16) -> list[float]:
+def score_requests(model, tok, requests: list[tuple[str, str]], batch_size: int = 16,
+                   shared_prefix: bool = True) -> list[float]:
     """Summed log-probability of each (context, continuation) pair's continuation tokens.
+
+    shared_prefix: encode each distinct context once and score its continuations from the cached
+    keys/values (eval/prefix_scoring.py; the same log-likelihoods to float rounding). Off, or for
+    a model whose cache cannot be reused (the reason is logged), or for a pair truncated to the
+    model's length, each pair is fed whole (`_score_rows`)."""
+    encoded = [encode_pair(tok, c, x) for c, x in requests]
+    for ctx, cont in encoded:
+        if not cont:
+            raise DataError(f"a choice encodes to no tokens (context ends {tok.decode(ctx[-8:])!r})")
+    max_len = model_max_length(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    whole = list(range(len(encoded)))
+    scores: dict[int, float] = {}
+    reason = prefix_scoring.unsupported(model) if shared_prefix else None
+    if reason:
+        log.info("scoring each choice in its own forward: the KV cache of %s cannot be reused (%s)",
+                 type(model).__name__, reason)
+    elif shared_prefix:
+        fits = [i for i in whole if len(encoded[i][0]) + len(encoded[i][1]) <= max_len + 1 and encoded[i][0]]
+        scores = prefix_scoring.score_grouped(model, encoded, fits, pad, batch_size)
+        whole = [i for i in whole if i not in scores]  # truncated on the left: lm-eval's cut, below
+    scores.update(_score_rows(model, encoded, whole, max_len, pad, batch_size))
+    return [scores[i] for i in range(len(encoded))]
+
+
+def _score_rows(model, encoded, indices: list[int], max_len: int, pad: int, batch_size: int) -> dict[int, float]:
+    """The per-choice path: each pair fed whole, as lm-eval does.
 
     Requests whose model input is the same token row (one-token choices after one context, the
     common case in ARC) share one row, as lm-eval's logits cache does. Rows are sorted longest
     first (lm-eval's order, so padding stays small) and right-padded: with causal attention,
     padding after a row's end cannot change its real positions, so no attention mask is needed
     (lm-eval runs the same way)."""
-    encoded = [encode_pair(tok, c, x) for c, x in requests]
-    max_len = model_max_length(model, tok)
     shared: dict[tuple[int, ...], list[int]] = {}
-    for i, (ctx, cont) in enumerate(encoded):
-        if not cont:
-            raise DataError(f"a choice encodes to no tokens (context ends {tok.decode(ctx[-8:])!r})")
+    for i in indices:
+        ctx, cont = encoded[i]
         shared.setdefault(tuple((ctx + cont)[-(max_len + 1):][:-1]), []).append(i)  # the last token is only predicted
     device = next(model.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rows = sorted(shared, key=lambda r: -len(r))
 
     def score_batch(batch: list[tuple[int, ...]]) -> list[tuple[int, float]]:
@@ -150,10 +177,9 @@ def score_requests(model, tok, requests: list[tuple[str, str]], batch_size: int 
 
     # under several processes (evaluation during training) each batch is scored by one of them,
     # the same batch one process would score, and the scores gathered
-    scores = [0.0] * len(encoded)
+    scores: dict[int, float] = {}
     for batch_scores in map_shared(score_batch, [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]):
-        for i, value in batch_scores:
-            scores[i] = value
+        scores.update(batch_scores)
     return scores
 
 
@@ -185,9 +211,18 @@ def _row(item: MCItem, lls: list[float]) -> dict:
             "score_bytes": float(pred_bytes == item.gold), "loglikelihoods": lls, "choices": item.choices}
 
 
-def score_items(model, tok, items: list[MCItem], contexts: list[str], batch_size: int = 16) -> list[dict]:
+def scoring_mode(model, shared_prefix: bool) -> str:
+    """How score_requests scores on this model, for the results file."""
+    if not shared_prefix:
+        return "per choice (shared_prefix off)"
+    reason = prefix_scoring.unsupported(model)
+    return f"per choice: {reason}" if reason else "shared-prefix KV cache"
+
+
+def score_items(model, tok, items: list[MCItem], contexts: list[str], batch_size: int = 16,
+                shared_prefix: bool = True) -> list[dict]:
     requests = [(ctx, TARGET_DELIMITER + c) for item, ctx in zip(items, contexts) for c in item.choices]
-    lls = score_requests(model, tok, requests, batch_size)
+    lls = score_requests(model, tok, requests, batch_size, shared_prefix)
     rows, at = [], 0
     for item in items:
         rows.append(_row(item, lls[at:at + len(item.choices)]))
@@ -207,7 +242,7 @@ def evaluate(im, task) -> TaskResult:
     was_training = im.model.training
     im.model.eval()  # also called during training: put the mode back afterwards
     try:
-        rows = score_items(im.model, im.tokenizer, chosen, contexts, task.batch_size)
+        rows = score_items(im.model, im.tokenizer, chosen, contexts, task.batch_size, task.shared_prefix)
     finally:
         im.model.train(was_training)
     n = len(rows)
@@ -215,6 +250,7 @@ def evaluate(im, task) -> TaskResult:
                for name, key in (("acc", "score"), ("acc_norm", "score_norm"), ("acc_bytes", "score_bytes"))}
     settings = {"path": str(Path(task.path)), "format": fmt, "shots": task.shots, "shots_path": task.shots_path,
                 "seed": task.seed, "limit": task.limit, "sample": task.sample, "batch_size": task.batch_size,
+                "scoring": scoring_mode(im.model, task.shared_prefix),
                 "acc_norm": "log-likelihood / characters of the choice (lm-eval acc_norm)",
                 "example_prompt": contexts[0] + TARGET_DELIMITER + chosen[0].choices[chosen[0].gold]}
     return TaskResult(task=task.name, kind="multiple_choice", model=im.label, metrics=metrics, primary="acc",
