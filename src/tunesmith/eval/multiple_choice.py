@@ -34,7 +34,6 @@ from tunesmith.errors import DataError
 from tunesmith.eval import prefix_scoring
 from tunesmith.eval.mc_formats import MCItem, load_items
 from tunesmith.eval.results import TaskResult
-from tunesmith.training.distributed.group import map_shared
 
 TARGET_DELIMITER = " "     # lm-eval: between prompt and answer
 FEWSHOT_DELIMITER = "\n\n"  # lm-eval: after each solved example
@@ -175,12 +174,7 @@ def _score_rows(model, encoded, indices: list[int], max_len: int, pad: int, batc
                 out.append((i, float(picked.double().sum())))
         return out
 
-    # under several processes (evaluation during training) each batch is scored by one of them,
-    # the same batch one process would score, and the scores gathered
-    scores: dict[int, float] = {}
-    for batch_scores in map_shared(score_batch, [rows[s:s + batch_size] for s in range(0, len(rows), batch_size)]):
-        scores.update(batch_scores)
-    return scores
+    return prefix_scoring.scored_in_batches(score_batch, rows, batch_size)
 
 
 # --- the evaluator ----------------------------------------------------------------------------

@@ -143,7 +143,14 @@ def score_grouped(model, encoded: list[tuple[list[int], list[int]]], indices: li
                     out.append((i, float(picked.double().sum())))
         return out
 
+    return scored_in_batches(score_batch, heads, batch_size)
+
+
+def scored_in_batches(score_batch, items: list, batch_size: int) -> dict[int, float]:
+    """{request index: log-likelihood} from `score_batch` over `items` in batches. Under several
+    processes (evaluation during training) each batch is scored by one of them, the same batch one
+    process would score, and the scores gathered."""
     scores: dict[int, float] = {}
-    for batch_scores in map_shared(score_batch, [heads[s:s + batch_size] for s in range(0, len(heads), batch_size)]):
+    for batch_scores in map_shared(score_batch, [items[s:s + batch_size] for s in range(0, len(items), batch_size)]):
         scores.update(batch_scores)
     return scores
