@@ -296,16 +296,18 @@ def _export_commands(sub) -> None:
 
 
 def cmd_serve(model: str, adapters: str | None, host: str, port: int, api_key: str | None, max_batch: int,
-              max_body_bytes: int, max_prompt_tokens: int, max_tokens_limit: int) -> int:
+              max_body_bytes: int, max_prompt_tokens: int, max_tokens_limit: int, prefix_cache_mb: float) -> int:
     from tunesmith.serve.app import serve
 
     serve(model, adapters_dir=adapters, host=host, port=port, api_key=api_key, max_batch=max_batch,
-          max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit)
+          max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
+          prefix_cache_mb=prefix_cache_mb)
     return 0
 
 
 def _serve_commands(sub) -> None:
     from tunesmith.serve.checks import Limits
+    from tunesmith.serve.prefix_cache import DEFAULT_MB
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: a model or run, plus many adapters on its base")
     s.add_argument("model", help="run directory, alias, model directory, .gguf file or hub id (the base)")
@@ -321,6 +323,9 @@ def _serve_commands(sub) -> None:
     s.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
     s.add_argument("--max-tokens-limit", type=int, default=Limits.max_tokens_limit,
                    help="largest max_tokens a request may ask for")
+    s.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_MB, metavar="MiB",
+                   help=f"memory for the KV of prompt heads shared between requests (system prompts, chat "
+                        f"history), reused instead of recomputed; 0 turns it off (default {DEFAULT_MB:g})")
     s.set_defaults(fn=cmd_serve)
 
 

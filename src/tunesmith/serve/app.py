@@ -34,6 +34,7 @@ from tunesmith.serve import protocol as p
 from tunesmith.serve.adapters import NAME_RE  # the engine checks names again when it loads
 from tunesmith.serve.checks import Limits
 from tunesmith.serve.engine import Engine, GenRequest, off_main_thread
+from tunesmith.serve.prefix_cache import DEFAULT_MB, check_budget
 
 log = logging.getLogger("tunesmith.serve")
 
@@ -387,7 +388,8 @@ def _run_as_adapter(run: Path, into: Path) -> None:
             shutil.copytree(run / sub, dest / sub)
 
 
-def load_engine(model_spec: str | Path, adapters_dir: str | Path | None, max_batch: int, scratch: Path):
+def load_engine(model_spec: str | Path, adapters_dir: str | Path | None, max_batch: int, scratch: Path,
+                prefix_cache_mb: float = DEFAULT_MB):
     """The engine for `serve`: a model spec is the base (named after it) plus the adapters in
     adapters_dir. A run directory with an adapter serves its base model plain and the run as an
     adapter under the run's name, alongside the other runs when adapters_dir is the folder that
@@ -407,16 +409,18 @@ def load_engine(model_spec: str | Path, adapters_dir: str | Path | None, max_bat
     else:
         im = load_for_inference(model_spec)
         name = spec.stem if spec.suffix == ".gguf" else spec.name if spec.is_dir() else str(model_spec)
-    return Engine(im.model, im.tokenizer, name, adapters_dir=adapters_dir, max_batch=max_batch)
+    return Engine(im.model, im.tokenizer, name, adapters_dir=adapters_dir, max_batch=max_batch,
+                  prefix_cache_mb=prefix_cache_mb)
 
 
 def serve(model_spec: str | Path, adapters_dir: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 32, max_body_bytes: int = Limits.max_body_bytes,
           max_prompt_tokens: int = Limits.max_prompt_tokens, max_tokens_limit: int = Limits.max_tokens_limit,
-          log_level: str = "info") -> None:
+          log_level: str = "info", prefix_cache_mb: float = DEFAULT_MB) -> None:
     """Serve a model (and the adapters in adapters_dir) over the OpenAI HTTP API until stopped
     (Ctrl-C). api_key falls back to $TUNESMITH_API_KEY (kept off the command line, where other
-    users of the machine can read it)."""
+    users of the machine can read it). prefix_cache_mb: memory for the KV of prompt heads shared
+    between requests (serve/prefix_cache.py; 0 turns it off)."""
     import tempfile
 
     import uvicorn
@@ -426,11 +430,13 @@ def serve(model_spec: str | Path, adapters_dir: str | Path | None = None, host: 
                         ("max_tokens_limit", max_tokens_limit), ("max_batch", max_batch)):
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    check_budget(prefix_cache_mb)  # before the model loads
     if not _is_loopback(host) and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model "
                     "(pass --api-key or set TUNESMITH_API_KEY)", host)
     with tempfile.TemporaryDirectory(prefix="tunesmith-serve-") as scratch:
-        engine = off_main_thread(lambda: load_engine(model_spec, adapters_dir, max_batch, Path(scratch)))
+        engine = off_main_thread(lambda: load_engine(model_spec, adapters_dir, max_batch, Path(scratch),
+                                                       prefix_cache_mb))
         limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
                         max_tokens_limit=max_tokens_limit, default_max_tokens=min(256, max_tokens_limit),
                         context_length=engine.context)

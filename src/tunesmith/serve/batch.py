@@ -15,7 +15,9 @@ the cache (masking_utils' sliding_window_overlay: a query at column q sees colum
 a DynamicCache made without a config keeps every layer as a plain full DynamicLayer. Because every
 row's tokens fill the trailing columns contiguously (merges pad on the left, trims drop only
 columns that are padding in every row), the distance between two columns is the distance between
-two of the row's tokens, so the window hides exactly what it would for the row alone. The cost is
+two of the row's tokens, so the window hides exactly what it would for the row alone. (A row
+prefilled from a cached prompt head has padding between the head and the rest: serve/prefix_cache.py
+is only used for models whose layers are all full attention, where columns' distances do not matter.) The cost is
 memory: a sliding layer holds the whole row, not just the window. A sliding-window cache layer
 (DynamicSlidingWindowLayer, which drops old columns) is never used, since dropping columns per
 layer would break the column alignment that merging and trimming rely on. Layers whose state is
@@ -86,16 +88,24 @@ class KVBatch:
         return len(self.names)
 
     def prefill(self, prompts: list[list[int]], names: list[str | None],
-                every_position: bool = False) -> torch.Tensor:
+                every_position: bool = False, heads: list | None = None) -> torch.Tensor:
         """Run new rows' prompts (left-padded together) and add them to the batch: their first
         next-token logits [len(prompts), vocab] (float32), or with every_position the logits of
         every column [len(prompts), columns, vocab] (the model's dtype; the last column is the
-        next-token one)."""
+        next-token one). heads: per row, its prompt's head whose keys and values are already
+        known (serve/prefix_cache.Head, or None): only the rest is computed, and such a row holds
+        padding columns between the two parts (full-attention models only: see prefix_cache)."""
         from tunesmith.generation import _left_padded
 
-        ids, mask = _left_padded(prompts, self.pad_id, self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # pads get 0; they are masked anyway
-        cache = _cache()
+        if heads is not None and any(h is not None for h in heads):
+            from tunesmith.serve.prefix_cache import prefill_inputs
+
+            ids, mask, positions, layers = prefill_inputs(prompts, heads, self.pad_id, self.device)
+            cache = _cache(layers)
+        else:
+            ids, mask = _left_padded(prompts, self.pad_id, self.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # pads get 0; they are masked anyway
+            cache = _cache()
         logits = self.forward(names, input_ids=ids, attention_mask=mask, position_ids=positions,
                               past_key_values=cache, use_cache=True, logits_to_keep=0 if every_position else 1)
         self._join(cache, mask, names)
@@ -119,6 +129,12 @@ class KVBatch:
         width = mask.shape[1]
         self.cache = _cache([(k[:, :, :width], v[:, :, :width]) for k, v, *_ in self.cache])
         self.mask = mask
+
+    def row_kv(self, row: int, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The keys and values per layer [heads, end - start, dim] of row `row`'s tokens start..end-1
+        (counting its real tokens only: padding columns are skipped)."""
+        cols = self.mask[row].nonzero()[start:end, 0]
+        return [(k[row, :, cols], v[row, :, cols]) for k, v, *_ in self.cache]
 
     def split(self, rows: list[int]) -> "KVBatch":
         """Move these rows into a new batch (returned); the others stay here, in their order."""

@@ -13,11 +13,13 @@ A failure in the model fails only the requests it belongs to: a prefill that rai
 half by half, a step that raises is undone and its batch split in two (repeated failures bisect
 down to the bad rows), and a row whose sampling or text fails ends alone. Rows run in any batch
 compute what they would alone, so the others' outputs do not change. A row ends at the end of
-turn or EOS of its model's tokenizer (data/templates.stop_ids) or a stop string.
+turn or EOS of its model's tokenizer (data/templates.stop_ids) or a stop string. Prompt heads
+already seen (per adapter) are not computed again: serve/prefix_cache.py.
 """
 from __future__ import annotations
 
 import copy
+import logging
 import queue
 import secrets
 import threading
@@ -34,8 +36,10 @@ from tunesmith.serve.batch import KVBatch, check_servable
 from tunesmith.serve.decode import RowText, choose, make_generator
 from tunesmith.serve.handle import Completion, Delta, Handle
 from tunesmith.serve.logprobs import MAX_TOP_CHAT, TokenLogprob, pick, prefill_parts, prompt_entries
+from tunesmith.serve.prefix_cache import DEFAULT_MB, for_model
 from tunesmith.serve.threads import off_main_thread
 
+log = logging.getLogger("tunesmith.serve")
 __all__ = ["Completion", "Delta", "Engine", "GenRequest", "Handle", "off_main_thread"]
 MIXED = "__mixed__"  # batch key for rows the base and plain-LoRA adapters share
 
@@ -70,7 +74,8 @@ class _Row:
 
 class Engine:
     def __init__(self, model, tokenizer, base_name: str, adapters_dir: Path | str | None = None,
-                 max_batch: int = 32, batch_wait_ms: float = 5.0, preload: bool = False):
+                 max_batch: int = 32, batch_wait_ms: float = 5.0, preload: bool = False,
+                 prefix_cache_mb: float = DEFAULT_MB):
         _check_model(model)
         model.eval()
         self.base_name, self.tokenizer = base_name, tokenizer
@@ -98,6 +103,7 @@ class Engine:
         self._splits = 0                          # batches split off to isolate a failing row
         # prefills, decode steps, the most rows one step ran, rows decoded over all steps
         self.stats = {"prefills": 0, "steps": 0, "max_rows": 0, "row_steps": 0}
+        self.prefix = for_model(model.config, prefix_cache_mb, self.stats)  # None: off (adds prefix_* stats)
         if preload:
             for name in self.dir.names():
                 self.load_adapter(name)
@@ -234,7 +240,7 @@ class Engine:
                 self._unloading.setdefault(name, []).append(fut)  # done when its rows end
                 return
             else:
-                self.adapters.unload(name)
+                self._unload(name)
         except BaseException as exc:  # handed to the caller's thread
             fut.set_exception(exc)
             return
@@ -243,9 +249,14 @@ class Engine:
     def _in_use(self, name: str) -> bool:
         return any(r.adapter == name for rows in self._rows.values() for r in rows)
 
+    def _unload(self, name: str) -> None:
+        self.adapters.unload(name)
+        if self.prefix is not None:  # a later adapter of that name may differ
+            self.prefix.drop(name)
+
     def _finish_unloads(self) -> None:
         for name in [n for n in self._unloading if not self._in_use(n)]:
-            self.adapters.unload(name)
+            self._unload(name)
             for fut in self._unloading.pop(name):
                 fut.set_result(None)
 
@@ -345,9 +356,14 @@ class Engine:
         """Prefill new rows into batch `key`. When that raises, each half is tried on its own, so a
         bad row (or adapter) fails only its own request; the rows already running are untouched."""
         every = any(r.req.prompt_logprobs for r in group)
+        batch = self._batches[key]
+        # rows that want prompt logprobs need every prompt position's logits: never from the cache
+        heads = None
+        if self.prefix is not None and not every:
+            heads = [self.prefix.lookup(r.adapter, r.req.prompt_ids) for r in group]
         try:
-            logits = self._batches[key].prefill([r.req.prompt_ids for r in group], [r.adapter for r in group],
-                                                every_position=every)
+            logits = batch.prefill([r.req.prompt_ids for r in group], [r.adapter for r in group],
+                                   every_position=every, heads=heads)
         except Exception as exc:  # noqa: BLE001 - handed to the request's caller
             if len(group) == 1:
                 group[0].handle._fail(exc)
@@ -357,10 +373,22 @@ class Engine:
             return
         self._rows[key] += group
         self.stats["prefills"] += 1
+        if self.prefix is not None:
+            self._remember(batch, group)
         full = None
         if every:
             full, logits = logits, logits[:, -1, :].float()
         self._advance(key, logits, start=len(self._rows[key]) - len(group), full=full)
+
+    def _remember(self, batch: KVBatch, group: list[_Row]) -> None:
+        """Put the full blocks of the rows just prefilled (the batch's last rows) in the prefix cache."""
+        first = len(batch) - len(group)
+        try:
+            for i, row in enumerate(group, first):
+                self.prefix.store(row.adapter, row.req.prompt_ids, lambda a, b, i=i: batch.row_kv(i, a, b))
+        except Exception:  # noqa: BLE001 - a cache that cannot grow must not fail the requests
+            log.warning("prefix cache: storing a prompt's blocks failed; the cache is cleared", exc_info=True)
+            self.prefix.clear()
 
     def _step(self, key: str) -> None:
         live = [i for i, r in enumerate(self._rows[key]) if not r.handle.cancelled]
