@@ -208,3 +208,26 @@ def test_task_scores_and_results_file_with_the_json_end(im, tmp_path):
     assert saved.speed["decode_row_steps"] < full.speed["decode_row_steps"]
     assert saved.speed["tokens_per_s"] == pytest.approx(saved.speed["generated_tokens"]
                                                         / saved.speed["generation_seconds"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_embedded_model_json_end_scores_equal_generating_to_the_budget(embedded_model):
+    """The real base model on demo rows (prose, fenced and unfinished objects): the demo's scores
+    with the json end equal those of replies generated to the budget and cut there, in fewer steps."""
+    from tunesmith.demo.orders import FIELDS, make_splits
+    from tunesmith.demo.run import answer_budget
+    from tunesmith.eval.json_fields import json_metrics
+    from tunesmith.generation import load_for_inference
+
+    rows = make_splits(0, {"train": 240, "validation": 24, "test": 60})["test"][:8]
+    im = load_for_inference(str(embedded_model.path))
+    prompts = [r["messages"][:-1] for r in rows]
+    refs = [json.loads(r["messages"][-1]["content"]) for r in rows]
+    budget = answer_budget(im.tokenizer, refs)
+    full_stats, early_stats = GenerationStats(), GenerationStats()
+    full = generate(im, prompts, max_new_tokens=budget, batch_size=8, stats=full_stats)
+    early = generate(im, prompts, max_new_tokens=budget, batch_size=8, end_at=json_end, stats=early_stats)
+    cut = [cut_answer(f, (), json_end).strip() for f in full]
+    assert json_metrics(early, refs, FIELDS) == json_metrics(cut, refs, FIELDS)
+    assert all(f.startswith(e) for f, e in zip(full, early))
+    assert early_stats.row_steps < full_stats.row_steps and early_stats.tokens < full_stats.tokens
