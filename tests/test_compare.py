@@ -345,7 +345,7 @@ def test_html_write_is_atomic(tmp_path, monkeypatch):
 
 # ---- the real evaluators on two tiny random models ----------------------------------------------
 
-def test_compare_with_the_real_evaluators(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch):
+def test_compare_with_the_real_evaluators(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch, capsys):
     from conftest import tiny_llama, write_jsonl
 
     other = tmp_path / "tiny-other"
@@ -369,6 +369,12 @@ def test_compare_with_the_real_evaluators(tmp_path, tiny_model_dir, tiny_tokeniz
         differ = {rb["id"] for rb, rt in zip(b["examples"], t["examples"])
                   if (rb.get("prediction"), rb.get("score")) != (rt.get("prediction"), rt.get("score"))}
         assert {x["id"] for x in entry["diffs"]} == differ and entry["counts"]["paired"] == 5
+        # each side's speed, as its results file has it, in compare.json and in the printed table
+        assert entry["speed"] == {"base": b["speed"], "tuned": t["speed"]} and b["speed"]["examples_per_s"] > 0
+    qa_speed = next(x for x in saved["tasks"] if x["task"] == "qa")["speed"]
+    assert qa_speed["base"]["generated_tokens"] > 0 and qa_speed["tuned"]["tokens_per_s"] > 0
+    printed = capsys.readouterr().out
+    assert f"qa speed: base {qa_speed['base']['examples_per_s']:.2f} examples/s" in printed
     ppl = next(x for x in saved["tasks"] if x["task"] == "ppl")
     b_ppl = json.loads((out / "base" / "ppl.json").read_text())["metrics"]["perplexity"]
     t_ppl = json.loads((out / "tuned" / "ppl.json").read_text())["metrics"]["perplexity"]

@@ -43,3 +43,7 @@ def test_before_after_table():
     table = format_table({"base": {"exact_match": 0.0, "json_valid": 0.5, "field_accuracy": 0.25},
                           "tuned": {"exact_match": 0.9, "json_valid": 1.0, "field_accuracy": 0.95}})
     assert "exact_match" in table and "+90.0p" in table and "+70.0p" in table
+    table = format_table({"base": {"exact_match": 0.0, "json_valid": 0.5, "field_accuracy": 0.25},
+                          "tuned": {"exact_match": 0.9, "json_valid": 1.0, "field_accuracy": 0.95},
+                          "speed": {"base": {"examples_per_s": 1.5}, "tuned": {"examples_per_s": 3.25}}})
+    assert table.splitlines()[-1].split() == ["examples/s", "1.50", "3.25"]

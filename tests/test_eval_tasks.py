@@ -14,7 +14,8 @@ from tunesmith.eval import tasks as tasks_mod
 from tunesmith.eval.metrics import Context, score
 from tunesmith.eval.results import read_result
 from tunesmith.eval.tasks import evaluate, select
-from tunesmith.generation import generate, load_for_inference
+from tunesmith.eval.answer_end import json_end, line_end
+from tunesmith.generation import cut_answer, generate, load_for_inference
 
 BANKING = SHARED_DATA / "banking77"
 FAKE_IM = SimpleNamespace(label="fake")  # with tasks.generate replaced, no model is needed
@@ -34,10 +35,11 @@ def fake_generate(monkeypatch, replies: dict[str, str]):
     """tasks.generate answering each prompt's last user message from `replies`; records its calls."""
     calls = []
 
-    def fake(im, conversations, max_new_tokens, batch_size, temperature, top_p, seed=0, stop=()):
+    def fake(im, conversations, max_new_tokens, batch_size, temperature, top_p, seed=0, stop=(), end_at=None,
+             stats=None):
         calls.append({"conversations": conversations, "max_new_tokens": max_new_tokens, "stop": stop,
-                      "temperature": temperature, "seed": seed, "batch_size": batch_size})
-        return [replies[c[-1]["content"]] for c in conversations]
+                      "temperature": temperature, "seed": seed, "batch_size": batch_size, "end_at": end_at})
+        return [cut_answer(replies[c[-1]["content"]], stop, end_at).strip() for c in conversations]
 
     monkeypatch.setattr(tasks_mod, "generate", fake)
     return calls
@@ -84,6 +86,7 @@ def test_label_task_metrics_through_evaluate(monkeypatch, tmp_path):
                         labels=labels, stop=["\n"], max_new_tokens=5, system_prompt="Answer with the intent.")
     res = evaluate(FAKE_IM, t)
     assert calls[0]["stop"] == ["\n"] and calls[0]["max_new_tokens"] == 5
+    assert calls[0]["end_at"] is line_end and res.settings["answer_end"] == "line"  # auto, from the label metrics
     assert calls[0]["conversations"][0][0] == {"role": "system", "content": "Answer with the intent."}
     assert res.metrics["accuracy"] == pytest.approx(4 / 6)
     mapped = ["card_arrival", "refund", "refund", "<other>", "card_arrival", "lost_card"]
@@ -109,9 +112,10 @@ def test_bad_references_stop_before_generating(monkeypatch, tmp_path):
 def test_json_task_primary_is_field_accuracy(monkeypatch, tmp_path):
     ref = {"city": "Oslo", "item": "mug"}
     path = write_jsonl(tmp_path / "j.jsonl", [chat("a", json.dumps(ref)), chat("b", json.dumps(ref))])
-    fake_generate(monkeypatch, {"a": json.dumps(ref), "b": '{"city": "Oslo", "item": "cup"}'})
+    calls = fake_generate(monkeypatch, {"a": json.dumps(ref), "b": '{"city": "Oslo", "item": "cup"} I hope it helps'})
     res = evaluate(FAKE_IM,
                    EvalTaskSection(name="j", kind="generation", path=str(path), metrics=["json"]))
+    assert calls[0]["end_at"] is json_end and res.settings["answer_end"] == "json"  # the answer ends at its "}"
     assert res.primary == "field_accuracy"
     assert res.metrics == {"field_accuracy": 0.75, "json_exact_match": 0.5, "json_valid": 1.0}
     assert [r["score"] for r in res.examples] == [1.0, 0.5]

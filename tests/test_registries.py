@@ -13,6 +13,7 @@ def registries() -> dict[str, set[str]]:
     from tunesmith.data.formats import FORMATS, TREE_FORMATS
     from tunesmith.data.templates import NAMED
     from tunesmith.eval import EVALUATORS
+    from tunesmith.eval.answer_end import ANSWER_ENDS
     from tunesmith.eval.metrics import METRICS
     from tunesmith.methods import METHODS, get_method
     from tunesmith.models.attention import IMPLEMENTATIONS
@@ -28,7 +29,7 @@ def registries() -> dict[str, set[str]]:
             "objective": set(RECIPES), "preference loss": set(PREFERENCE_LOSSES), "eval task kind": set(EVALUATORS),
             "generation metric": set(METRICS), "tracker": set(TRACKERS),
             "allocator": {"auto", "system", *LIBRARIES}, "attention": {"auto", *IMPLEMENTATIONS},
-            "strategy": {"auto", *STRATEGIES}, "launcher": set(LAUNCHERS)}
+            "strategy": {"auto", *STRATEGIES}, "launcher": set(LAUNCHERS), "answer end": {"auto", *ANSWER_ENDS}}
 
 
 # kind -> overrides that put NAME where config validates it
@@ -45,6 +46,7 @@ SETTERS = {
     "attention": lambda n: [f"model.attn_implementation={n}"],
     "strategy": lambda n: [f"train.distributed.strategy={n}"],
     "launcher": lambda n: [f"train.distributed.launcher={n}"],
+    "answer end": lambda n: [f"eval.tasks=[{{name: t, kind: generation, path: x, answer_end: {n}}}]"],
 }
 
 

@@ -284,6 +284,12 @@ class EvalTaskSection(_Section):
     system_prompt: str | None = Field(None, description="System message added to prompts that have none.")
     max_new_tokens: int = Field(64, gt=0, description="generation: longest reply.")
     stop: list[str] = Field(default_factory=list, description="generation: strings that end a reply.")
+    answer_end: Registered("answer end") = Field(
+        "auto", description="generation: where a reply's answer ends; generation stops there and the reply is cut "
+                            "there. line: at the first line break after text; json: past the first JSON object "
+                            "(braces in strings ignored; a reply opening with prose ends at once: it scores "
+                            "nothing); none: the whole reply. auto: json for the `json` metric, line for "
+                            "accuracy/macro_f1, else none.")
     temperature: float = Field(0.0, ge=0, description="generation: 0 is greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="generation: nucleus sampling mass.")
     batch_size: int = Field(16, gt=0, description="Sequences per forward pass.")
@@ -294,6 +300,13 @@ class EvalTaskSection(_Section):
                                 "log-likelihoods, slower).")
     max_length: int | None = Field(None, gt=8, description="perplexity: window length (None: the model's context).")
     stride: int | None = Field(None, gt=0, description="perplexity: tokens the window moves by (None: max_length/2).")
+
+    @model_validator(mode="after")
+    def _answer_end_needs_generation(self):
+        if self.answer_end != "auto" and self.kind != "generation":
+            raise ValueError(f"eval task '{self.name}': answer_end={self.answer_end} applies to generation tasks; "
+                             f"a {self.kind} task generates nothing: remove answer_end")
+        return self
 
 
 class EvalSection(_Section):

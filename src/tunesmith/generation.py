@@ -90,19 +90,24 @@ def _sampling_kwargs(temperature: float, top_p: float) -> dict:
 class _StopOnStrings:
     """A transformers stopping criterion, per row: done once the generated text (the prompt left
     out, so a prompt ending in a stop string does not end the reply before it starts) contains
-    one of the stop strings, or `stop_when` holds for the reply it would give. Done rows are padded
-    by generate while the others go on."""
+    one of the stop strings, `end_at` finds the end of its answer, or `stop_when` holds for the
+    reply it would give. Done rows are padded by generate while the others go on; `ended_at[r]`
+    is the number of tokens row r had when it was done."""
 
     def __init__(self, tokenizer, stops: list[str], prompt_width: int,
-                 stop_when: Callable[[str], bool] | None = None):
+                 stop_when: Callable[[str], bool] | None = None, end_at: Callable[[str], int | None] | None = None):
         self.tokenizer, self.stops, self.width, self.stop_when = tokenizer, stops, prompt_width, stop_when
+        self.end_at = end_at
         self.done: list[bool] | None = None
+        self.ended_at: dict[int, int] = {}
 
     def _ended(self, text: str) -> bool:
         if any(s in text for s in self.stops):
             return True
         # an ending that may grow into a stop string could still be cut off, so it is not judged yet
-        return self.stop_when is not None and self.stop_when(text[:len(text) - _stop_prefix(text, self.stops)])
+        judged = text[:len(text) - _stop_prefix(text, self.stops)]
+        return ((self.end_at is not None and self.end_at(judged) is not None)
+                or (self.stop_when is not None and self.stop_when(judged)))
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         if self.done is None:
@@ -111,6 +116,8 @@ class _StopOnStrings:
         texts = self.tokenizer.batch_decode(input_ids[rows, self.width:].tolist(), skip_special_tokens=True)
         for r, text in zip(rows, texts):
             self.done[r] = self._ended(text)
+            if self.done[r]:
+                self.ended_at[r] = input_ids.shape[1] - self.width
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -123,6 +130,23 @@ def cut_at_stop(text: str, stops: list[str] | tuple[str, ...]) -> str:
     """The text before the earliest stop string (all of it when none occurs)."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
     return text[:cut]
+
+
+def cut_answer(text: str, stops: list[str] | tuple[str, ...] = (),
+               end_at: Callable[[str], int | None] | None = None) -> str:
+    """The text before the earliest stop string, and no further than the end of its answer (end_at)."""
+    text = cut_at_stop(text, stops)
+    end = end_at(text) if end_at is not None else None
+    return text if end is None else text[:end]
+
+
+@dataclass
+class GenerationStats:
+    """What a generate call computed (summed over calls when one object is passed to several)."""
+    rows: int = 0        # replies
+    tokens: int = 0      # new tokens the replies needed: each row's up to its end (EOS, stop, answer end, limit)
+    row_steps: int = 0   # decoding steps times the rows in the batch at each (what was computed)
+    seconds: float = 0.0
 
 
 def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +165,7 @@ PRUNE_EVERY = 4  # new tokens per model.generate call; ended rows leave the batc
 
 
 def _generate_rows(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, criterion, eos_ids,
-                   **kwargs) -> list[list[int]]:
+                   stats: GenerationStats | None = None, **kwargs) -> list[list[int]]:
     """Each row's new tokens (padding after an end included). model.generate runs PRUNE_EVERY
     tokens at a time on one KV cache, and between runs the rows that have ended (EOS, or
     `criterion(width)` says so) leave the batch and the cache: an ended row costs no more compute,
@@ -155,6 +179,7 @@ def _generate_rows(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
     cache = DynamicCache()
     while rows:
         crit = criterion(width) if criterion else None
+        before = ids.shape[1]
         res = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, eos_token_id=eos_ids,
                              max_new_tokens=min(PRUNE_EVERY, max_new_tokens - (ids.shape[1] - width)),
                              stopping_criteria=StoppingCriteriaList([crit] if crit else []),
@@ -165,8 +190,15 @@ def _generate_rows(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
         live = []
         for k, r in enumerate(rows):
             out[r] = new[k]
-            if not (len(new[k]) >= max_new_tokens or eos & set(new[k]) or (crit and crit.done[k])):
+            at_eos = next((i + 1 for i, t in enumerate(new[k]) if t in eos), None)
+            if len(new[k]) >= max_new_tokens or at_eos or (crit and crit.done[k]):
+                if stats is not None:  # the row's tokens up to its end, not the padding after it
+                    stats.tokens += min(at_eos or len(new[k]), crit.ended_at.get(k, len(new[k])) if crit
+                                        else len(new[k]))
+            else:
                 live.append(k)
+        if stats is not None:
+            stats.row_steps += len(rows) * (ids.shape[1] - before)
         if len(live) < len(rows):
             keep = torch.tensor(live, dtype=torch.long, device=ids.device)
             cache.batch_select_indices(keep)
@@ -177,16 +209,22 @@ def _generate_rows(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
 @torch.no_grad()
 def generate(im: InferenceModel, conversations: list[list[dict]], max_new_tokens: int = 128,
              batch_size: int = 16, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             stop: list[str] | tuple[str, ...] = (), stop_when: Callable[[str], bool] | None = None) -> list[str]:
+             stop: list[str] | tuple[str, ...] = (), stop_when: Callable[[str], bool] | None = None,
+             end_at: Callable[[str], int | None] | None = None, stats: GenerationStats | None = None) -> list[str]:
     """Assistant replies to each conversation, generated in left-padded, KV-cached batches.
 
     Greedy when temperature is 0; otherwise sampled (temperature, top_p, no top-k) with torch's
     RNG seeded with `seed` inside a fork, so the same call gives the same replies and the
     caller's RNG state is left as it was. A reply ends at the template's end of turn or EOS
-    (data/templates.stop_ids), at max_new_tokens, just before the first of `stop`, or as soon as
-    `stop_when(reply so far)` is true (e.g. eval.json_fields.json_reply_decided: once the reply's
-    JSON score can no longer change); an ended row leaves its batch. Prompts are sorted by length
-    so batches carry little padding."""
+    (data/templates.stop_ids), at max_new_tokens, just before the first of `stop`, at the end of
+    its answer (`end_at(reply so far)`: an index, e.g. eval.answer_end's json_end, past the first
+    JSON object; the reply is cut there), or as soon as `stop_when(reply so far)` is true (e.g.
+    eval.json_fields.json_reply_decided: once the reply's JSON score can no longer change); an
+    ended row leaves its batch. Prompts are sorted by length so batches carry little padding.
+    `stats`, when given, is added what was generated and computed."""
+    import time
+
+    t0 = time.perf_counter()
     tok, model = im.tokenizer, im.model
     stops = [s for s in stop if s]
     eos = stop_ids(tok, getattr(model, "generation_config", None))
@@ -194,16 +232,20 @@ def generate(im: InferenceModel, conversations: list[list[dict]], max_new_tokens
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
-    criterion = (lambda width: _StopOnStrings(tok, stops, width, stop_when)) if stops or stop_when else None
+    criterion = ((lambda width: _StopOnStrings(tok, stops, width, stop_when, end_at))
+                 if stops or stop_when or end_at else None)
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [],
                                device_type=device.type):
         torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             ids, mask = _left_padded([prompts[i] for i in idx], tok.pad_token_id, device)
-            new = _generate_rows(model, ids, mask, max_new_tokens, criterion, eos,
+            new = _generate_rows(model, ids, mask, max_new_tokens, criterion, eos, stats=stats,
                                  pad_token_id=tok.pad_token_id, **_sampling_kwargs(temperature, top_p))
             replies = tok.batch_decode(new, skip_special_tokens=True)
             for i, reply in zip(idx, replies):
-                out[i] = cut_at_stop(reply, stops).strip()
+                out[i] = cut_answer(reply, stops, end_at).strip()
+    if stats is not None:
+        stats.rows += len(prompts)
+        stats.seconds += time.perf_counter() - t0
     return out

@@ -22,6 +22,7 @@ _REGISTRIES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "preference loss": ("tunesmith.training.preference", lambda m: m.PREFERENCE_LOSSES, ()),
     "eval task kind": ("tunesmith.eval", lambda m: m.EVALUATORS, ()),
     "generation metric": ("tunesmith.eval.metrics", lambda m: m.METRICS, ()),
+    "answer end": ("tunesmith.eval.answer_end", lambda m: m.ANSWER_ENDS, ("auto",)),
     "tracker": ("tunesmith.training.trackers", lambda m: m.TRACKERS, ()),
     "allocator": ("tunesmith.training.allocator", lambda m: m.LIBRARIES, ("auto", "system")),
     "strategy": ("tunesmith.training.distributed.strategy", lambda m: m.STRATEGIES, ("auto",)),

@@ -9,8 +9,10 @@ from pathlib import Path
 from tunesmith.atomic import atomic_write, write_json
 from tunesmith.config import parse_config
 from tunesmith.demo.orders import FIELDS, SYSTEM, make_splits, write_splits
-from tunesmith.eval.json_fields import json_metrics, json_reply_decided
-from tunesmith.generation import generate, load_for_inference
+from tunesmith.eval.answer_end import json_end
+from tunesmith.eval.json_fields import json_metrics
+from tunesmith.eval.results import speed_text
+from tunesmith.generation import GenerationStats, generate, load_for_inference
 from tunesmith.models.registry import DEFAULT_MODEL
 from tunesmith.recipes.sft import run_sft
 from tunesmith.training.rundir import run_name
@@ -39,17 +41,22 @@ def answer_budget(tokenizer, refs: list[dict], margin: int = 4) -> int:
     return max(tokens(r) for r in refs) + margin
 
 
-def evaluate_json_task(spec, test_rows: list[dict], adapter: bool = True) -> tuple[dict, list[str]]:
-    """All rows in one batch; a reply ends once its JSON score is decided (json_reply_decided:
-    the scores are those of replies generated to the end) and its row leaves the batch."""
+def evaluate_json_task(spec, test_rows: list[dict], adapter: bool = True) -> tuple[dict, list[str], dict]:
+    """(metrics, replies, speed). All rows in one batch; a reply ends at its answer's end (json_end:
+    past its first JSON object, or at once when it opens with prose, which scores nothing) and its
+    row leaves the batch: the scores are those of replies generated to the budget and cut there."""
     t0 = time.perf_counter()
     im = load_for_inference(spec, adapter=adapter)
     prompts = [row["messages"][:-1] for row in test_rows]
     refs = [json.loads(row["messages"][-1]["content"]) for row in test_rows]
+    stats = GenerationStats()
     preds = generate(im, prompts, max_new_tokens=answer_budget(im.tokenizer, refs), batch_size=len(prompts),
-                     stop_when=json_reply_decided)
-    print(f"      {len(prompts)} rows in {time.perf_counter() - t0:.0f} s", flush=True)
-    return json_metrics(preds, refs, FIELDS), preds
+                     end_at=json_end, stats=stats)
+    speed = {"examples_per_s": stats.rows / stats.seconds, "tokens_per_s": stats.tokens / stats.seconds,
+             "generated_tokens": stats.tokens, "decode_row_steps": stats.row_steps,
+             "generation_seconds": round(stats.seconds, 3)}
+    print(f"      {len(prompts)} rows in {time.perf_counter() - t0:.0f} s ({speed_text(speed)} generating)", flush=True)
+    return json_metrics(preds, refs, FIELDS), preds, speed
 
 
 def format_table(result: dict) -> str:
@@ -57,6 +64,10 @@ def format_table(result: dict) -> str:
     for m in METRICS:
         b, t = result["base"][m], result["tuned"][m]
         lines.append(f"{m:<16}{b:>8.1%}{t:>8.1%}{(t - b) * 100:>+8.1f}p")
+    speed = result.get("speed", {})
+    if speed:
+        b, t = speed["base"]["examples_per_s"], speed["tuned"]["examples_per_s"]
+        lines.append(f"{'examples/s':<16}{b:>8.2f}{t:>8.2f}")
     return "\n".join(lines)
 
 
@@ -73,7 +84,7 @@ def run_demo(model: str = DEFAULT_MODEL, output_dir: str = "runs", name: str | N
 
     print("\n[1/3] evaluating the base model on the test split (a reply ends once it can no longer parse "
           "as JSON: it scores nothing either way)", flush=True)
-    base, base_preds = evaluate_json_task(model, test_rows)
+    base, base_preds, base_speed = evaluate_json_task(model, test_rows)
     print(f"      base: {base}", flush=True)
 
     print("\n[2/3] fine-tuning with LoRA", flush=True)
@@ -82,8 +93,8 @@ def run_demo(model: str = DEFAULT_MODEL, output_dir: str = "runs", name: str | N
     print(f"      trained in {time.perf_counter() - t1:.0f} s", flush=True)
 
     print("\n[3/3] evaluating the tuned model on the test split", flush=True)
-    tuned, tuned_preds = evaluate_json_task(run, test_rows)
-    result = {"base": base, "tuned": tuned}
+    tuned, tuned_preds, tuned_speed = evaluate_json_task(run, test_rows)
+    result = {"base": base, "tuned": tuned, "speed": {"base": base_speed, "tuned": tuned_speed}}
 
     eval_dir = run / "eval"
     eval_dir.mkdir(exist_ok=True)

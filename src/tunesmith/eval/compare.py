@@ -52,6 +52,7 @@ class TaskComparison:
     forgetting: bool
     diffs: list[dict]           # per-example disagreements, regressions first
     counts: dict[str, int]      # paired, only_base, only_tuned, improved, regressed, changed
+    speed: dict[str, dict] = field(default_factory=dict)  # base / tuned -> the result's speed (examples_per_s ...)
 
     def delta(self, metric: str) -> MetricDelta | None:
         return next((d for d in self.deltas if d.metric == metric), None)
@@ -163,7 +164,7 @@ def compare_task(task: EvalTaskSection, base: TaskResult, tuned: TaskResult, thr
     forgetting = task.role == "general" and p is not None and p.delta is not None and p.delta < -threshold
     diffs, counts = example_diffs(task.name, base, tuned)
     return TaskComparison(task.name, tuned.kind, task.role, primary, dict(base.metrics), dict(tuned.metrics),
-                          deltas, forgetting, diffs, counts)
+                          deltas, forgetting, diffs, counts, {"base": dict(base.speed), "tuned": dict(tuned.speed)})
 
 
 def check_task_gates(gates: dict[str, float], task_names: list[str]) -> None:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from tunesmith.eval.compare import Comparison, MetricDelta, TaskComparison, number
-from tunesmith.eval.results import higher_is_better
+from tunesmith.eval.results import higher_is_better, speed_text
 from tunesmith.runs import table
 
 DIFFS_PER_TASK = 25
@@ -71,6 +71,10 @@ def table_rows(c: Comparison) -> list[dict]:
 def format_table(c: Comparison) -> str:
     lines = [f"base: {c.base}\ntuned: {c.tuned}", table(table_rows(c), ["task", "metric", "base", "tuned", "delta",
                                                                       "flags"])]
+    for t in c.tasks:
+        speeds = {side: speed_text(t.speed.get(side, {})) for side in ("base", "tuned")}
+        if any(speeds.values()):
+            lines.append(f"{t.task} speed: base {speeds['base'] or '-'}; tuned {speeds['tuned'] or '-'}")
     for t in c.tasks:
         n = t.counts
         if not n["paired"] + n["only_base"] + n["only_tuned"]:

@@ -27,6 +27,8 @@ class TaskResult:
     examples: list[dict] = field(default_factory=list)  # {"id", "input", "reference", "prediction", "score", ...}
     settings: dict = field(default_factory=dict)        # what was run (path, shots, limit, decoding ...)
     seconds: float = 0.0
+    # examples_per_s (every kind: n / seconds); generation tasks add generated_tokens, tokens_per_s ...
+    speed: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -38,6 +40,14 @@ class TaskResult:
 
 def higher_is_better(metric: str) -> bool:
     return metric.split("/")[-1] not in LOWER_IS_BETTER
+
+
+def speed_text(speed: dict) -> str:
+    """e.g. "2.31 examples/s, 41.7 tokens/s" (the parts a result has)."""
+    parts = [f"{speed['examples_per_s']:.2f} examples/s"] if "examples_per_s" in speed else []
+    if "tokens_per_s" in speed:
+        parts.append(f"{speed['tokens_per_s']:.1f} tokens/s")
+    return ", ".join(parts)
 
 
 def write_result(eval_dir: Path, result: TaskResult) -> Path:

@@ -15,7 +15,7 @@ from typing import Callable
 from tunesmith.config import EvalTaskSection
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.eval import EVALUATORS
-from tunesmith.eval.results import TaskResult, write_result
+from tunesmith.eval.results import TaskResult, speed_text, write_result
 from tunesmith.generation import InferenceModel, is_run_dir, load_for_inference
 from tunesmith.training.distributed.group import is_main
 
@@ -57,12 +57,13 @@ def _fmt(value) -> str:
 
 
 def format_summary(results: dict[str, TaskResult]) -> str:
-    rows = [("task", "kind", "n", "primary", "value", "other metrics")]
+    rows = [("task", "kind", "n", "primary", "value", "speed", "other metrics")]
     for r in results.values():
         others = ", ".join(f"{k}={_fmt(v)}" for k, v in r.metrics.items() if k != r.primary)
-        rows.append((r.task, r.kind, str(r.n), r.primary, _fmt(r.metrics.get(r.primary, "")), others))
-    widths = [max(len(row[c]) for row in rows) for c in range(5)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5]
+        rows.append((r.task, r.kind, str(r.n), r.primary, _fmt(r.metrics.get(r.primary, "")), speed_text(r.speed),
+                     others))
+    widths = [max(len(row[c]) for row in rows) for c in range(6)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:6], widths)) + "  " + row[6]
                      for row in rows).rstrip()
 
 
@@ -70,6 +71,7 @@ def run_task(im: InferenceModel, task: EvalTaskSection) -> TaskResult:
     t0 = time.perf_counter()
     result = get_evaluator(task.kind)(im, task)
     result.seconds = result.seconds or time.perf_counter() - t0
+    result.speed = {"examples_per_s": result.n / result.seconds if result.seconds > 0 else 0.0, **result.speed}
     return result
 
 
@@ -90,8 +92,7 @@ def run_tasks(spec, tasks: list[EvalTaskSection], out_dir: str | Path | None = N
             print(f"[{k}/{len(tasks)}] {task.name}: {task.kind} on {task.path} ({im.label})", flush=True)
             result = run_task(im, task)  # every process gets the whole result (evaluators gather)
             path = write_result(out, result) if is_main() else out / f"{task.name}.json"  # rank 0 alone writes
-            rate = result.n / result.seconds if result.seconds > 0 else float("inf")
-            print(f"      {result.n} examples in {result.seconds:.1f} s ({rate:.2f} examples/s); "
+            print(f"      {result.n} examples in {result.seconds:.1f} s ({speed_text(result.speed)}); "
                   f"{result.primary}={_fmt(result.metrics.get(result.primary))} -> {path}", flush=True)
             results[task.name] = result
     finally:

@@ -18,10 +18,11 @@ from tunesmith.config import EvalTaskSection
 from tunesmith.data.dataset import load_examples
 from tunesmith.data.records import Example
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.eval.answer_end import answer_end_function, resolve_answer_end
 from tunesmith.eval.json_fields import parse_json_object
 from tunesmith.eval.metrics import METRICS, Context, normalize_answer, primary_metric, score
 from tunesmith.eval.results import TaskResult
-from tunesmith.generation import InferenceModel, generate
+from tunesmith.generation import GenerationStats, InferenceModel, generate
 from tunesmith.training.distributed.group import map_shared
 
 CHUNK = 256  # examples generated between progress lines
@@ -83,40 +84,57 @@ def _last_user(prompt: list[dict]) -> str:
     return next((m["content"] for m in reversed(prompt) if m["role"] != "assistant"), "")
 
 
-def _generate_all(im: InferenceModel, task: EvalTaskSection, prompts: list[list[dict]]) -> list[str]:
-    """Replies in prompt order. Prompts sorted by length (in characters: batches of similar length
-    carry little padding) are cut into batches of task.batch_size whatever the number of
-    processes, each batch generated with its own seed: under several processes (training) the
-    batches are dealt out and the replies gathered, and every batch is the one a single process
-    would run, so the replies (and the metrics) are its replies."""
+def _generate_all(im: InferenceModel, task: EvalTaskSection, prompts: list[list[dict]],
+                  stats: GenerationStats | None = None) -> list[str]:
+    """Replies in prompt order, each ending at its answer's end (task.answer_end). Prompts sorted
+    by length (in characters: batches of similar length carry little padding) are cut into batches
+    of task.batch_size whatever the number of processes, each batch generated with its own seed:
+    under several processes (training) the batches are dealt out and the replies gathered, and
+    every batch is the one a single process would run, so the replies (and the metrics) are its
+    replies. `stats` gets the tokens and decoding steps of all processes."""
+    end_at = answer_end_function(resolve_answer_end(task.answer_end, task.metrics))
     lengths = [sum(len(m["content"]) for m in p) for p in prompts]
     order = sorted(range(len(prompts)), key=lengths.__getitem__)
     batches = list(enumerate(order[s:s + task.batch_size] for s in range(0, len(order), task.batch_size)))
     done, t0, shown = 0, time.perf_counter(), 0
 
-    def run(numbered: tuple[int, list[int]]) -> list[str]:
+    def run(numbered: tuple[int, list[int]]) -> tuple[list[str], GenerationStats]:
         nonlocal done, shown
         k, batch = numbered
+        st = GenerationStats()
         replies = generate(im, [prompts[i] for i in batch], task.max_new_tokens, task.batch_size, task.temperature,
-                           task.top_p, seed=task.seed + k, stop=task.stop)
+                           task.top_p, seed=task.seed + k, stop=task.stop, end_at=end_at, stats=st)
         done += len(batch)
         if done - shown >= CHUNK:  # this process's share: the others advance alike
             shown = done
             print(f"  {task.name}: {done} generated here ({done / (time.perf_counter() - t0):.1f} examples/s)",
                   flush=True)
-        return replies
+        return replies, st
 
     preds = [""] * len(prompts)
-    for (_, batch), replies in zip(batches, map_shared(run, batches)):
+    for (_, batch), (replies, st) in zip(batches, map_shared(run, batches)):
         for i, reply in zip(batch, replies):
             preds[i] = reply
+        if stats is not None:
+            stats.rows, stats.tokens, stats.row_steps = (stats.rows + st.rows, stats.tokens + st.tokens,
+                                                         stats.row_steps + st.row_steps)
+    if stats is not None:
+        stats.seconds = time.perf_counter() - t0  # wall time: under several processes their shares overlap
     return preds
 
 
 def _settings(task: EvalTaskSection, n_records: int, fields: list[str]) -> dict:
     keep = ("path", "format", "columns", "system_prompt", "limit", "sample", "seed", "metrics", "labels",
             "max_new_tokens", "stop", "temperature", "top_p", "batch_size")
-    return {**{k: getattr(task, k) for k in keep}, "json_fields": fields, "records": n_records}
+    return {**{k: getattr(task, k) for k in keep}, "answer_end": resolve_answer_end(task.answer_end, task.metrics),
+            "json_fields": fields, "records": n_records}
+
+
+def generation_speed(stats: GenerationStats) -> dict[str, float]:
+    """The generation figures of a result's `speed`: tokens the replies needed, per second of generating."""
+    return {"generated_tokens": stats.tokens, "decode_row_steps": stats.row_steps,
+            "generation_seconds": round(stats.seconds, 3),
+            "tokens_per_s": stats.tokens / stats.seconds if stats.seconds > 0 else 0.0}
 
 
 def evaluate(im: InferenceModel, task: EvalTaskSection) -> TaskResult:
@@ -128,7 +146,8 @@ def evaluate(im: InferenceModel, task: EvalTaskSection) -> TaskResult:
     pairs = [split_prompt(examples[i], task.name) for i in idx]
     prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
     fields = _check_references(task, refs, [examples[i].location for i in idx])
-    preds = _generate_all(im, task, prompts)
+    stats = GenerationStats()
+    preds = _generate_all(im, task, prompts, stats)
     scores = score(task.metrics, preds, refs, Context(labels=list(task.labels), json_fields=fields))
     primary = primary_metric(task.metrics[0])
     rows = [{"id": i, "input": _last_user(p), "reference": r, "prediction": pred,
@@ -137,4 +156,4 @@ def evaluate(im: InferenceModel, task: EvalTaskSection) -> TaskResult:
             for k, (i, p, r, pred) in enumerate(zip(idx, prompts, refs, preds))]
     return TaskResult(task=task.name, kind="generation", model=im.label, metrics=scores.corpus, primary=primary,
                       n=len(rows), examples=rows, settings=_settings(task, len(examples), fields),
-                      seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0, speed=generation_speed(stats))
