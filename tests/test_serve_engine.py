@@ -96,8 +96,10 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(tok, adapters):
     ps = prompts(tok)
     names = [BASE, "lora0", "lora1", "lora2", "lora3"]
     reqs = [GenRequest(ps[i % len(ps)], names[i % 5], max_tokens=6) for i in range(10)]
-    # a generous gathering window: all 10 must arrive before the first prefill even on a loaded machine
-    with Engine(fresh_base(tok), tok, BASE, adapters_dir=adapters, preload=False, batch_wait_ms=500) as eng:
+    # max_batch = the burst and a gathering window no machine outlasts: the engine prefills as soon as
+    # all 10 have arrived (a full batch ends the wait), however loaded the machine is
+    with Engine(fresh_base(tok), tok, BASE, adapters_dir=adapters, preload=False, max_batch=10,
+                batch_wait_ms=600_000) as eng:
         for n in names[1:]:
             eng.load_adapter(n)  # loaded before the burst, so all 10 rows share one prefill
         out = submit_all(eng, reqs)
@@ -367,7 +369,8 @@ def test_embedded_model_mixed_adapters_equal_peft_reference(embedded_model, tmp_
             ref.set_adapter(m)
             expect.append(reference(ref, p, 6, eos=model.generation_config.eos_token_id))
     model = ref.unload()
-    with Engine(model, tok, "base", adapters_dir=tmp_path, preload=True, batch_wait_ms=500) as eng:
+    with Engine(model, tok, "base", adapters_dir=tmp_path, preload=True, max_batch=len(jobs),
+                batch_wait_ms=600_000) as eng:  # a full batch ends the wait: one prefill on any machine
         out = submit_all(eng, [GenRequest(p, m, max_tokens=6) for p, m in jobs])
         assert eng.stats["prefills"] == 1
     assert [o.token_ids for o in out] == expect
