@@ -80,8 +80,10 @@ def test_mixed_rows_equal_peft_with_each_adapter_alone(tok, adapters, form, dtyp
     the functions are shown equal (1e-10); in float32 the stacks' matmuls (other widths than PEFT's,
     zero-padded ranks) round differently: ~2e-6 of the logits' scale on this sharp random model
     (PEFT itself is bit-exact between a row alone and in a batch, so this is the whole gap)."""
-    if form == "grouped":
-        monkeypatch.setattr(multi_lora, "DENSE_MAX", 0.0)  # every layer takes the per-adapter loop
+    if form == "dense":
+        monkeypatch.setattr(multi_lora, "DENSE_MAX", {"decode": 1e9, "prefill": 1e9})
+    else:
+        monkeypatch.setattr(multi_lora, "DENSE_MAX", {"decode": 0.0, "prefill": 0.0})  # the per-adapter loop
     names = [None, "qv4", "all8", "mlp16", "all8", None, "mlp16", "qv4"]
     inputs = batch(tok, names)
     loaded = LoadedAdapters(fresh_base(tok, dtype))
@@ -177,3 +179,17 @@ def test_engine_mixed_batch_and_load_unload_while_rows_run(tok, adapters):
     expect = [alone(tok, adapters, n, ps[0], 40) for n in ("qv4", "all8", BASE)] + \
         [alone(tok, adapters, "mlp16", ps[1], 12)]
     assert [r.token_ids for r in results] == expect
+
+
+def test_a_layer_fed_a_subset_of_the_tokens_is_refused_not_misrouted():
+    """An MoE expert sees only some tokens: which row each belongs to is lost, so the hook must
+    raise (naming the fix) rather than add the wrong adapter's term."""
+    lin = torch.nn.Linear(8, 8)
+    multi = multi_lora.MultiLora()
+    multi.add("a", {lin: multi_lora.LayerLora(torch.ones(2, 8), torch.ones(2, 8))})
+    with multi.rows(["a", None], tokens=3):
+        assert lin(torch.zeros(2, 3, 8)).shape == (2, 3, 8)
+        with pytest.raises(Exception, match="not fed every token.*tunesmith export"):
+            lin(torch.zeros(4, 8))
+    multi.remove("a")
+    assert not lin._forward_hooks

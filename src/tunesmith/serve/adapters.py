@@ -193,7 +193,8 @@ class LoadedAdapters:
         else:
             if self.peft is not None:
                 self._route("off")
-            with self.multi.rows(names, inputs["input_ids"].device):
+            ids = inputs["input_ids"]
+            with self.multi.rows(names, ids.shape[1], ids.device):
                 out = self.model(**inputs)
         if inputs.get("logits_to_keep") == 0:  # every position (prompt log-probabilities), as computed
             return out.logits

@@ -22,7 +22,7 @@ the adapters present in the batch (m of them) the term for the whole batch is
 gather copies and no Python loop over adapters). When many adapters share a batch (m*r large
 against the layer's width) the redundant work would dominate, so rows are grouped by adapter
 instead (SGMV-style: one x[rows] @ A_u.T @ B_u per present adapter, index_add back); `DENSE_MAX`
-picks between them (see the micro-timings in NOTES). The stacks for a given U are cached per
+picks between them (the micro-timings behind it are beside it). The stacks for a given U are cached per
 layer until the next load/unload (when U is every loaded adapter, A[U] is a view, no copy).
 
 The term is computed in the adapter weights' dtype (what PEFT does: its LoRA weights may be fp32
@@ -40,7 +40,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-DENSE_MAX = 4.0  # dense BGMV while m*r_max <= DENSE_MAX * min(in, out) of the layer, else grouped
+from tunesmith.errors import ModelError
+
+# Dense BGMV while m*r_max <= DENSE_MAX[shape] * min(in, out) of the layer, else grouped. Decode steps
+# (one token a row) are dominated by per-op overhead, which the grouped loop multiplies by m; prefills
+# by flops, which the dense form multiplies by m (micro-timings on a 2-core CPU, 576-wide layers, r=16:
+# decode 32 rows, m=4..32: dense 0.3-0.9x grouped; prefill 8 rows x 64 tokens, m=8..32: dense 1.3-1.6x).
+DENSE_MAX = {"decode": 2.0, "prefill": 0.125}
 
 
 @dataclass
@@ -131,12 +137,17 @@ class _Layer:
         dtype = self.a.dtype
         r = self.a.shape[1]
         lead = x.shape[:-1]
-        if rows.dense(r, min(self.a.shape[2], self.b.shape[2])):
+        if x.numel() != rows.n * rows.tokens * x.shape[-1]:
+            # e.g. an MoE expert fed a subset of the tokens: which row a token is no longer follows
+            raise ModelError(f"a LoRA-adapted layer ({tuple(x.shape)} input) is not fed every token of the "
+                             f"{rows.n} x {rows.tokens} batch, so batched multi-LoRA cannot route its rows; "
+                             "merge the adapter with `tunesmith export` and serve the merged model")
+        x2 = x.reshape(rows.n, rows.tokens, x.shape[-1])                     # [rows, T, in]
+        if rows.dense(r, min(self.a.shape[2], self.b.shape[2]), x2.shape[1]):
             a, b = self.stacks(rows.used)
-            h = x.reshape(rows.n, -1, x.shape[-1]).to(dtype) @ a.t()       # [rows, T, m*r]
+            h = x2.to(dtype) @ a.t()                                         # [rows, T, m*r]
             h = h * rows.mask(r, dtype)[:, None, :]
             return y + (h @ b).reshape(*lead, -1).to(y.dtype)
-        x2 = x.reshape(rows.n, -1, x.shape[-1])
         y2 = y.reshape(rows.n, -1, y.shape[-1]).clone()
         for slot, idx in rows.groups():
             part = (x2[idx].to(dtype) @ self.a[slot].t()) @ self.b[slot]
@@ -148,15 +159,16 @@ class _Rows:
     """The rows of one forward: each row's adapter index (-1: the base) and what every layer
     derives from it (present adapters, masks per rank width, row groups), computed once."""
 
-    def __init__(self, slots: list[int], device):
-        self.n = len(slots)
+    def __init__(self, slots: list[int], tokens: int, device):
+        self.n, self.tokens = len(slots), tokens
         self.used = tuple(sorted({s for s in slots if s >= 0}))
         self.slots = torch.tensor(slots, device=device)
         self._masks: dict = {}
         self._groups = None
 
-    def dense(self, r: int, width: int) -> bool:
-        return len(self.used) * r <= DENSE_MAX * width or len(self.used) == 1
+    def dense(self, r: int, width: int, tokens: int) -> bool:
+        limit = DENSE_MAX["decode" if tokens == 1 else "prefill"]
+        return len(self.used) == 1 or len(self.used) * r <= limit * width
 
     def mask(self, r: int, dtype) -> torch.Tensor:
         key = (r, dtype)
@@ -207,10 +219,11 @@ class MultiLora:
             self.layers[lin].rebuild([self.weights[n].get(lin) for n in self.names])
 
     @contextmanager
-    def rows(self, names: list[str | None], device=None):
-        """Within: the model's forward computes row i with adapter names[i] (None: the base)."""
+    def rows(self, names: list[str | None], tokens: int, device=None):
+        """Within: the model's forward (of `tokens` tokens a row) computes row i with adapter
+        names[i] (None: the base)."""
         index = {n: i for i, n in enumerate(self.names)}
-        self._rows = _Rows([-1 if n is None else index[n] for n in names], device)
+        self._rows = _Rows([-1 if n is None else index[n] for n in names], tokens, device)
         try:
             yield
         finally:
