@@ -107,17 +107,23 @@ class _Layer:
         self.cache: dict[tuple, tuple] = {}        # present adapters U -> (A[U] flat, B[U] flat)
         self.hook = linear.register_forward_hook(self._hook)
 
-    def rebuild(self, per_adapter: list[LayerLora | None]) -> None:
+    def rebuild(self, per_adapter: list[LayerLora | None]) -> list[LayerLora | None]:
+        """New stacks from each adapter's weights (None: it does not adapt this layer); returns
+        those weights as views into the stacks, so each adapter is held once, not twice."""
         present = [p for p in per_adapter if p is not None]
         r = max(p.a.shape[0] for p in present)
         ref = present[0]
         a = ref.a.new_zeros((len(per_adapter), r, ref.a.shape[1]))
         b = ref.b.new_zeros((len(per_adapter), r, ref.b.shape[1]))
+        views = []
         for i, p in enumerate(per_adapter):
             if p is not None:
-                a[i, :p.a.shape[0]] = p.a
-                b[i, :p.b.shape[0]] = p.b
+                k = p.a.shape[0]
+                a[i, :k], b[i, :k] = p.a, p.b
+                p = LayerLora(a[i, :k], b[i, :k])
+            views.append(p)
         self.a, self.b, self.cache = a, b, {}
+        return views
 
     def stacks(self, used: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         if used not in self.cache:
@@ -146,13 +152,14 @@ class _Layer:
         if rows.dense(r, min(self.a.shape[2], self.b.shape[2]), x2.shape[1]):
             a, b = self.stacks(rows.used)
             h = x2.to(dtype) @ a.t()                                         # [rows, T, m*r]
-            h = h * rows.mask(r, dtype)[:, None, :]
-            return y + (h @ b).reshape(*lead, -1).to(y.dtype)
-        y2 = y.reshape(rows.n, -1, y.shape[-1]).clone()
+            if not rows.uniform:
+                h = h * rows.mask(r, dtype)[:, None, :]
+            # summed in the adapter's dtype, then rounded once: PEFT's order (fp32 LoRA on a bf16 base)
+            return (y + (h @ b).reshape(*lead, -1)).to(y.dtype)
+        y2 = y.reshape(rows.n, rows.tokens, y.shape[-1]).to(dtype, copy=True)
         for slot, idx in rows.groups():
-            part = (x2[idx].to(dtype) @ self.a[slot].t()) @ self.b[slot]
-            y2.index_add_(0, idx, part.to(y.dtype))
-        return y2.reshape(y.shape)
+            y2.index_add_(0, idx, (x2[idx].to(dtype) @ self.a[slot].t()) @ self.b[slot])
+        return y2.reshape(y.shape).to(y.dtype)
 
 
 class _Rows:
@@ -162,6 +169,7 @@ class _Rows:
     def __init__(self, slots: list[int], tokens: int, device):
         self.n, self.tokens = len(slots), tokens
         self.used = tuple(sorted({s for s in slots if s >= 0}))
+        self.uniform = len(set(slots)) == 1  # one adapter, no base rows: no mask needed
         self.slots = torch.tensor(slots, device=device)
         self._masks: dict = {}
         self._groups = None
@@ -216,7 +224,10 @@ class MultiLora:
         for lin in targeted:
             if lin not in self.layers:
                 self.layers[lin] = _Layer(lin, self)
-            self.layers[lin].rebuild([self.weights[n].get(lin) for n in self.names])
+            views = self.layers[lin].rebuild([self.weights[n].get(lin) for n in self.names])
+            for n, v in zip(self.names, views):
+                if v is not None:
+                    self.weights[n][lin] = v
 
     @contextmanager
     def rows(self, names: list[str | None], tokens: int, device=None):
