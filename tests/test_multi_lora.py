@@ -121,7 +121,7 @@ def test_rank_and_alpha_patterns_land_in_the_stacks(tok, adapters):
     assert torch.allclose(loaded.multi.layers[layer0.self_attn.k_proj].b[2], b.t() * 2.0)
     # each adapter's weights are held once: its per-layer tensors are views into the stacks
     held = loaded.multi.weights["mlp16"][layer0.mlp.down_proj].a
-    assert held.shape == (2, 64) and held.untyped_storage().data_ptr() == down.a.untyped_storage().data_ptr()
+    assert held.shape == (2, 128) and held.untyped_storage().data_ptr() == down.a.untyped_storage().data_ptr()
 
 
 def test_unmixable_adapters_stay_in_peft_with_the_reason_logged(tok, adapters, caplog):
