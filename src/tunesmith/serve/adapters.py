@@ -3,11 +3,14 @@
 A model name from a request is only ever looked up among the sub-folders of the configured
 directory: it must match NAME_RE (no separators, no leading dot) before any path is built from it,
 and the folder must resolve inside the directory (a symlink pointing out is refused). This is the
-one module that calls PEFT's adapter APIs for serving.
+one module that calls PEFT's adapter APIs for serving. Plain LoRA adapters are read out of PEFT at
+load and served from serve/multi_lora.py's stacks (rows of any of them and of the base in one
+forward); the others (DoRA, ...) stay in PEFT and run in batches of their own.
 """
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +18,10 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import ModelError
+from tunesmith.serve.multi_lora import MultiLora, extract, unmixable_reason
 
+log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
 
 @dataclass(frozen=True)
@@ -85,12 +89,6 @@ class AdapterDir:
         return ModelError(f"unknown model '{name}'; available: {', '.join(names) or '(none)'}")
 
 
-def mixable(config: dict) -> bool:
-    """Plain LoRA adapters share a batch with each other and the base (PEFT's adapter_names);
-    DoRA rescales whole weights and PEFT refuses it in mixed batches, so its rows run apart."""
-    return not config.get("use_dora", False)
-
-
 def check_servable(src: AdapterSource) -> None:
     kind = src.config.get("peft_type", "?")
     if kind != "LORA":
@@ -102,21 +100,25 @@ def check_servable(src: AdapterSource) -> None:
 
 
 class LoadedAdapters:
-    """The base model and the adapters loaded into it (one PeftModel holding them all, so rows of
-    different adapters can share one forward). Call only from the engine's scheduler thread: PEFT
+    """The base model and the adapters loaded into it: plain LoRA adapters in `multi` (stacked per
+    layer, any mix of them and the base in one forward), the others in one PeftModel wrapped around
+    the base (one such adapter per batch). Call only from the engine's scheduler thread: loading
     edits the model's modules in place."""
 
     def __init__(self, base):
         self.base = base
         self.peft = None
-        self.kinds: dict[str, bool] = {}   # loaded name -> mixable
-        self._mode: str | None = None      # "off" | "mixed" | the one active adapter; None: unknown
+        self.multi = MultiLora()
+        self.kinds: dict[str, bool] = {}   # loaded name -> mixable (served from self.multi)
+        self._mode: str | None = None      # PEFT's state: "off" | the one active adapter; None: unknown
 
     @property
     def model(self):
         return self.peft if self.peft is not None else self.base
 
     def load(self, src: AdapterSource) -> None:
+        """PEFT loads the adapter (its target modules, patterns and scaling are PEFT's); a plain
+        LoRA one is then copied into the stacks and taken out of PEFT again."""
         from peft import PeftModel
 
         if src.name in self.kinds:
@@ -134,15 +136,23 @@ class LoadedAdapters:
                 self._delete(src.name)
             raise ModelError(f"adapter '{src.name}' does not load onto this base model: "
                              f"{' '.join(line.strip() for line in str(exc).splitlines()[:2])[:400]}") from exc
-        self.peft.eval()
-        self.kinds[src.name] = mixable(src.config)
         self._mode = None  # loading may reset which adapter is active and whether layers are on
+        why = unmixable_reason(self.peft, src.name, src.config)
+        if why is None:
+            self.multi.add(src.name, extract(self.peft, src.name))
+            self._delete(src.name)
+        else:
+            log.info("adapter '%s' runs in batches of its own (PEFT), not mixed with others: %s", src.name, why)
+            self.peft.eval()
+        self.kinds[src.name] = why is None
 
     def unload(self, name: str) -> None:
         if name not in self.kinds:
             return
-        del self.kinds[name]
-        self._delete(name)
+        if self.kinds.pop(name):
+            self.multi.remove(name)
+        else:
+            self._delete(name)
 
     def _delete(self, name: str) -> None:
         self._mode = None
@@ -153,12 +163,10 @@ class LoadedAdapters:
         else:
             self.peft.delete_adapter(name)
 
-    def _route(self, kinds: set) -> None:
-        """Put the PeftModel in the state these rows need. PEFT's per-row routing (adapter_names)
-        costs ~25 ms a step on the 135M model, turning adapter layers off or on ~45 ms and
-        set_adapter ~20 ms (measured), so the state only changes when the batch's make-up does:
-        base rows alone run with the adapter layers off, one adapter's rows on PEFT's plain path."""
-        mode = "off" if kinds == {None} else next(iter(kinds)) if len(kinds) == 1 else "mixed"
+    def _route(self, mode: str) -> None:
+        """Put the PeftModel in the state these rows need: its layers off ("off": base and stacked
+        adapters' rows), or one of its adapters active. Switching costs tens of ms on the 135M
+        model (measured), so the state only changes when the batch's make-up does."""
         if mode == self._mode:
             return
         if mode == "off":
@@ -166,7 +174,7 @@ class LoadedAdapters:
         else:
             if self._mode in ("off", None):
                 self.peft.base_model.enable_adapter_layers()
-            if mode != "mixed" and self.peft.active_adapter != mode:
+            if self.peft.active_adapter != mode:
                 self.peft.set_adapter(mode)
         self._mode = mode
 
@@ -176,15 +184,18 @@ class LoadedAdapters:
         [rows, columns, vocab] in the model's dtype. names[i] is row i's adapter (None: the base);
         the rows are all mixable, or all of one non-mixable adapter."""
         kinds = set(names)
-        if self.peft is None:
-            out = self.base(**inputs)
+        solo = [n for n in kinds if n is not None and not self.kinds[n]]
+        if solo and len(kinds) > 1:
+            raise ModelError(f"adapter {solo[0]} cannot share a batch with other adapters")
+        if solo:
+            self._route(solo[0])
+            out = self.peft(**inputs)
         else:
-            solo = [n for n in kinds if n is not None and not self.kinds[n]]
-            if solo and len(kinds) > 1:
-                raise ModelError(f"adapter {solo[0]} cannot share a batch with other adapters")
-            self._route(kinds)
-            routed = {"adapter_names": [BASE if n is None else n for n in names]} if self._mode == "mixed" else {}
-            out = self.peft(**inputs, **routed)
+            if self.peft is not None:
+                self._route("off")
+            ids = inputs["input_ids"]
+            with self.multi.rows(names, ids.shape[1], ids.device):
+                out = self.model(**inputs)
         if inputs.get("logits_to_keep") == 0:  # every position (prompt log-probabilities), as computed
             return out.logits
         return out.logits[:, -1, :].float()

@@ -6,8 +6,9 @@ unload), admits waiting requests up to `max_batch` rows (when idle it waits `bat
 the first so a burst shares one prefill), prefills them, and advances every running row by one
 token. A row leaves the batch as soon as it ends (EOS, stop string, max_tokens, cancel), so new
 requests join at step boundaries instead of waiting for the whole batch. Rows of different LoRA
-adapters and of the base share a batch (PEFT's per-row adapter_names); DoRA adapters, which PEFT
-cannot mix, get a batch of their own. Each row has its own sampling settings and RNG.
+adapters and of the base share a batch (serve/multi_lora.py: one gathered low-rank product per
+layer); DoRA and other adapters it cannot stack get a batch of their own (PEFT). Each row has its
+own sampling settings and RNG.
 
 A failure in the model fails only the requests it belongs to: a prefill that raises is retried
 half by half, a step that raises is undone and its batch split in two (repeated failures bisect
