@@ -32,6 +32,9 @@ import torch
 from tunesmith.eval import prefix_scoring
 
 MASKED_ATTENTION = ("eager", "sdpa")  # transformers hands a 4D mask to these as given
+# tokens per forward, per unit of batch_size, when questions are short: fewer, fuller forwards, with the
+# logits kept (about a third of the positions, times the vocabulary) still within a few hundred MB
+ROW_TOKENS = 256
 PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # other dtypes: 5e-2 (a wrong mask moves logits by ~1)
 
 
@@ -46,14 +49,17 @@ def unsupported(model) -> str | None:
     """Why one-row block scoring cannot run on `model` (prefix_scoring.unsupported(model) being None), or None."""
     attention = _attention(model)
     if attention not in MASKED_ATTENTION:
-        return f"its attention implementation {attention!r} takes no custom 4D mask (only {', '.join(MASKED_ATTENTION)})"
-    # probe: context [3, 4], continuations [5, 6, 7] and [8, 9] in one row vs. each fed whole
+        return (f"its attention implementation {attention!r} takes no custom 4D mask "
+                f"(only {', '.join(MASKED_ATTENTION)} do)")
+    # probe: context [3, 4], continuations [5, 6, 7] and [8, 9] in one row vs. each fed whole (right-padded:
+    # causal attention keeps padding after a row's end out of its real positions)
     encoded = [([3, 4], [5, 6, 7]), ([3, 4], [8, 9])]
     got = score_blocks(model, encoded, [0, 1], pad=0, batch_size=2, shared_ok=False)
     device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([[3, 4, 5, 6], [3, 4, 8, 0]], device=device)).logits
     for i, (ctx, cont) in enumerate(encoded):
-        logits = model(input_ids=torch.tensor([ctx + cont[:-1]], device=device)).logits[0, len(ctx) - 1:]
-        want = float(torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(cont, device=device)[:, None]).sum())
+        logprobs = torch.log_softmax(logits[i, len(ctx) - 1:len(ctx) - 1 + len(cont)].double(), -1)
+        want = float(logprobs.gather(-1, torch.tensor(cont, device=device)[:, None]).sum())
         tolerance = PROBE_TOLERANCE.get(next(model.parameters()).dtype, 5e-2) * max(1.0, abs(want))
         if abs(got[i] - want) > tolerance:
             return (f"a probe row scored {got[i]:.4f} where the plain forward gives {want:.4f}: the model does not "
@@ -61,22 +67,24 @@ def unsupported(model) -> str | None:
     return None
 
 
-def _pack(lengths: list[int], batch_size: int) -> list[list[list[int]]]:
+def _pack(lengths: list[int], batch_size: int, row_tokens: int = ROW_TOKENS) -> list[list[list[int]]]:
     """Batches of rows of question indices (given longest first): a batch is as wide as its first
-    question, holds batch_size rows, and a shorter question goes into the first row it still fits
-    (first-fit decreasing), so the padding one row per question would leave is mostly filled."""
+    question, holds batch_size rows (more when short: up to batch_size * row_tokens tokens), and a
+    shorter question goes into the first row it still fits (first-fit decreasing), so the padding
+    one row per question would leave is mostly filled."""
     batches: list[list[list[int]]] = []
     free: list[int] = []  # room left in each row of the open batch
-    width = 0
+    width = rows = 0
     for q, length in enumerate(lengths):
         fit = next((r for r, room in enumerate(free) if room >= length), None)
-        if fit is None and batches and len(batches[-1]) < batch_size:
+        if fit is None and batches and len(batches[-1]) < rows:
             batches[-1].append([])
             free.append(width)
             fit = len(free) - 1
         if fit is None:  # a new batch, as wide as this (its longest) question
             batches.append([[]])
             free, width, fit = [length], length, 0
+            rows = max(batch_size, batch_size * row_tokens // width)
         batches[-1][fit].append(q)
         free[fit] -= length
     return batches
@@ -110,7 +118,8 @@ def _layout(rows: list[list[tuple[tuple[int, ...], list[tuple[int, ...]]]]], pad
     same = group[:, :, None] == group[:, None, :]
     sees = causal & real_q & same & ((part == 0)[:, None, :] | (part[:, :, None] == part[:, None, :]))
     sees |= torch.eye(width, dtype=torch.bool) & ~real_q  # a padding query sees itself: no all-masked softmax row
-    allowed = torch.cat([real_q.expand(-1, -1, start), sees], dim=-1)  # the cached shared head: seen by every real token
+    # the cached shared head: seen by every real token
+    allowed = torch.cat([real_q.expand(-1, -1, start), sees], dim=-1)
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     return ids, positions, mask[:, None], placed
 
@@ -178,7 +187,8 @@ def score_blocks(model, encoded: list[tuple[list[int], list[int]]], indices: lis
             last = first + len(ctx) - len(shared) - 1  # the context's last column
             for seg, col in zip(segments[ctx], seg_starts):
                 for i in questions[ctx][seg]:
-                    for k, token in enumerate(encoded[i][1]):  # token k: from the context's end (k = 0), else segment col k-1
+                    # token k is predicted at the context's last column (k = 0), else at segment column k-1
+                    for k, token in enumerate(encoded[i][1]):
                         picks.append((where.setdefault((r, last if k == 0 else col + k - 1), len(where)), token))
                         slots.append(len(out_ids))
                     out_ids.append(i)
@@ -198,5 +208,6 @@ def score_blocks(model, encoded: list[tuple[list[int], list[int]]], indices: lis
         return len(c) - len(shared) + sum(len(s) for s in questions[c])
 
     order = sorted(questions, key=lambda c: -length(c))
-    batches = [[[order[q] for q in row] for row in rows] for rows in _pack([length(c) for c in order], batch_size)]
+    packed = _pack([length(c) for c in order], batch_size, ROW_TOKENS)
+    batches = [[[order[q] for q in row] for row in rows] for rows in packed]
     return prefix_scoring.scored_in_batches(lambda unit: score_batch(unit[0]), batches, 1)
