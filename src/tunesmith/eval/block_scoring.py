@@ -54,7 +54,7 @@ def unsupported(model) -> str | None:
     # probe: context [3, 4], continuations [5, 6, 7] and [8, 9] in one row vs. each fed whole (right-padded:
     # causal attention keeps padding after a row's end out of its real positions)
     encoded = [([3, 4], [5, 6, 7]), ([3, 4], [8, 9])]
-    got = score_blocks(model, encoded, [0, 1], pad=0, batch_size=2, shared_ok=False)
+    got = score_blocks(model, encoded, [0, 1], pad=0, batch_size=2, local=True)
     device = next(model.parameters()).device
     logits = model(input_ids=torch.tensor([[3, 4, 5, 6], [3, 4, 8, 0]], device=device)).logits
     for i, (ctx, cont) in enumerate(encoded):
@@ -154,8 +154,9 @@ class _HeadAt:
 
 @torch.no_grad()
 def score_blocks(model, encoded: list[tuple[list[int], list[int]]], indices: list[int], pad: int,
-                 batch_size: int, shared_ok: bool = True) -> dict[int, float]:
-    """{i: summed log p(continuation | context)} for encoded[i], i in indices (none truncated)."""
+                 batch_size: int, local: bool = False) -> dict[int, float]:
+    """{i: summed log p(continuation | context)} for encoded[i], i in indices (none truncated).
+    local: this process scores every batch, with no shared head (the probe: no collective calls)."""
     questions: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
     for i in indices:  # context -> segment -> the requests it scores (equal segments are fed once)
         ctx, cont = encoded[i]
@@ -165,7 +166,7 @@ def score_blocks(model, encoded: list[tuple[list[int], list[int]]], indices: lis
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
-    shared = prefix_scoring._common_prefix([c[:-1] for c in questions]) if shared_ok and len(questions) > 1 else ()
+    shared = prefix_scoring._common_prefix([c[:-1] for c in questions]) if not local and len(questions) > 1 else ()
     state: dict = {}
 
     def head(rows: int):
@@ -210,4 +211,6 @@ def score_blocks(model, encoded: list[tuple[list[int], list[int]]], indices: lis
     order = sorted(questions, key=lambda c: -length(c))
     packed = _pack([length(c) for c in order], batch_size, ROW_TOKENS)
     batches = [[[order[q] for q in row] for row in rows] for rows in packed]
+    if local:
+        return {i: ll for rows in batches for i, ll in score_batch(rows)}
     return prefix_scoring.scored_in_batches(lambda unit: score_batch(unit[0]), batches, 1)
