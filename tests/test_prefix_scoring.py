@@ -286,3 +286,21 @@ def test_attention_without_custom_masks_is_reported():
         config = type("Config", (), {"_attn_implementation": "flash_attention_2"})()
 
     assert "'flash_attention_2' takes no custom 4D mask" in block_scoring.unsupported(Flash())
+
+
+def test_a_model_without_a_reachable_head_scores_from_full_logits(tiny, tiny_tokenizer):
+    """No get_output_embeddings(): the head-gathering hook cannot be set, full logits are indexed instead."""
+
+    class NoHead(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    encoded = [mc.encode_pair(tiny_tokenizer, mc.build_context(it, []), " " + c) for it in arc_items(3) for c in it.choices]
+    idx = list(range(len(encoded)))
+    got = block_scoring.score_blocks(NoHead(tiny), encoded, idx, 0, 4)
+    want = block_scoring.score_blocks(tiny, encoded, idx, 0, 4)
+    assert max(abs(got[i] - want[i]) for i in idx) < 1e-5

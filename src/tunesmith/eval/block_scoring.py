@@ -130,17 +130,17 @@ class _HeadAt:
     head is not that module (or is absent), the hook never fires and `pick` indexes the full logits."""
 
     def __init__(self, model, rows: torch.Tensor, cols: torch.Tensor):
-        self.rows, self.cols, self.handle = rows, cols, None
+        self.rows, self.cols, self.handle, self.fired = rows, cols, None, False
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if isinstance(head, torch.nn.Module):
             self.handle = head.register_forward_pre_hook(self._gather)
 
     def _gather(self, module, args):
-        hidden = args[0]
+        hidden, self.fired = args[0], True
         return (hidden[self.rows, self.cols][None], *args[1:])
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
-        if logits.shape[:2] == (1, len(self.rows)) and self.handle is not None:
+        if self.fired:
             return logits[0]
         return logits[self.rows, self.cols]
 
