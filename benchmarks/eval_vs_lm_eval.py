@@ -136,7 +136,8 @@ def main() -> None:
         task = EvalTaskSection(name=args.task, kind="multiple_choice", path=str(path), format=fmt, limit=limit,
                                sample=sample, seed=args.seed, shots=args.shots, batch_size=args.batch_size,
                                shared_prefix=not args.per_choice)
-        mc.score_requests(im.model, im.tokenizer, [("Question: Warm?\nAnswer:", " up")])  # first-call costs, for neither
+        # first-call costs (thread pools, allocations) for neither tool
+        mc.score_requests(im.model, im.tokenizer, [("Question: Warm?\nAnswer:", " up")])
         ours, t_ours, other_ours = timed(lambda: mc.evaluate(im, task))
         # the contexts evaluate built (the same functions, the same seeds), for lm-eval to read
         chosen = [items[p] for p in positions]

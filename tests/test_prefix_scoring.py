@@ -226,8 +226,10 @@ def test_pack_fills_rows_first_fit_within_the_first_question_width():
         width = lengths[rows[0][0]]  # the batch's first question is its longest
         assert all(sum(lengths[q] for q in row) <= width for row in rows)
         assert len(rows) <= max(2, 2 * 30 // width)
-    assert batches[0] == [[0], [1]]  # 40 wide: 2 rows; 33 does not fit beside 40
+    assert batches[0][0] == [0] and batches[0][1][0] == 1  # 40 wide: 2 rows; 33 does not fit beside 40
     assert any(len(row) > 1 for rows in batches for row in rows)  # short questions share rows
+    for rows in batches:  # a question alone in its row fills at least 3/4 of the batch's width
+        assert all(4 * lengths[row[0]] >= 3 * lengths[rows[0][0]] for row in rows)
 
 
 def test_block_layout_on_eager_attention_and_mixed_rows(tiny_tokenizer):
@@ -299,7 +301,8 @@ def test_a_model_without_a_reachable_head_scores_from_full_logits(tiny, tiny_tok
         def forward(self, **kwargs):
             return self.inner(**kwargs)
 
-    encoded = [mc.encode_pair(tiny_tokenizer, mc.build_context(it, []), " " + c) for it in arc_items(3) for c in it.choices]
+    encoded = [mc.encode_pair(tiny_tokenizer, mc.build_context(it, []), " " + c)
+               for it in arc_items(3) for c in it.choices]
     idx = list(range(len(encoded)))
     got = block_scoring.score_blocks(NoHead(tiny), encoded, idx, 0, 4)
     want = block_scoring.score_blocks(tiny, encoded, idx, 0, 4)

@@ -68,25 +68,29 @@ def unsupported(model) -> str | None:
 
 
 def _pack(lengths: list[int], batch_size: int, row_tokens: int = ROW_TOKENS) -> list[list[list[int]]]:
-    """Batches of rows of question indices (given longest first): a batch is as wide as its first
-    question, holds batch_size rows (more when short: up to batch_size * row_tokens tokens), and a
-    shorter question goes into the first row it still fits (first-fit decreasing), so the padding
-    one row per question would leave is mostly filled."""
+    """Batches of rows of question indices, questions given longest first. A batch is as wide as its
+    first question and holds up to max(batch_size, batch_size * row_tokens // width) rows. A question
+    goes into the first row of any batch with room left (first-fit decreasing), else into a row of its
+    own in the last batch if it fills at least 3/4 of that width, else it opens a new, narrower batch:
+    so the padding of one row per question is mostly filled, and no row is mostly padding."""
     batches: list[list[list[int]]] = []
-    free: list[int] = []  # room left in each row of the open batch
-    width = rows = 0
+    free: list[list[int]] = []  # room left in each row, per batch
+    widths: list[int] = []
     for q, length in enumerate(lengths):
-        fit = next((r for r, room in enumerate(free) if room >= length), None)
-        if fit is None and batches and len(batches[-1]) < rows:
+        fit = next(((b, r) for b, rooms in enumerate(free) for r, room in enumerate(rooms) if room >= length), None)
+        if fit is None and batches and 4 * length >= 3 * widths[-1] and \
+                len(batches[-1]) < max(batch_size, batch_size * row_tokens // widths[-1]):
             batches[-1].append([])
-            free.append(width)
-            fit = len(free) - 1
-        if fit is None:  # a new batch, as wide as this (its longest) question
+            free[-1].append(widths[-1])
+            fit = (len(batches) - 1, len(batches[-1]) - 1)
+        if fit is None:
             batches.append([[]])
-            free, width, fit = [length], length, 0
-            rows = max(batch_size, batch_size * row_tokens // width)
-        batches[-1][fit].append(q)
-        free[fit] -= length
+            free.append([length])
+            widths.append(length)
+            fit = (len(batches) - 1, 0)
+        b, r = fit
+        batches[b][r].append(q)
+        free[b][r] -= length
     return batches
 
 
