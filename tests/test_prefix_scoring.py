@@ -243,6 +243,7 @@ def test_block_layout_on_eager_attention_and_mixed_rows(tiny_tokenizer):
     assert block_scoring.unsupported(model) is None
     requests = [(mc.build_context(it, items[:k]), " " + c) for items, k in ((arc_items(7), 0), (hellaswag_items(4), 2))
                 for it in items for c in it.choices + it.choices[:1]]
+    requests += [(f"Q{n}: where?", x) for n in range(3) for x in (" Lyon", " Paris river")]  # fit any leftover room
     encoded = [mc.encode_pair(tiny_tokenizer, c, x) for c, x in requests]
     idx = list(range(len(encoded)))
     reference = mc._score_rows(model, encoded, idx, 512, 0, 8)
