@@ -133,9 +133,10 @@ def test_evaluators_shard_examples_and_equal_one_process(spawned, work):
         assert [r["prediction"] for r in out["results"]["mc"]["examples"]] == \
             [r["prediction"] for r in alone["mc"]["examples"]]
     # each row through the decoder once: the ranks' rows add up to one process's, and both ranks worked;
-    # only multiple choice's three one-row forwards run on every rank (the cache probe of the scorer and of
-    # the results' `scoring` setting, the task's shared head)
-    assert spawned[0]["rows"] + spawned[1]["rows"] == rows + 3
+    # only multiple choice's probes and shared head run on every rank: the cache probe (one row) and the block
+    # probe (one block row + two plain rows) of the scorer and of the results' `scoring` setting, the task's
+    # shared head (one row)
+    assert spawned[0]["rows"] + spawned[1]["rows"] == rows + 2 * (1 + 3) + 1
     assert 0 < spawned[1]["rows"] < rows
 
 

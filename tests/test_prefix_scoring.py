@@ -1,6 +1,8 @@
-"""Shared-prefix scoring (eval/prefix_scoring.py): the same log-likelihoods as the per-choice path
-(which test_multiple_choice checks against float64 and lm-eval), for every multiple-choice shape,
-0-shot and k-shot, with fewer tokens fed; models whose cache cannot be reused fall back."""
+"""Shared-prefix scoring (eval/block_scoring.py: one row per question behind a block mask, the default;
+eval/prefix_scoring.py: continuations over copied KV-cache rows, its fallback): the same log-likelihoods
+as the per-choice path (which test_multiple_choice checks against float64 and lm-eval), for every
+multiple-choice shape, 0-shot and k-shot, with fewer tokens fed; models that cannot take the block
+mask fall back to the cache, models whose cache cannot be reused to the per-choice path."""
 import logging
 import random
 import time
@@ -10,7 +12,7 @@ import torch
 
 from conftest import SHARED_DATA, tiny_llama
 from tunesmith.eval import multiple_choice as mc
-from tunesmith.eval import prefix_scoring
+from tunesmith.eval import block_scoring, prefix_scoring
 from tunesmith.eval.mc_formats import MCItem, load_items
 
 WORDS = ("red blue green lyon paris river stone apple winter summer garden train letter window chair "
@@ -89,6 +91,10 @@ def test_shared_prefix_equals_per_choice(tiny, tiny_tokenizer, shape, shots):
     new, new_tokens = fed_tokens(tiny, lambda: mc.score_items(tiny, tiny_tokenizer, items, contexts, 4))
     assert max(abs(a - b) for a, b in zip(lls(old), lls(new))) < 1e-4
     assert [r["prediction"] for r in old] == [r["prediction"] for r in new]
+    # the KV-cache fallback, on the same requests
+    encoded = [mc.encode_pair(tiny_tokenizer, c, " " + x) for c, it in zip(contexts, items) for x in it.choices]
+    cached = prefix_scoring.score_grouped(tiny, encoded, list(range(len(encoded))), 0, 4)
+    assert max(abs(cached[i] - a) for i, a in enumerate(lls(old))) < 1e-4
     assert len({round(x, 3) for x in lls(old)}) > len(lls(old)) // 2  # distinct values: a real comparison
     assert new_tokens < old_tokens
     if shots == "same":  # the shots block is encoded once for the task, not once per choice
@@ -112,8 +118,8 @@ def test_one_token_choices_share_one_row(tiny, tiny_tokenizer):
     requests = [("Deliver to Lyon, attention Grace Mori: 3 scarves,", w) for w in words]
     ctx, _ = mc.encode_pair(tiny_tokenizer, *requests[0])
     got, tokens = fed_tokens(tiny, lambda: mc.score_requests(tiny, tiny_tokenizer, requests))
-    probe = 1  # unsupported()'s one-token forward
-    assert tokens == probe + (len(ctx) - 1) + 1
+    _, probes = fed_tokens(tiny, lambda: (prefix_scoring.unsupported(tiny), block_scoring.unsupported(tiny)))
+    assert tokens == probes + len(ctx)  # the context's row, no segment: all predicted by its last position
     assert got == pytest.approx(mc.score_requests(tiny, tiny_tokenizer, requests, shared_prefix=False), abs=1e-4)
 
 
@@ -203,7 +209,102 @@ def test_evaluate_records_the_scoring_and_the_switch_keeps_results(tiny, tiny_to
     im = InferenceModel(tiny, tiny_tokenizer, "tiny")
     results = {on: mc.evaluate(im, EvalTaskSection(name="arc", kind="multiple_choice", path=str(path), shots=2,
                                                    batch_size=4, shared_prefix=on)) for on in (True, False)}
-    assert results[True].settings["scoring"] == "shared-prefix KV cache"
+    assert results[True].settings["scoring"] == "shared prefix, one row per question (block attention mask)"
     assert results[False].settings["scoring"] == "per choice (shared_prefix off)"
     assert results[True].metrics == results[False].metrics
     assert lls(results[True].examples) == pytest.approx(lls(results[False].examples), abs=1e-4)
+
+
+# --- the one-row block layout ------------------------------------------------------------------
+
+def test_pack_fills_rows_first_fit_within_the_first_question_width():
+    lengths = [40, 33, 20, 18, 15, 9, 7, 5, 5, 2]
+    batches = block_scoring._pack(lengths, 2, row_tokens=30)
+    placed = sorted(q for rows in batches for row in rows for q in row)
+    assert placed == list(range(len(lengths)))  # each question once
+    for rows in batches:
+        width = lengths[rows[0][0]]  # the batch's first question is its longest
+        assert all(sum(lengths[q] for q in row) <= width for row in rows)
+        assert len(rows) <= max(2, 2 * 30 // width)
+    assert batches[0][0] == [0] and batches[0][1][0] == 1  # 40 wide: 2 rows; 33 does not fit beside 40
+    assert any(len(row) > 1 for rows in batches for row in rows)  # short questions share rows
+    for rows in batches:  # a question alone in its row fills at least 3/4 of the batch's width
+        assert all(4 * lengths[row[0]] >= 3 * lengths[rows[0][0]] for row in rows)
+
+
+def test_block_layout_on_eager_attention_and_mixed_rows(tiny_tokenizer):
+    """eager attention adds the float mask as sdpa does; contexts of every length, one-token and
+    repeated choices, several questions packed into a row, a shared head in the cache."""
+    from conftest import tiny_llama as build
+
+    model = build(len(tiny_tokenizer), seed=8)
+    model.config._attn_implementation = "eager"
+    model.eval()
+    assert block_scoring.unsupported(model) is None
+    requests = [(mc.build_context(it, items[:k]), " " + c) for items, k in ((arc_items(7), 0), (hellaswag_items(4), 2))
+                for it in items for c in it.choices + it.choices[:1]]
+    requests += [(f"Q{n}: where?", x) for n in range(3) for x in (" Lyon", " Paris river")]  # fit any leftover room
+    encoded = [mc.encode_pair(tiny_tokenizer, c, x) for c, x in requests]
+    idx = list(range(len(encoded)))
+    reference = mc._score_rows(model, encoded, idx, 512, 0, 8)
+    fed = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: fed.append(args[0].shape))
+    got = block_scoring.score_blocks(model, encoded, idx, 0, 3)
+    hook.remove()
+    assert max(abs(got[i] - reference[i]) for i in idx) < 1e-4
+    assert sum(shape[0] for shape in fed) < len({tuple(e[0]) for e in encoded})  # short questions share rows
+
+
+def test_a_model_ignoring_the_block_mask_falls_back_to_the_cache_with_a_reason(tiny, tiny_tokenizer, caplog):
+    """A forward that drops the 4D mask and position ids would score every segment as if it followed
+    the other segments: the probe catches it, the KV-cache path scores, results record why."""
+
+    class MaskBlind(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+            if attention_mask is not None and attention_mask.dim() == 4:
+                attention_mask = position_ids = None
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+    blind = MaskBlind(tiny)
+    assert "does not honour a custom 4D attention mask" in block_scoring.unsupported(blind)
+    assert "not one row per question: a probe row" in mc.scoring_mode(blind, True)
+    items = arc_items(4)
+    contexts = contexts_for(items, "0")
+    with caplog.at_level(logging.INFO, logger="tunesmith.eval"):
+        got = lls(mc.score_items(blind, tiny_tokenizer, items, contexts))
+    assert "copied KV-cache rows, not one row per question: a probe row" in caplog.text
+    assert got == pytest.approx(lls(mc.score_items(tiny, tiny_tokenizer, items, contexts, shared_prefix=False)),
+                                abs=1e-4)
+
+
+def test_attention_without_custom_masks_is_reported():
+    class Flash(torch.nn.Module):
+        config = type("Config", (), {"_attn_implementation": "flash_attention_2"})()
+
+    assert "'flash_attention_2' takes no custom 4D mask" in block_scoring.unsupported(Flash())
+
+
+def test_a_model_without_a_reachable_head_scores_from_full_logits(tiny, tiny_tokenizer):
+    """No get_output_embeddings(): the head-gathering hook cannot be set, full logits are indexed instead."""
+
+    class NoHead(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    encoded = [mc.encode_pair(tiny_tokenizer, mc.build_context(it, []), " " + c)
+               for it in arc_items(3) for c in it.choices]
+    idx = list(range(len(encoded)))
+    got = block_scoring.score_blocks(NoHead(tiny), encoded, idx, 0, 4)
+    want = block_scoring.score_blocks(tiny, encoded, idx, 0, 4)
+    assert max(abs(got[i] - want[i]) for i in idx) < 1e-5

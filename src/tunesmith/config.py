@@ -295,9 +295,10 @@ class EvalTaskSection(_Section):
     batch_size: int = Field(16, gt=0, description="Sequences per forward pass.")
     shots: int = Field(0, ge=0, description="multiple_choice: solved examples put before each question.")
     shots_path: str | None = Field(None, description="multiple_choice: file the shots come from (default: path).")
-    shared_prefix: bool = Field(True, description="multiple_choice: encode each context once and score its choices "
-                                "from the cached keys/values; False feeds each choice whole, as lm-eval (the same "
-                                "log-likelihoods, slower).")
+    shared_prefix: bool = Field(True, description="multiple_choice: encode each context once: one row per question "
+                                "(context, then every choice behind a block attention mask), or choices scored from "
+                                "the cached keys/values where the model takes no such mask; False feeds each choice "
+                                "whole, as lm-eval (the same log-likelihoods, slower).")
     max_length: int | None = Field(None, gt=8, description="perplexity: window length (None: the model's context).")
     stride: int | None = Field(None, gt=0, description="perplexity: tokens the window moves by (None: max_length/2).")
 

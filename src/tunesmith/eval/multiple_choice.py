@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import DataError
-from tunesmith.eval import prefix_scoring
+from tunesmith.eval import block_scoring, prefix_scoring
 from tunesmith.eval.mc_formats import MCItem, load_items
 from tunesmith.eval.results import TaskResult
 
@@ -120,9 +120,10 @@ def score_requests(model, tok, requests: list[tuple[str, str]], batch_size: int 
     """Summed log-probability of each (context, continuation) pair's continuation tokens.
 
     shared_prefix: encode each distinct context once and score its continuations from the cached
-    keys/values (eval/prefix_scoring.py; the same log-likelihoods to float rounding). Off, or for
-    a model whose cache cannot be reused (the reason is logged), or for a pair truncated to the
-    model's length, each pair is fed whole (`_score_rows`)."""
+    keys/values (eval/prefix_scoring.py), or all its continuations in one row behind a block
+    attention mask (eval/block_scoring.py, where the model takes one); the same log-likelihoods
+    to float rounding. Off, or for a model whose cache cannot be reused (the reason is logged),
+    or for a pair truncated to the model's length, each pair is fed whole (`_score_rows`)."""
     encoded = [encode_pair(tok, c, x) for c, x in requests]
     for ctx, cont in encoded:
         if not cont:
@@ -137,7 +138,11 @@ def score_requests(model, tok, requests: list[tuple[str, str]], batch_size: int 
                  type(model).__name__, reason)
     elif shared_prefix:
         fits = [i for i in whole if len(encoded[i][0]) + len(encoded[i][1]) <= max_len + 1 and encoded[i][0]]
-        scores = prefix_scoring.score_grouped(model, encoded, fits, pad, batch_size)
+        block = block_scoring.unsupported(model)
+        if block:
+            log.info("scoring choices from copied KV-cache rows, not one row per question: %s", block)
+        score = prefix_scoring.score_grouped if block else block_scoring.score_blocks
+        scores = score(model, encoded, fits, pad, batch_size)
         whole = [i for i in whole if i not in scores]  # truncated on the left: lm-eval's cut, below
     scores.update(_score_rows(model, encoded, whole, max_len, pad, batch_size))
     return [scores[i] for i in range(len(encoded))]
@@ -210,7 +215,11 @@ def scoring_mode(model, shared_prefix: bool) -> str:
     if not shared_prefix:
         return "per choice (shared_prefix off)"
     reason = prefix_scoring.unsupported(model)
-    return f"per choice: {reason}" if reason else "shared-prefix KV cache"
+    if reason:
+        return f"per choice: {reason}"
+    block = block_scoring.unsupported(model)
+    return f"shared-prefix KV cache (not one row per question: {block})" if block else \
+        "shared prefix, one row per question (block attention mask)"
 
 
 def score_items(model, tok, items: list[MCItem], contexts: list[str], batch_size: int = 16,
