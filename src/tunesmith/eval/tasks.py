@@ -133,7 +133,7 @@ def _settings(task: EvalTaskSection, n_records: int, fields: list[str]) -> dict:
 def generation_speed(stats: GenerationStats) -> dict[str, float]:
     """The generation figures of a result's `speed`: tokens the replies needed, per second of generating."""
     return {"generated_tokens": stats.tokens, "decode_row_steps": stats.row_steps,
-            "generation_seconds": round(stats.seconds, 3),
+            "generation_seconds": stats.seconds,
             "tokens_per_s": stats.tokens / stats.seconds if stats.seconds > 0 else 0.0}
 
 
