@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from _machine import machine_line  # benchmarks/ is sys.path[0] when a benchmark runs
+from serve_load import user_texts
 
-ROOT = Path(__file__).resolve().parents[1]
-BANKING = ROOT.parent / "shared" / "data" / "banking77" / "test.csv"
 BASE = "smollm2-135m-instruct"
 RULES = ["Greet the customer by name when it is known, and never ask for a full card number or a PIN.",
          "Card payments pending for more than 8 days are reviewed by the disputes team.",
@@ -48,15 +45,7 @@ RULES = ["Greet the customer by name when it is known, and never ask for a full 
 
 
 def user_turns(n: int) -> list[str]:
-    if BANKING.is_file():
-        with open(BANKING, newline="", encoding="utf-8") as f:
-            texts = [row["text"] for row in csv.DictReader(f)]
-    else:  # without the shared data: the demo's own generated order notes
-        from tunesmith.demo.orders import make_splits
-
-        texts = [r["messages"][0]["content"] for r in make_splits(0, {"train": n})["train"]]
-    step = max(len(texts) // n, 1)
-    return texts[::step][:n]
+    return user_texts(n)
 
 
 def system_prompt(tok, tokens: int) -> str:

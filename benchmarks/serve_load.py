@@ -54,7 +54,9 @@ BASE = "smollm2-135m-instruct"
 ADAPTERS = [f"lora{i}" for i in range(4)]
 
 
-def conversations(n: int) -> list[list[dict]]:
+def user_texts(n: int) -> list[str]:
+    """`n` customer messages spread over banking77's test split (../shared/data), else the demo's
+    own generated order notes. benchmarks/prefix_cache.py uses them too."""
     if BANKING.is_file():
         with open(BANKING, newline="", encoding="utf-8") as f:
             texts = [row["text"] for row in csv.DictReader(f)]
@@ -63,7 +65,11 @@ def conversations(n: int) -> list[list[dict]]:
 
         texts = [r["messages"][0]["content"] for r in make_splits(0, {"train": n})["train"]]
     step = max(len(texts) // n, 1)
-    return [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": t}] for t in texts[::step][:n]]
+    return texts[::step][:n]
+
+
+def conversations(n: int) -> list[list[dict]]:
+    return [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": t}] for t in user_texts(n)]
 
 
 def write_adapters(model, root: Path) -> None:
