@@ -82,8 +82,8 @@ def run_demo(model: str = DEFAULT_MODEL, output_dir: str = "runs", name: str | N
     print(f"demo: order notes -> JSON, {train_size} train / 24 validation / {test_size} test rows in {data_dir}",
           flush=True)
 
-    print("\n[1/3] evaluating the base model on the test split (a reply ends once it can no longer parse "
-          "as JSON: it scores nothing either way)", flush=True)
+    print("\n[1/3] evaluating the base model on the test split (a reply ends at the brace closing its "
+          "JSON object, or at once when it opens with prose: it scores nothing either way)", flush=True)
     base, base_preds, base_speed = evaluate_json_task(model, test_rows)
     print(f"      base: {base}", flush=True)
 
