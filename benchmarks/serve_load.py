@@ -188,12 +188,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--quick", action="store_true", help="a smoke run (one request per client, 8 tokens)")
+    ap.add_argument("--prefix-cache-mb", type=float, default=None,
+                    help="the engine's prefix cache budget (default: tunesmith serve's; 0: off)")
     args = ap.parse_args()
     from tunesmith.cli import quiet_upstream
     from tunesmith.data.templates import stop_ids
     from tunesmith.models.load import load_model, load_tokenizer
     from tunesmith.models.registry import resolve_model
     from tunesmith.serve.engine import Engine, off_main_thread
+    from tunesmith.serve.prefix_cache import DEFAULT_MB
 
     quiet_upstream()
     max_tokens = 8 if args.quick else args.max_tokens
@@ -211,7 +214,9 @@ def main() -> int:
         print(f"  {label}: {requests} requests, {tokens} tokens, {m.wall:.1f} s", flush=True)
 
     print(machine_line(), flush=True)
-    print(f"{BASE} fp32, torch threads {torch.get_num_threads()}, max_tokens {max_tokens}, greedy", flush=True)
+    cache_mb = DEFAULT_MB if args.prefix_cache_mb is None else args.prefix_cache_mb
+    print(f"{BASE} fp32, torch threads {torch.get_num_threads()}, max_tokens {max_tokens}, greedy, "
+          f"prefix cache {cache_mb:g} MB", flush=True)
     # The server never computes on its main thread (engine.off_main_thread says why); the baseline
     # must not either, or it would slow every later row of this process by ~40%.
     off_main_thread(lambda: sequential_generate(model, tok, convs[:1], 4, eos))  # warm-up
@@ -221,7 +226,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         write_adapters(model, Path(tmp))
-        engine = Engine(model, tok, BASE, adapters_dir=tmp, max_batch=32, batch_wait_ms=5.0)
+        engine = Engine(model, tok, BASE, adapters_dir=tmp, max_batch=32, batch_wait_ms=5.0, prefix_cache_mb=cache_mb)
         engine.start()
         try:
             server = HTTPServer(engine)
