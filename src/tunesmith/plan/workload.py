@@ -1,0 +1,114 @@
+"""What a run's config asks of each device: the decisions `tunesmith train` makes at its start
+(precision, the dtype the frozen base is loaded in, micro-batch shape, strategy), made here for a
+target device without touching it, so that memory.py and throughput.py read one resolved record.
+
+The rules mirror training/device.py (Placement, frozen_dtype, trainable_in_fp32), the micro_batch /
+parallel_examples defaults of config.TrainSection and training/distributed/strategy.py's choice; a
+change to one of those must change this too (tests/test_plan_workload.py pins them side by side).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunesmith.plan.devices import Device
+
+PAIRED_OBJECTIVES = ("dpo",)  # each example is a chosen and a rejected sequence (KTO's unpaired rows: one)
+
+
+@dataclass(frozen=True)
+class Workload:
+    method: str                 # method.name
+    objective: str              # objective.name
+    loss: str                   # objective.loss (dpo family)
+    device_kind: str            # "cuda" | "cpu"
+    precision: str              # compute precision: fp32 | bf16 | fp16
+    base_dtype_bytes: float     # bytes a frozen base weight takes (4 fp32, 2 bf16/fp16; quantized: see memory.py)
+    quantized: bool             # the base's linear layers in 4-bit NF4 (QLoRA)
+    double_quant: bool
+    micro_batch: int            # sequences padded together in one forward (1 with micro_batch=example)
+    parallel: int               # forwards running at once in one process (CPU parallel_examples), else 1
+    seq_len: int                # longest sequence a forward holds (data.max_length, or the data's longest)
+    sequences_per_example: int  # 2 for paired preference objectives (chosen + rejected), else 1
+    grad_accum: int             # micro-batches per optimizer step (a step holds batch_size x grad_accum examples)
+    batch_size: int
+    gradient_checkpointing: bool
+    activation_budget_mb: float
+    optimizer: str              # adamw | adamw_8bit | paged_adamw_8bit
+    strategy: str               # resolved: single | ddp | fsdp | deepspeed
+    zero_stage: int             # deepspeed only (else 0)
+    offload_optimizer: bool     # deepspeed offload_optimizer=cpu or fsdp_cpu_offload
+    offload_params: bool        # deepspeed offload_params=cpu or fsdp_cpu_offload
+    world: int                  # processes (GPUs) the run spans
+    epochs: float
+    max_steps: int
+    packing: bool
+    train_on: str               # data.train_on: which tokens are trained (the LM head runs on those only)
+    strategy_reason: str = ""
+
+    @property
+    def trains_adapter(self) -> bool:
+        from tunesmith.methods import get_method
+
+        return get_method(self.method).saves == "adapter"
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+
+def precision_for(precision: str, device: Device) -> str:
+    """training/device.py's choose_placement for a device not in hand."""
+    if precision != "auto":
+        return precision
+    if device.kind == "cuda":
+        return "bf16" if device.bf16 else "fp16"
+    return "fp32"  # CPUs: fp32 (exact; bf16 is emulated on most)
+
+
+def resolve_workload(cfg, device: Device, world: int = 1, full_training_bytes: int | None = None,
+                     seq_len: int | None = None) -> Workload:
+    """The Workload of Config `cfg` on `world` devices like `device`. full_training_bytes: what
+    full fine-tuning holds on one rank (strategy auto picks fsdp above 70% of a device, as training
+    does); seq_len: the longest sequence, when the data is known (else data.max_length)."""
+    t, dist = cfg.train, cfg.train.distributed
+    precision = precision_for(t.precision, device)
+    quantized = cfg.method.name == "qlora"
+    from tunesmith.methods import get_method
+
+    adapter = get_method(cfg.method.name).saves == "adapter"
+    frozen_bytes = 2.0 if (device.kind == "cuda" and precision != "fp32" and adapter) else 4.0
+    micro = t.micro_batch if t.micro_batch != "auto" else ("example" if device.kind == "cpu" else "batch")
+    if micro == "example":
+        per_forward, parallel = 1, (t.parallel_examples or (2 if device.kind == "cpu" else 1))
+    else:
+        per_forward, parallel = t.batch_size, 1
+    strategy, reason = _strategy(dist, adapter, world, device, full_training_bytes)
+    ds = dist.deepspeed
+    return Workload(
+        method=cfg.method.name, objective=cfg.objective.name, loss=cfg.objective.loss, device_kind=device.kind,
+        precision=precision, base_dtype_bytes=frozen_bytes, quantized=quantized,
+        double_quant=cfg.method.double_quant, micro_batch=per_forward, parallel=parallel,
+        seq_len=min(seq_len or cfg.data.max_length, cfg.data.max_length),
+        sequences_per_example=2 if cfg.objective.name in PAIRED_OBJECTIVES and cfg.objective.loss != "kto" else 1,
+        grad_accum=t.grad_accum, batch_size=t.batch_size, gradient_checkpointing=t.gradient_checkpointing,
+        activation_budget_mb=t.activation_memory_mb, optimizer=t.optimizer, strategy=strategy,
+        zero_stage=ds.zero_stage if strategy == "deepspeed" else 0,
+        offload_optimizer=(strategy == "deepspeed" and ds.offload_optimizer == "cpu")
+        or (strategy == "fsdp" and dist.fsdp_cpu_offload),
+        offload_params=(strategy == "deepspeed" and ds.offload_params == "cpu")
+        or (strategy == "fsdp" and dist.fsdp_cpu_offload),
+        world=world, epochs=t.epochs, max_steps=t.max_steps, packing=cfg.data.packing, train_on=cfg.data.train_on,
+        strategy_reason=reason)
+
+
+def _strategy(dist, adapter: bool, world: int, device: Device, full_bytes: int | None) -> tuple[str, str]:
+    """training/distributed/strategy.py's choose_strategy, for a planned world size."""
+    if world == 1:
+        return "single", "one process"
+    if dist.strategy != "auto":
+        return dist.strategy, "as configured (train.distributed.strategy)"
+    if adapter:
+        return "ddp", "adapters: every rank holds the frozen model, DDP exchanges the adapter's gradients"
+    if full_bytes is not None and full_bytes > 0.7 * device.memory_bytes:
+        return "fsdp", "full fine-tuning needs more than 70% of a device for weights, gradients and AdamW state"
+    return "ddp", "full fine-tuning fits one device: every rank holds it"
