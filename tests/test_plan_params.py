@@ -98,14 +98,15 @@ def test_full_counts_are_the_published_totals(name):
 
 def test_the_70b_counts_on_the_meta_device_quickly():
     counts("Qwen2.5-0.5B", "lora")  # imports (PEFT, bitsandbytes) outside the timing
-    t0 = time.perf_counter()
+    # CPU time, not wall time: other processes sharing the cores do not count against it
+    t0 = time.process_time()
     full = count_parameters(hub_config("Llama-3.1-70B"), MethodSection(name="full"))
-    t1 = time.perf_counter()
+    t1 = time.process_time()
     lora = count_parameters(hub_config("Llama-3.1-70B"), MethodSection(name="lora"))
-    t2 = time.perf_counter()
+    t2 = time.process_time()
     assert full.total == PUBLISHED["Llama-3.1-70B"] and lora.trainable == 207_093_760
-    # adapters too stay shapes: PEFT alone allocates and initialises 0.8 GB of them (~10 s)
-    assert t1 - t0 < 3 and t2 - t1 < 6, (t1 - t0, t2 - t1)  # ~0.1 s and ~1 s on 2 busy cores
+    # adapters too stay shapes: PEFT alone allocates and initialises 0.8 GB of them
+    assert t1 - t0 < 2 and t2 - t1 < 4, (t1 - t0, t2 - t1)  # ~0.1 s and ~1 s (7 s with CPU adapters)
 
 
 @pytest.mark.parametrize("name", ["Qwen2.5-0.5B", "Llama-3.2-1B"])
@@ -150,7 +151,8 @@ def test_dora_adds_one_magnitude_per_output_feature(name):
 def test_qlora_quantizes_every_linear_layer_but_the_head(name):
     cfg, c, lora = raw(name), counts(name, "qlora"), counts(name, "lora")
     assert (c.trainable, c.added, c.total) == (lora.trainable, lora.added, lora.total)
-    per_block = sum(i * o for t, (i, o) in block_linears(cfg).items() if t in family_of(hub_config(name)).linear_modules)
+    targets = family_of(hub_config(name)).linear_modules
+    per_block = sum(i * o for t, (i, o) in block_linears(cfg).items() if t in targets)
     assert c.quantized == cfg["num_hidden_layers"] * per_block
 
 

@@ -67,7 +67,8 @@ def model_config(spec: str, trust_remote_code: bool = False):
     if repo.count("/") != 1 or path.exists():
         raise ModelError(f"model '{spec}': no config.json found (give a config.json file, a model directory, "
                          "an alias, or a hub id like org/name)")
-    return AutoConfig.from_pretrained(_hub_config(repo), trust_remote_code=trust_remote_code), f"{repo} (hub config.json)"
+    config = AutoConfig.from_pretrained(_hub_config(repo), trust_remote_code=trust_remote_code)
+    return config, f"{repo} (hub config.json)"
 
 
 def _hub_config(repo: str) -> str:
