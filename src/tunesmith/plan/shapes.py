@@ -67,7 +67,8 @@ def model_config(spec: str, trust_remote_code: bool = False):
     if repo.count("/") != 1 or path.exists():
         raise ModelError(f"model '{spec}': no config.json found (give a config.json file, a model directory, "
                          "an alias, or a hub id like org/name)")
-    return AutoConfig.from_pretrained(_hub_config(repo), trust_remote_code=trust_remote_code), f"{repo} (hub config.json)"
+    config = AutoConfig.from_pretrained(_hub_config(repo), trust_remote_code=trust_remote_code)
+    return config, f"{repo} (hub config.json)"
 
 
 def _hub_config(repo: str) -> str:
@@ -79,7 +80,8 @@ def _hub_config(repo: str) -> str:
         return str(Path(cached).parent)
     if constants.HF_HUB_OFFLINE:
         raise ModelError(f"the config.json of {repo} is not in the Hugging Face cache and downloads are off "
-                         f"(HF_HUB_OFFLINE=1): pass a config.json file instead (model.name=path/to/config.json)")
+                         f"(HF_HUB_OFFLINE=1): pass a config.json file instead (model.name=path/to/config.json), "
+                         "or unset HF_HUB_OFFLINE to fetch it (config.json only, a few KB)")
     try:
         return str(Path(hf_hub_download(repo, "config.json", etag_timeout=5)).parent)
     except Exception as exc:  # noqa: BLE001 - any hub failure: say what to give instead
