@@ -225,3 +225,31 @@ def test_peak_memory_on_cpu_is_the_process_peak_rss():
     peak, source = peak_memory(torch.device("cpu"))
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert "VmHWM" in source and abs(peak - maxrss) <= 0.05 * maxrss
+
+
+def test_dpo_is_gated_and_its_plan_counts_both_sides_of_each_pair(tiny_model_dir, tmp_path, fakes):
+    from test_dpo import pairs
+
+    from conftest import write_jsonl
+    from tunesmith.errors import ConfigError
+    from tunesmith.recipes.dpo import run_dpo
+
+    rows = pairs(21, 8)
+    train = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"data.train={train}", f"run.output_dir={tmp_path}",
+                             "run.name=d", "objective.name=dpo", "train.batch_size=4", "train.max_steps=1"])
+    fakes(0.5)
+    with pytest.raises(ConfigError, match="will not fit"):
+        run_dpo(cfg)
+    run = run_dpo(cfg, force=True)
+    manifest = json.loads((run / "manifest.json").read_text())
+    plan = manifest["plan"]
+    assert plan["fits"] is False and manifest["measured"]["peak_memory_bytes"] > 0
+    # 1 step x 4 pairs x the mean pair's tokens (chosen + rejected, as the loop counts them)
+    assert "counted by training: 8 examples" in plan["tokens_source"]
+    from tunesmith.data.dataset import load_examples
+    from tunesmith.models.load import load_tokenizer
+    from tunesmith.recipes.dpo import encode_pairs
+
+    items = encode_pairs(load_tokenizer(tiny_model_dir), load_examples(str(train)).examples, 512, "t")
+    assert plan["tokens"] == int(4 * sum(it.n_tokens for it in items) / len(items))
