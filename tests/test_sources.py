@@ -462,7 +462,7 @@ def test_train_skip_invalid_flag_sets_config(tmp_path, monkeypatch):
     from tunesmith.cli import main
 
     seen = []
-    monkeypatch.setattr(sft, "run_sft", lambda cfg, resume=False: seen.append(cfg))
+    monkeypatch.setattr(sft, "run_sft", lambda cfg, resume=False, force=False: seen.append(cfg))
     (tmp_path / "c.yaml").write_text("train:\n  lr: 0.001\n")
     assert main(["train", str(tmp_path / "c.yaml"), "--skip-invalid", "train.seed=3"]) == 0
     assert main(["train", str(tmp_path / "c.yaml")]) == 0

@@ -28,7 +28,7 @@ def cmd_init(path: str, template: str, force: bool) -> int:
 
 
 def cmd_train(config: str, overrides: list[str], skip_invalid: bool = False, resume: bool = False,
-              nproc: int | None = None) -> int:
+              nproc: int | None = None, force: bool = False) -> int:
     from tunesmith.config import load_config
     from tunesmith.recipes import run_recipe
     from tunesmith.training.distributed.launch import launch, wants_launch
@@ -36,10 +36,28 @@ def cmd_train(config: str, overrides: list[str], skip_invalid: bool = False, res
     overrides = [*overrides, *([f"train.distributed.workers={nproc}"] if nproc else [])]
     cfg = load_config(config, [*overrides, *(["data.skip_invalid=true"] if skip_invalid else [])])
     if wants_launch(cfg.train.distributed):  # start the ranks, each running this same command
-        flags = [*(["--skip-invalid"] if skip_invalid else []), *(["--resume"] if resume else [])]
+        flags = [*(["--skip-invalid"] if skip_invalid else []), *(["--resume"] if resume else []),
+                 *(["--force"] if force else [])]
         return launch(cfg.train.distributed, ["train", config, *flags, *overrides])
-    run_recipe(cfg, resume=resume)
+    run_recipe(cfg, resume=resume, force=force)
     return 0
+
+
+def cmd_plan(config: str, overrides: list[str], device: str | None, gpus: int | None, json: str | None,
+             no_data: bool) -> int:
+    from tunesmith.atomic import write_json
+    from tunesmith.config import load_config
+    from tunesmith.plan.devices import parse_device
+    from tunesmith.plan.report import make_plan
+
+    cfg = load_config(config, overrides)
+    plan = make_plan(cfg, device=parse_device(device) if device else None,
+                     gpus=gpus or cfg.train.distributed.workers or 1, data=not no_data)
+    print(plan.text())
+    if json:
+        write_json(json, plan.to_json())
+        print(f"wrote {json}")
+    return 0 if plan.fits else 1
 
 
 def cmd_runs_list(dir: str) -> int:
@@ -353,7 +371,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nproc", type=int, metavar="N",
                    help="train with N processes on this machine (one per GPU; torchrun started by tunesmith); "
                         "same as train.distributed.workers=N")
+    s.add_argument("--force", action="store_true",
+                   help="start the run even when its plan says it will not fit in the device's memory")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("plan", help="will a run fit, how long will it take, what to change: before any step runs",
+                       description="Estimate a config's parameters, memory per device (component by component), "
+                                   "time, and when it does not fit the cheapest changes that make it fit. "
+                                   "Exit status: 0 when it fits, 1 when it does not, 2 on an error.")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", help="e.g. model.name=meta-llama/Llama-3.1-8B method.name=qlora")
+    s.add_argument("--device", default=None, metavar="NAME_OR_NUMBERS",
+                   help='target device: a GPU by name ("H100 80GB", a100-40gb, cpu) or by numbers '
+                        '("80GB,989TFLOPS"); default: this machine (probed)')
+    s.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="devices the run spans (default: train.distributed.workers, else 1)")
+    s.add_argument("--json", default=None, metavar="FILE", help="also write the whole plan as JSON")
+    s.add_argument("--no-data", action="store_true",
+                   help="do not read the training data: assume every example is data.max_length tokens")
+    s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("runs", help="runs: list, show and compare run directories")
     rsub = s.add_subparsers(dest="runs_command", required=True)

@@ -63,6 +63,7 @@ def list_runs(root: Path) -> str:
 def show_run(run: Path) -> str:
     m = _manifest(run)
     lines = [f"run {run}", table([summary(run)], list(summary(run)))]
+    lines += plan_vs_measured(m)
     lines.append(f"data: {json.dumps(m.get('data', {}))}")
     lines.append(f"versions: {json.dumps(m.get('versions', {}))}")
     evals = sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []
@@ -70,6 +71,31 @@ def show_run(run: Path) -> str:
         lines.append(f"eval/{e.name}: {e.read_text().strip()}")
     lines.append("files: " + ", ".join(sorted(p.name for p in run.iterdir())))
     return "\n".join(lines)
+
+
+def _error(estimated, measured) -> str:
+    """(estimated - measured) / measured: positive when the plan over-estimated."""
+    if not estimated or not measured:
+        return "-"
+    return f"{100 * (estimated - measured) / measured:+.0f}%"
+
+
+def plan_vs_measured(m: dict) -> list[str]:
+    """The plan's estimates beside what the run measured, with the error of each."""
+    plan, measured = m.get("plan"), m.get("measured") or {}
+    if not plan:
+        return ["plan vs measured: no plan was made for this run" if "plan" in m else
+                "plan vs measured: not recorded (a run from before tunesmith plan)"]
+    gb = lambda b: "-" if b is None else f"{b / 2**30:.2f} GB"  # noqa: E731
+    rate = lambda r: "-" if r is None else f"{r:,.0f}"  # noqa: E731
+    peak = measured.get("peak_memory_bytes")
+    rows = [{"": "memory per device", "estimated": gb(plan.get("memory_bytes")), "measured": gb(peak),
+             "error": _error(plan.get("memory_bytes"), peak)},
+            {"": "tokens/s", "estimated": rate(plan.get("tokens_per_s")), "measured": rate(measured.get("tokens_per_s")),
+             "error": _error(plan.get("tokens_per_s"), measured.get("tokens_per_s"))}]
+    return [f"plan vs measured (memory measured as {measured.get('peak_memory_source') or 'nothing'}; "
+            f"plan for {plan.get('device')}):", *("  " + line for line in table(rows, ["", "estimated", "measured",
+                                                                                           "error"]).splitlines())]
 
 
 def compare_runs(runs: list[Path], plot: Path | None = None) -> str:

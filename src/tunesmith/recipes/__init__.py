@@ -87,14 +87,15 @@ def recipe_for(cfg) -> Callable:
     return get_recipe(cfg.objective.name).run
 
 
-def run_recipe(cfg, resume: bool = False):
+def run_recipe(cfg, resume: bool = False, force: bool = False):
     """Train `cfg` in this process: alone, or as one rank of a launched run (the process group
-    lives as long as the run, and is destroyed on every way out)."""
+    lives as long as the run, and is destroyed on every way out). force: start it even when its
+    plan says it will not fit (recipes/preflight.py)."""
     from tunesmith.training.distributed.group import check_split, process_group
 
     with process_group(cfg.train.distributed) as (_, size):
         check_split(cfg.train, size)
-        return recipe_for(cfg)(cfg, resume=resume)
+        return recipe_for(cfg)(cfg, resume=resume, force=force)
 
 
 def _covers(keys, dotted: str) -> bool:

@@ -218,13 +218,14 @@ def encode_pairs(tokenizer, examples, max_length: int, source: str, first_index:
     return items
 
 
-def run_dpo(cfg: Config, resume: bool = False) -> Path:
+def run_dpo(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     """setup -> (reference) -> train -> save; the run directory has the SFT recipe's shape."""
     from tunesmith.data.templates import apply_template
     from tunesmith.errors import ConfigError
     from tunesmith.methods import count_parameters, get_method
     from tunesmith.models.load import load_model, load_tokenizer
     from tunesmith.models.registry import resolve_model, sha256_file
+    from tunesmith.recipes.preflight import check_plan
     from tunesmith.recipes.sft import (apply_process_settings, check_context, data_files_of, load_split,
                                        load_training_examples, metrics_logger, model_attention, prepare_model)
     from tunesmith.training.device import choose_placement
@@ -266,6 +267,8 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
 
     placement = choose_placement(tcfg.precision)
     print(f"device: {placement.reason}", flush=True)
+    plan = check_plan(cfg, force, [it.n_tokens for it in items],  # a pair's tokens: chosen + rejected
+                      longest=max((len(it.input_ids) for it in items), default=0))
     model = load_model(resolved.path, dtype=placement.frozen_dtype(method), trust_remote_code=cfg.model.trust_remote_code,
                        attention=model_attention(cfg, resolved.path, placement), **method.load_kwargs(cfg.method))
     precompute = spec.needs_reference and (obj.reference == "precomputed" or not adapter)
@@ -312,7 +315,8 @@ def run_dpo(cfg: Config, resume: bool = False) -> Path:
             end = evaluated["metrics"] if ran else evaluator()
         if not is_main():
             return run.final
-        manifest = manifest_base("dpo", run, resolved, (trainable, total), started, result, placement)
+        manifest = manifest_base("dpo", run, resolved, (trainable, total), started, result, placement,
+                                 plan and plan.record())
         manifest.update({
             "objective": obj.model_dump(),
             "data": {"formats": dict(data.formats), "chat_template": template, "pairs": len(items),

@@ -35,6 +35,7 @@ from tunesmith.training.concurrent import has_dropout
 from tunesmith.training.device import (choose_placement, compile_decoder_layers, set_malloc_mmap_threshold,
                                       trainable_in_fp32)
 from tunesmith.training.run import manifest_base, open_run, save_run_outputs
+from tunesmith.recipes.preflight import check_plan
 
 
 def load_split(cfg: Config, spec: str):
@@ -177,7 +178,7 @@ def with_task_evaluation(cfg: Config, loop_cfg, model, tokenizer, run_dir: Path,
     return loop_cfg, task_evaluator(cfg, model, tokenizer, run_dir, base)
 
 
-def run_sft(cfg: Config, resume: bool = False) -> Path:
+def run_sft(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     started = now_iso()
     tcfg = cfg.train
     apply_process_settings(tcfg)
@@ -201,6 +202,8 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
 
     placement = choose_placement(tcfg.precision)
     print(f"device: {placement.reason}", flush=True)
+    plan = check_plan(cfg, force, [len(e.input_ids) for e in train_set],  # packed rows are max_length long
+                      longest=cfg.data.max_length if cfg.data.packing else None)
     method = get_method(cfg.method.name)
     model = load_model(resolved.path, dtype=placement.frozen_dtype(method), trust_remote_code=cfg.model.trust_remote_code,
                        attention=model_attention(cfg, resolved.path, placement), **method.load_kwargs(cfg.method))
@@ -235,7 +238,8 @@ def run_sft(cfg: Config, resume: bool = False) -> Path:
         save_run_outputs(run, model, tokenizer, strategy)
         if not is_main():
             return run.final
-        manifest = manifest_base("sft", run, resolved, (trainable, total), started, result, placement)
+        manifest = manifest_base("sft", run, resolved, (trainable, total), started, result, placement,
+                                 plan and plan.record())
         manifest["data"] = {
             "formats": dict(train_data.formats), "chat_template": template, "invalid_rows": len(train_data.invalid),
             "files_sha256": {str(p): sha256_file(p) for p in data_files_of(cfg)}, "train_examples": len(train_set),

@@ -143,3 +143,30 @@ def set_malloc_mmap_threshold(nbytes: int) -> bool:
         return bool(libc.mallopt(m_mmap_threshold, int(nbytes)))
     except (OSError, AttributeError):
         return False
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring a run's peak memory (on CUDA; a CPU process's peak RSS cannot be reset, and the
+    plan's CPU estimate includes the interpreter and everything loaded before training anyway)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured): on CUDA the caching allocator's peak reserved memory on this rank's
+    device since reset_peak_memory (the CUDA context and other processes not included); on CPU the
+    process's peak resident set (VmHWM, else getrusage's ru_maxrss)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device), "torch.cuda.max_memory_reserved (CUDA context not included)"
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "peak RSS (VmHWM) of the process"
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss * (1 if sys.platform == "darwin" else 1024), "peak RSS (ru_maxrss) of the process"

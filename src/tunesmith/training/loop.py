@@ -16,7 +16,7 @@ from tunesmith.data.pack import PackedRow
 from tunesmith.data.tokenize import Encoded
 from tunesmith.errors import TunesmithError
 from tunesmith.training.checkpoint import TrainState, checkpoint_dirs
-from tunesmith.training.device import Placement, choose_placement
+from tunesmith.training.device import Placement, choose_placement, peak_memory, reset_peak_memory
 from tunesmith.training import interrupt
 from tunesmith.training.distributed import global_count, sum_scalar, world
 from tunesmith.training.distributed.strategy import Strategy
@@ -43,6 +43,7 @@ class TrainResult:
     resumed_from: int | None = None
     resumed_tokens: int = 0  # tokens trained before this process (by the run it resumed)
     state_bytes: dict | None = None  # this rank's weights and optimizer state, in bytes (see held_bytes)
+    peak_memory: tuple[int, str] | None = None  # this rank's peak memory during training, and what measured it
 
     @property
     def tokens_per_s(self) -> float:
@@ -212,6 +213,7 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
     take the steps, see the examples in the order and log the losses of one process."""
     steps = logger.total_steps
     placement = placement or choose_placement(tcfg.precision)
+    reset_peak_memory(placement.device)  # what the plan's memory estimate is checked against
     strategy = strategy or Strategy(placement, None)
     module = strategy.prepare(model, loss_fn)  # the model with its loss, wrapped for the strategy
     optimizer = strategy.make_optimizer(module, tcfg)  # frozen weights get no optimizer state
@@ -273,7 +275,7 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
     seconds = time.perf_counter() - logger.start
     return TrainResult(state.step, logger.tokens, logger.trained_tokens, loss_value, val_loss, seconds,
                        stopper.best_step, stopped, None if resume is None else int(resume.name.split("-")[1]),
-                       resumed_tokens, held_bytes(module, optimizer))
+                       resumed_tokens, held_bytes(module, optimizer), peak_memory(placement.device))
 
 
 def held_bytes(module, optimizer) -> dict:

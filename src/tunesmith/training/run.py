@@ -115,9 +115,13 @@ def save_run_outputs(run: OpenRun, model, tokenizer, strategy=None) -> None:
 
 
 def manifest_base(kind: str, run: OpenRun, resolved_model, parameters: tuple[int, int], started: str,
-                  result, placement) -> dict:
-    """The manifest fields every run has; recipes add their data and objective sections."""
+                  result, placement, plan: dict | None = None) -> dict:
+    """The manifest fields every run has; recipes add their data and objective sections. `plan`: the
+    estimate made before the run (the recipe's plan record, None when none could be made), kept
+    beside what the run measured so `tunesmith runs show` and benchmarks/plan_accuracy.py can say
+    how far off it was."""
     trainable, total = parameters
+    peak, peak_source = result.peak_memory or (None, None)
     return {
         "kind": kind, "run_name": run.name, "versions": versions(),
         "model": resolved_model.record(),  # id, source, path, sha256 (+ repo for a hub alias)
@@ -130,4 +134,7 @@ def manifest_base(kind: str, run: OpenRun, resolved_model, parameters: tuple[int
         "final_loss": result.final_loss, "best_step": result.best_step, "stopped_early": result.stopped_early,
         "resumed_from_step": result.resumed_from, "precision": placement.precision, "device": str(placement.device),
         "processes": world()[1], "memory_rank0": result.state_bytes,
+        "plan": plan,
+        "measured": {"peak_memory_bytes": peak, "peak_memory_source": peak_source,
+                     "tokens_per_s": round(result.tokens_per_s, 2), "seconds": round(result.seconds, 2)},
     }
