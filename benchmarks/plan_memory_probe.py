@@ -42,6 +42,9 @@ CASES = {
     "full-1024-gc": (["method.name=full", "data.max_length=1024", "train.gradient_checkpointing=true"], "text"),
     "dpo-lora-512": (["objective.name=dpo", "data.max_length=512", "train.batch_size=1"], "pairs"),
     "qlora-256": (["method.name=qlora"], "text"),
+    "lora-512-dropout": (["data.max_length=512", "method.dropout=0.1"], "text"),
+    "lora-512-eager": (["data.max_length=512", "model.attn_implementation=eager"], "text"),
+    "full-1024": (["method.name=full", "data.max_length=1024"], "text"),
 }
 
 
@@ -125,6 +128,8 @@ def main(argv=None) -> int:
             overrides, kind = CASES[name]
             cfg = json.loads(json.dumps(BASE))
             cfg["data"]["train"] = f"{kind}.jsonl"
+            if kind == "pairs":  # preference training scores the replies only
+                del cfg["data"]["train_on"]
             cfg["train"]["max_steps"] = args.steps
             cfg["run"] = {"name": name, "output_dir": str(tmp / "runs")}
             (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))

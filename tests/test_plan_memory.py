@@ -220,3 +220,19 @@ def test_activation_figure_matches_saved_tensor_hooks(case):
     w = resolve_workload(cfg(*over), device)
     assert w.base_dtype_bytes == (2 if dtype != torch.float32 else 4)
     assert layer_bytes(shape, counts, w) == pytest.approx(measured, rel=0.20)
+
+
+def test_qlora_on_cpu_counts_the_mapped_checkpoint_and_workload_reads_the_model_config():
+    from transformers import LlamaConfig
+
+    lora, _ = plan(device=CPU)
+    qlora, w = plan(("method.name=qlora",), counts=QLORA_COUNTS, device=CPU)
+    assert w.checkpoint_dtype_bytes == 2.0  # no config: a hub checkpoint's bf16
+    slack = lambda e: int(0.10 * (e.components["activations"] + e.components["logits"]))  # noqa: E731
+    assert qlora.components["overhead"] - slack(qlora) == lora.components["overhead"] - slack(lora) + 2 * BASE_8B
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=256, dtype="float32")
+    w = resolve_workload(cfg("method.target_modules=all-linear"), CPU, model_config=config)
+    assert w.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert w.checkpoint_dtype_bytes == 4.0 and w.lora_r == 16
+    assert resolve_workload(cfg("method.name=full"), CPU, model_config=config).lora_targets == ()

@@ -168,9 +168,12 @@ def layer_bytes(shape, counts, w, notes=None) -> float:
         per += shape.heads * w.seq_len * score + 2 * (shape.q_width - shape.kv_width) * b
         why.append(f"+ eager attention's L x L scores (heads x {w.seq_len} x {score} bytes/token)")
     if notes is not None:
+        dtype_why = {ACT_BYTES["half_base"]: ", half base: autocast keeps RMSNorm's fp32 upcast and PEFT's fp32 "
+                                             "adapter inputs beside the half copies",
+                     ACT_BYTES["fp32_base_autocast"]: ", fp32 weights under autocast: the residual stream stays fp32 "
+                                                      "and autocast saves half copies beside it"}
         notes.append(f"activations: {' '.join(why)} x {b:g} bytes/element ({w.precision}"
-                     + ("" if w.precision == "fp32" else ", autocast keeps RMSNorm's fp32 upcast and PEFT's fp32 "
-                                                        "adapter inputs beside the half copies") + f"), attention "
+                     + (dtype_why.get(b, "") if w.precision != "fp32" else "") + f"), attention "
                      f"{w.attention}" + (": no L x L scores kept" if w.attention != "eager" else ""))
     return per
 
@@ -256,18 +259,29 @@ def _kv_cache(shape, w, transient: int, notes) -> int:
     return int(extra)
 
 
-def _overhead_cpu(w, tensors: int, device, notes) -> int:
+def _overhead_cpu(w, tensors: int, device, notes, counts=None) -> int:
     base, source = CPU_BASE, "constant (measured on this project's machines)"
     if device.source == "probe":
         import psutil
 
-        base, source = max(CPU_BASE, psutil.Process().memory_info().rss), "this process's RSS now"
+        rss = psutil.Process().memory_info().rss
+        # only an imports-only process measures the framework: one that has loaded a model or data already
+        # would count them twice (they are components of their own)
+        if CPU_BASE / 2 <= rss <= 2 * CPU_BASE:
+            base, source = rss, "this process's RSS now"
     data = w.data_tokens * DATA_BYTES_PER_TOKEN
     slack = int(CPU_SLACK * tensors)
+    mapped = 0
+    if w.quantized and counts is not None:
+        # quantizing reads every weight of the memory-mapped checkpoint; the file stays mapped while the
+        # unquantized weights (embeddings, norms) view it, so its pages stay resident (clean: reclaimable)
+        mapped = int(counts.base * w.checkpoint_dtype_bytes)
+        notes.append(f"overhead: QLoRA on CPU keeps the checkpoint file mapped and resident ({_gb(mapped)}, "
+                     f"{w.checkpoint_dtype_bytes:g} bytes per weight): counted in RSS, reclaimable under pressure")
     notes.append(f"overhead: python+torch+transformers+peft {_gb(base)} ({source}), tokenizer {_gb(CPU_TOKENIZER)}, "
                  f"data {w.data_tokens:,} tokens x {DATA_BYTES_PER_TOKEN} bytes, allocator slack "
                  f"{CPU_SLACK:.0%} of activations+logits")
-    return base + CPU_TOKENIZER + data + slack
+    return base + CPU_TOKENIZER + data + slack + mapped
 
 
 # --- the estimate ----------------------------------------------------------------------------------
@@ -289,7 +303,7 @@ def estimate_memory(shape, counts, workload, device) -> MemoryEstimate:
         notes.append(f"overhead: CUDA context {_gb(CUDA_CONTEXT)} (0.5-1 GiB with lazy module loading: kernels, "
                      f"cuBLAS workspace; outside torch's allocator) + caching-allocator slack {CUDA_SLACK:.0%}")
     else:
-        c["overhead"] = _overhead_cpu(w, c["activations"] + c["logits"], device, notes)
+        c["overhead"] = _overhead_cpu(w, c["activations"] + c["logits"], device, notes, counts)
     return MemoryEstimate({k: int(v) for k, v in c.items()}, device.memory_bytes, host, tuple(notes))
 
 

@@ -52,6 +52,7 @@ class Workload:
     trained_len: int = 0                   # trained tokens of the longest sequence (0: unknown, seq_len assumed)
     data_tokens: int = 0                   # tokens of the encoded training data held in memory (0: unknown)
     generation: tuple[tuple[int, int], ...] = ()  # eval.during_training generation tasks: (batch_size, max_new_tokens)
+    checkpoint_dtype_bytes: float = 2.0    # bytes per weight in the model's files (config dtype; hub models: bf16)
 
     @property
     def trains_adapter(self) -> bool:
@@ -109,12 +110,22 @@ def resolve_workload(cfg, device: Device, world: int = 1, full_training_bytes: i
         lora_dropout=cfg.method.dropout if cfg.method.name in LOW_RANK else 0.0,
         lora_targets=_lora_targets(cfg.method, model_config) if cfg.method.name in LOW_RANK else (),
         attention="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
-        trained_len=trained_len, data_tokens=data_tokens,
+        trained_len=trained_len, data_tokens=data_tokens, checkpoint_dtype_bytes=_file_dtype_bytes(model_config),
         generation=tuple((task.batch_size, task.max_new_tokens) for task in cfg.eval.tasks
                          if cfg.eval.during_training and task.kind == "generation"))
 
 
 LOW_RANK = ("lora", "dora", "qlora")
+
+
+def _file_dtype_bytes(model_config) -> float:
+    """Bytes per weight of the checkpoint files, from the config's dtype (bf16 when it names none)."""
+    import torch
+
+    dtype = getattr(model_config, "dtype", None) if model_config is not None else None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return float(dtype.itemsize) if isinstance(dtype, torch.dtype) else 2.0
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
