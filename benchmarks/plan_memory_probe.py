@@ -65,13 +65,13 @@ def write_data(path: Path, kind: str, n: int = 8) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
-def peak_rss(cmd: list[str], cwd: Path, log: Path) -> tuple[int, int, float]:
+def peak_rss(cmd: list[str], cwd: Path, log: Path, env: dict | None = None) -> tuple[int, int, float]:
     """(peak RSS in bytes of the process and its children, exit code, seconds)."""
     import psutil
 
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         peak = 0
         while proc.poll() is None:
             total = 0
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
             cfg["run"] = {"name": name, "output_dir": str(tmp / "runs")}
             (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
             cmd = [sys.executable, "-m", "tunesmith", "train", f"{name}.yaml", *overrides]
-            measured, rc, secs = peak_rss(cmd, tmp, tmp / f"{name}.log")
+            measured, rc, secs = peak_rss(cmd, tmp, tmp / f"{name}.log", env)
             if rc != 0:
                 print(f"{name}: failed (exit {rc}):\n" + (tmp / f"{name}.log").read_text()[-2000:])
                 continue

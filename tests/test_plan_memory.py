@@ -150,10 +150,9 @@ def test_dpo_pairs_double_activations_and_generation_adds_only_beyond_the_step()
     w2 = resolve_workload(parse_config(data), H100)
     gen = estimate_memory(LLAMA8B, LORA_COUNTS, w2, H100)
     need = 64 * (512 + 2048) * 2 * 32 * 1024 * 2 + 64 * 128256 * 4
-    step = sft.components["activations"]  # batch 4 above: recompute the transient of this workload
     base = estimate_memory(LLAMA8B, LORA_COUNTS, resolve_workload(cfg(), H100), H100).components
     assert gen.components["kv_cache"] == max(0, need - (base["activations"] + base["logits"] + base["gradients"]))
-    assert gen.components["kv_cache"] > 0 and step > 0
+    assert gen.components["kv_cache"] > 0
 
 
 def test_8bit_optimizer_about_2_bytes_and_cpu_micro_batches():
