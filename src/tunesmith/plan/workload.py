@@ -44,6 +44,15 @@ class Workload:
     packing: bool
     train_on: str               # data.train_on: which tokens are trained (the LM head runs on those only)
     strategy_reason: str = ""
+    # added by the memory helper (defaults keep older constructors working)
+    lora_r: int = 0                        # LoRA family rank (0: no low-rank adapters)
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()     # module names that get an adapter (all-linear resolved by the family table)
+    attention: str = "sdpa"                # sdpa | flash_attention_2 | eager (eager keeps L x L scores)
+    trained_len: int = 0                   # trained tokens of the longest sequence (0: unknown, seq_len assumed)
+    data_tokens: int = 0                   # tokens of the encoded training data held in memory (0: unknown)
+    generation: tuple[tuple[int, int], ...] = ()  # eval.during_training generation tasks: (batch_size, max_new_tokens)
+    checkpoint_dtype_bytes: float = 2.0    # bytes per weight in the model's files (config dtype; hub models: bf16)
 
     @property
     def trains_adapter(self) -> bool:
@@ -66,10 +75,13 @@ def precision_for(precision: str, device: Device) -> str:
 
 
 def resolve_workload(cfg, device: Device, world: int = 1, full_training_bytes: int | None = None,
-                     seq_len: int | None = None) -> Workload:
+                     seq_len: int | None = None, model_config=None, trained_len: int = 0,
+                     data_tokens: int = 0) -> Workload:
     """The Workload of Config `cfg` on `world` devices like `device`. full_training_bytes: what
     full fine-tuning holds on one rank (strategy auto picks fsdp above 70% of a device, as training
-    does); seq_len: the longest sequence, when the data is known (else data.max_length)."""
+    does); seq_len: the longest sequence, when the data is known (else data.max_length);
+    model_config: the transformers config (resolves LoRA's all-linear targets from the family table);
+    trained_len / data_tokens: the longest sequence's trained tokens and the data's tokens, when known."""
     t, dist = cfg.train, cfg.train.distributed
     precision = precision_for(t.precision, device)
     quantized = cfg.method.name == "qlora"
@@ -77,12 +89,8 @@ def resolve_workload(cfg, device: Device, world: int = 1, full_training_bytes: i
 
     adapter = get_method(cfg.method.name).saves == "adapter"
     frozen_bytes = 2.0 if (device.kind == "cuda" and precision != "fp32" and adapter) else 4.0
-    micro = t.micro_batch if t.micro_batch != "auto" else ("example" if device.kind == "cpu" else "batch")
-    if micro == "example":
-        per_forward, parallel = 1, (t.parallel_examples or (2 if device.kind == "cpu" else 1))
-    else:
-        per_forward, parallel = t.batch_size, 1
     strategy, reason = _strategy(dist, adapter, world, device, full_training_bytes)
+    per_forward, parallel = _forward_shape(cfg, device, world, strategy)
     ds = dist.deepspeed
     return Workload(
         method=cfg.method.name, objective=cfg.objective.name, loss=cfg.objective.loss, device_kind=device.kind,
@@ -98,7 +106,55 @@ def resolve_workload(cfg, device: Device, world: int = 1, full_training_bytes: i
         offload_params=(strategy == "deepspeed" and ds.offload_params == "cpu")
         or (strategy == "fsdp" and dist.fsdp_cpu_offload),
         world=world, epochs=t.epochs, max_steps=t.max_steps, packing=cfg.data.packing, train_on=cfg.data.train_on,
-        strategy_reason=reason)
+        strategy_reason=reason, lora_r=cfg.method.r if cfg.method.name in LOW_RANK else 0,
+        lora_dropout=cfg.method.dropout if cfg.method.name in LOW_RANK else 0.0,
+        lora_targets=_lora_targets(cfg.method, model_config) if cfg.method.name in LOW_RANK else (),
+        attention="eager" if cfg.model.attn_implementation == "eager" else "sdpa",
+        trained_len=trained_len, data_tokens=data_tokens, checkpoint_dtype_bytes=_file_dtype_bytes(model_config),
+        generation=tuple((task.batch_size, task.max_new_tokens) for task in cfg.eval.tasks
+                         if cfg.eval.during_training and task.kind == "generation"))
+
+
+LOW_RANK = ("lora", "dora", "qlora")
+
+
+def _file_dtype_bytes(model_config) -> float:
+    """Bytes per weight of the checkpoint files, from the config's dtype (bf16 when it names none)."""
+    import torch
+
+    dtype = getattr(model_config, "dtype", None) if model_config is not None else None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return float(dtype.itemsize) if isinstance(dtype, torch.dtype) else 2.0
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _lora_targets(method_cfg, model_config) -> tuple[str, ...]:
+    if method_cfg.target_modules != "all-linear":
+        return tuple(method_cfg.target_modules)
+    from tunesmith.models.families import family_of
+
+    family = family_of(model_config) if model_config is not None else None
+    return tuple(family.linear_modules) if family is not None else LLAMA_LINEAR
+
+
+def _forward_shape(cfg, device: Device, world: int, strategy: str) -> tuple[int, int]:
+    """(sequences padded into one forward, forwards whose activations are alive at once) as training
+    decides them: recipes/sft.py micro_batching and training/loop.py _forwards. Preference objectives
+    (recipes/dpo.py) always run padded micro-batches of batch_size pairs, whatever train.micro_batch."""
+    t = cfg.train
+    per_step = t.batch_size * t.grad_accum
+    share = -(-per_step // world)  # a rank's share of the step: its forwards hold at most that
+    if cfg.objective.name in PAIRED_OBJECTIVES:
+        return min(t.batch_size, share), 1
+    micro = t.micro_batch if t.micro_batch != "auto" else ("example" if device.kind == "cpu" else "batch")
+    if micro == "batch":
+        return min(t.batch_size, share), 1
+    # micro_batch=example: k examples per forward call, run in threads on CPU or one after the other
+    # elsewhere, but every one's graph is kept until the summed loss's backward (training/concurrent.py)
+    alone = device.kind == "cpu" and world == 1 and strategy not in ("fsdp", "deepspeed")
+    k = t.parallel_examples or max(d for d in (1, 2 if alone else 1) if per_step % d == 0)
+    return 1, k
 
 
 def _strategy(dist, adapter: bool, world: int, device: Device, full_bytes: int | None) -> tuple[str, str]:
