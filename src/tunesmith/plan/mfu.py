@@ -1,0 +1,120 @@
+"""The MFU a run is expected to reach: a default per (device kind, precision, method kind) taken from
+tunesmith's own measured runs, corrected on CPUs for the model's matmul widths, and corrected by
+the runs already made under the config's run.output_dir (their manifests' planned vs measured
+tokens/s) when there are any for the same kind of device.
+
+MFU here is model FLOP/s (throughput.py's formula) over the device's dense peak: on a CPU, the fp32
+rate of a square matmul probe (devices.matmul_gflops), the rate benchmarks/_machine.py prints.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+# (device kind, precision, kind) -> (low, expected, high), where the figure comes from.
+# CPU figures: the README's idle 2-core AMD EPYC runs of SmolLM2-135M on GSM8K, model FLOP/s by
+# throughput.py's formula over the matmul probe measured in the same benchmark run:
+#   adapter: benchmarks/sft_vs_trl.py, LoRA r=16, defaults, 188 tokens/s at 186.5 GFLOP/s;
+#   full:    benchmarks/scaling.py, full fine-tuning, 1 process, 124.2 tokens/s at 186.3 GFLOP/s;
+#   dpo:     benchmarks/dpo_vs_trl.py, sigmoid DPO with LoRA r=16, 87.0 tokens/s at 144.6 GFLOP/s.
+# CUDA figures: no tunesmith GPU run measured yet: typical single-GPU HF/PEFT training
+# (full 35-45% of dense bf16 peak on large models; LoRA lower: frozen weights do 2/3 of the work in
+# fewer, smaller kernels); the range is wide on purpose until a measured run corrects it.
+# model FLOPs per token of those runs (plan/work.py on their data: 543.4 / 760.3 / 939.0 MFLOP) x tokens/s
+# over the probe: MFU 0.548 / 0.507 / 0.565; the range is the run-to-run spread seen in the README (~15%).
+README_CPU = {"adapter": (188.0, 186.5, 0.548), "full": (124.2, 186.3, 0.507), "dpo": (87.0, 144.6, 0.565)}
+DEFAULTS: dict[tuple[str, str, str], tuple[tuple[float, float, float], str]] = {
+    ("cpu", "fp32", "adapter"): ((0.47, 0.55, 0.63), "README: sft_vs_trl.py LoRA r=16 on a 2-core EPYC, 188 tok/s"),
+    ("cpu", "fp32", "full"): ((0.43, 0.51, 0.58), "README: scaling.py full fine-tuning on a 2-core EPYC, 124 tok/s"),
+    ("cpu", "fp32", "dpo"): ((0.48, 0.57, 0.65), "README: dpo_vs_trl.py sigmoid DPO, LoRA r=16, on a 2-core EPYC, 87 tok/s"),
+    ("cuda", "bf16", "adapter"): ((0.15, 0.30, 0.45), "assumed (no tunesmith GPU run measured yet)"),
+    ("cuda", "bf16", "full"): ((0.20, 0.38, 0.50), "assumed (no tunesmith GPU run measured yet)"),
+    ("cuda", "bf16", "qlora"): ((0.10, 0.20, 0.32), "assumed: LoRA's, less bitsandbytes' 4-bit dequantisation "
+                                                    "(no tunesmith GPU run measured yet)"),
+}
+# the model the CPU defaults were measured on (SmolLM2-135M) and the tokens per forward there
+REFERENCE_WIDTHS = (576, 1536)
+PROBE_TOKENS = 256
+
+
+def default_mfu(workload, device) -> tuple[tuple[float, float, float], str]:
+    kind = "full" if workload.method in ("full", "selective") else "adapter"
+    if workload.objective == "dpo" and device.kind == "cpu":
+        kind = "dpo"
+    if workload.quantized and device.kind == "cuda":
+        kind = "qlora"
+    precision = workload.precision if device.kind == "cuda" else "fp32"
+    if device.kind == "cuda" and precision == "fp16":
+        precision = "bf16"  # the same tensor cores: the same share of their peak
+    key = (device.kind, precision, kind)
+    if key not in DEFAULTS:  # CPU bf16/fp16: emulated on most CPUs, the fp32 figures over the fp32 rate
+        key = (device.kind, "fp32" if device.kind == "cpu" else "bf16", kind)
+    mfu, source = DEFAULTS[key]
+    return mfu, f"default for {key[0]} {key[1]} {key[2]} ({source})"
+
+
+def width_efficiency(shape, tokens: int = PROBE_TOKENS) -> float:
+    """How much faster this CPU runs the model's own matmuls than SmolLM2-135M's (where the CPU
+    defaults were measured): the rate of (tokens x hidden) @ (hidden x intermediate) over the same
+    at 576 x 1536, both probed now. Narrow layers leave a CPU's vector units and caches idle;
+    wide ones approach the square probe's rate."""
+    from tunesmith.plan.devices import matmul_gflops
+
+    d, f = min(shape.hidden, 4096), min(shape.intermediate, 8192)  # wider runs at the probe's rate
+    rd, rf = REFERENCE_WIDTHS
+    if (d, f) == (rd, rf):
+        return 1.0
+    probe = dict(rounds=3, repeats=2)
+    return matmul_gflops(f, m=tokens, k=d, **probe) / matmul_gflops(rf, m=tokens, k=rd, **probe)
+
+
+def local_ratios(output_dir: str | Path, device_kind: str) -> list[float]:
+    """measured / planned tokens/s of the runs under output_dir on the same kind of device."""
+    ratios = []
+    for manifest in sorted(Path(output_dir).glob("*/manifest.json")):
+        try:
+            m = json.loads(manifest.read_text())
+            plan, measured = m.get("plan") or {}, m.get("measured") or {}
+            if _kind(plan, m) not in (None, device_kind):
+                continue
+            expected, got = _tps(plan), _tps(measured)
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue  # a run without a readable plan says nothing about this one
+        if expected and got and expected > 0 and got > 0:
+            ratios.append(got / expected)
+    return ratios
+
+
+def _tps(section: dict) -> float | None:
+    value = section.get("tokens_per_s")
+    if value is None and isinstance(section.get("time"), dict):
+        value = section["time"].get("tokens_per_s")
+    if isinstance(value, (list, tuple)):  # (low, expected, high)
+        value = value[1] if len(value) == 3 else value[0]
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _kind(plan: dict, manifest: dict) -> str | None:
+    for value in (plan.get("device_kind"), (plan.get("device") or {}).get("kind") if isinstance(plan.get("device"), dict)
+                  else None, (manifest.get("placement") or {}).get("device") if isinstance(manifest.get("placement"), dict)
+                  else None):
+        if isinstance(value, str):
+            return "cuda" if value.startswith("cuda") else "cpu" if value.startswith("cpu") else value
+    return None
+
+
+def expected_mfu(shape, workload, device, cfg) -> tuple[tuple[float, float, float], str]:
+    (low, mid, high), source = default_mfu(workload, device)
+    if device.kind == "cpu" and device.source == "probe":
+        eff = min(max(width_efficiency(shape), 0.3), 1.6)
+        low, mid, high = (min(x * eff, 0.9) for x in (low, mid, high))
+        source += f" x {eff:.2f} (this CPU's matmul rate at the model's widths over SmolLM2-135M's)"
+    ratios = local_ratios(cfg.run.output_dir, device.kind)
+    if ratios:
+        r = statistics.median(ratios)
+        spread = (min(ratios) / r, max(ratios) / r) if len(ratios) > 1 else (low / mid, high / mid)
+        low, mid, high = mid * r * min(spread[0], 1.0), mid * r, mid * r * max(spread[1], 1.0)
+        source = (f"median of {len(ratios)} local run{'s' if len(ratios) > 1 else ''} in {cfg.run.output_dir} "
+                  f"(measured/planned {r:.2f}) x {source}")
+    return (low, mid, high), source
