@@ -229,3 +229,17 @@ def test_mfu_corrected_by_local_runs(tmp_path, tiny_model_dir):
     default = mfu.default_mfu(work, GPU)[0][1]
     assert mid == pytest.approx(default * 0.6) and source.startswith("median of 3 local runs")
     assert lo == pytest.approx(default * 0.5) and hi == pytest.approx(default * 0.8)
+
+
+def test_cpu_mfu_pays_a_fixed_cost_per_forward(tmp_path, tiny_model_dir):
+    """Short forwards lose more to the per-layer fixed cost; at the reference run's size the
+    default stands; a wide model (Llama-3.2-1B's layers) barely notices it."""
+    cfg = _cfg(tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", _rows(4)))
+    cpu = Device("CPU", "cpu", 8 * GIB, {"fp32": 0.18}, source="probe")
+    _, _, work = _plan_parts(cfg, cpu)
+    default = mfu.default_mfu(work, cpu)[0]
+    assert mfu.expected_mfu(SMOLLM2, work, cpu, cfg, forward_tokens=240)[0] == pytest.approx(default)
+    (lo, mid, hi), source = mfu.expected_mfu(SMOLLM2, work, cpu, cfg, forward_tokens=96)
+    assert mid == pytest.approx(0.74 * default[1], rel=0.01) and "96 tokens" in source
+    wide = ModelShape("llama", 2048, 16, 32, 8, 64, 8192, 128256, True, 131072)
+    assert 0.97 < mfu.overhead_factor(wide, 96, 240) < 1.0

@@ -1,5 +1,6 @@
 """The MFU a run is expected to reach: a default per (device kind, precision, method kind) taken from
-tunesmith's own measured runs, corrected on CPUs for the model's matmul widths, and corrected by
+tunesmith's own measured runs, corrected on CPUs for the fixed cost each forward pays per layer
+(short sequences of small models lose most to it), and corrected by
 the runs already made under the config's run.output_dir (their manifests' planned vs measured
 tokens/s) when there are any for the same kind of device.
 
@@ -33,17 +34,33 @@ DEFAULTS: dict[tuple[str, str, str], tuple[tuple[float, float, float], str]] = {
     ("cuda", "bf16", "qlora"): ((0.10, 0.20, 0.32), "assumed: LoRA's, less bitsandbytes' 4-bit dequantisation "
                                                     "(no tunesmith GPU run measured yet)"),
 }
-# the model the CPU defaults were measured on (SmolLM2-135M) and the tokens per forward there
+# Why not a matmul-width probe: single-threaded (how a CPU run's examples run, one thread each) the
+# rate of (m x hidden) @ (hidden x intermediate) was flat within this machine's noise from SmolLM2's
+# 576 x 1536 to a 1B model's 2048 x 8192 and from 48 to 512 tokens; two-thread probes at small m
+# measured thread synchronisation under load, which training does not pay.
+# the model the CPU defaults were measured on (SmolLM2-135M: hidden, intermediate) and the positions one
+# forward computed in each run (token-weighted: GSM8K examples one at a time; DPO: 4 pairs padded)
 REFERENCE_WIDTHS = (576, 1536)
-PROBE_TOKENS = 256
+REFERENCE_FORWARD = {"adapter": 240.0, "full": 240.0, "dpo": 2077.0}
+# Each forward + backward also pays a fixed cost per layer (operator dispatch, Python, LoRA's module
+# calls), worth about this many tokens of SmolLM2-135M's per-layer matmuls on a 2-core EPYC (fitted
+# from `tunesmith train` at max_length 96 vs 512 on this machine, alternated with the probe: the
+# shorter run reached 0.74x the tokens/s at the same matmul rate); a wider layer's share of it shrinks
+# with its matmul weights.
+OVERHEAD_TOKENS = 73.0
 
 
-def default_mfu(workload, device) -> tuple[tuple[float, float, float], str]:
+def mfu_kind(workload, device) -> str:
     kind = "full" if workload.method in ("full", "selective") else "adapter"
     if workload.objective == "dpo" and device.kind == "cpu":
         kind = "dpo"
     if workload.quantized and device.kind == "cuda":
         kind = "qlora"
+    return kind
+
+
+def default_mfu(workload, device) -> tuple[tuple[float, float, float], str]:
+    kind = mfu_kind(workload, device)
     precision = workload.precision if device.kind == "cuda" else "fp32"
     if device.kind == "cuda" and precision == "fp16":
         precision = "bf16"  # the same tensor cores: the same share of their peak
@@ -54,19 +71,15 @@ def default_mfu(workload, device) -> tuple[tuple[float, float, float], str]:
     return mfu, f"default for {key[0]} {key[1]} {key[2]} ({source})"
 
 
-def width_efficiency(shape, tokens: int = PROBE_TOKENS) -> float:
-    """How much faster this CPU runs the model's own matmuls than SmolLM2-135M's (where the CPU
-    defaults were measured): the rate of (tokens x hidden) @ (hidden x intermediate) over the same
-    at 576 x 1536, both probed now. Narrow layers leave a CPU's vector units and caches idle;
-    wide ones approach the square probe's rate."""
-    from tunesmith.plan.devices import matmul_gflops
+def overhead_factor(shape, forward_tokens: float, reference_tokens: float) -> float:
+    """Throughput at `forward_tokens` per forward relative to the reference run's, from the fixed
+    per-layer cost (OVERHEAD_TOKENS, scaled by the layer's matmul weights against SmolLM2's)."""
+    from tunesmith.plan.throughput import linear_weights
 
-    d, f = min(shape.hidden, 4096), min(shape.intermediate, 8192)  # wider runs at the probe's rate
     rd, rf = REFERENCE_WIDTHS
-    if (d, f) == (rd, rf):
-        return 1.0
-    probe = dict(rounds=3, repeats=2)
-    return matmul_gflops(f, m=tokens, k=d, **probe) / matmul_gflops(rf, m=tokens, k=rd, **probe)
+    ref_layer = 2 * rd * rd + 2 * rd * 192 + 3 * rd * rf  # SmolLM2-135M: q/o 576, k/v 192, mlp 1536
+    overhead = OVERHEAD_TOKENS * ref_layer / (linear_weights(shape) / shape.layers)
+    return (1 + overhead / reference_tokens) / (1 + overhead / max(forward_tokens, 1.0))
 
 
 def local_ratios(output_dir: str | Path, device_kind: str) -> list[float]:
@@ -104,12 +117,15 @@ def _kind(plan: dict, manifest: dict) -> str | None:
     return None
 
 
-def expected_mfu(shape, workload, device, cfg) -> tuple[tuple[float, float, float], str]:
+def expected_mfu(shape, workload, device, cfg, forward_tokens: float = 0.0) -> tuple[tuple[float, float, float], str]:
+    """(low, expected, high) MFU and where it comes from; forward_tokens: positions per forward
+    (plan/work.py), which on a CPU scales the default by overhead_factor."""
     (low, mid, high), source = default_mfu(workload, device)
-    if device.kind == "cpu" and device.source == "probe":
-        eff = min(max(width_efficiency(shape), 0.3), 1.6)
-        low, mid, high = (min(x * eff, 0.9) for x in (low, mid, high))
-        source += f" x {eff:.2f} (this CPU's matmul rate at the model's widths over SmolLM2-135M's)"
+    if device.kind == "cpu" and forward_tokens > 0:
+        fixed = overhead_factor(shape, forward_tokens, REFERENCE_FORWARD[mfu_kind(workload, device)])
+        low, mid, high = (min(x * fixed, 0.9) for x in (low, mid, high))
+        source += (f" x {fixed:.2f} (the fixed per-layer cost of a forward at {forward_tokens:.0f} tokens "
+                   "against the reference run's)")
     ratios = local_ratios(cfg.run.output_dir, device.kind)
     if ratios:
         r = statistics.median(ratios)

@@ -100,7 +100,7 @@ def estimate_time(shape, counts, workload, device, cfg, data: bool = True) -> Ti
     if rate is None:
         rate = device.tflops.get("fp32") or max(device.tflops.values(), default=0.0)
         notes.append(f"{device.name} has no {workload.precision} rate: its fp32 rate is used")
-    mfu, mfu_source = expected_mfu(shape, workload, device, cfg)
+    mfu, mfu_source = expected_mfu(shape, workload, device, cfg, work.forward_tokens)
     fpt = work.flops / max(work.tokens, 1)
     tps = tuple(rate * 1e12 * workload.world * m / fpt if fpt > 0 else 0.0 for m in mfu)
     return TimeEstimate(flops_per_token=fpt, tokens=work.tokens, tokens_source=work.source, steps=work.steps,

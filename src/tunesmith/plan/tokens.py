@@ -90,8 +90,8 @@ def _sample_examples(cfg) -> tuple[list, int]:
 
 
 def count_tokens(cfg, paired: bool) -> DataTokens | None:
-    """DataTokens of cfg's training data, or None (with the reason in the returned source of
-    `why_not`) when the tokenizer or the data is missing."""
+    """DataTokens of cfg's training data (pairs when `paired`), or None when the model's tokenizer or
+    the data is not on this machine (the caller then assumes max_length and says so)."""
     from tunesmith.data.sources import expand_source
 
     specs = [s.path for s in cfg.data.sources] or [cfg.data.train]

@@ -15,6 +15,7 @@ class RunWork:
     flops: float          # model FLOPs of the whole run
     source: str
     notes: tuple[str, ...] = ()
+    forward_tokens: float = 0.0  # positions one forward computes, token-weighted (a CPU's matmul rate depends on it)
 
 
 class _Len:  # what data.batching.epoch_batches reads of an item
@@ -71,10 +72,12 @@ def run_work(shape, counts, workload, cfg, data: bool = True) -> RunWork:
         batches = padded_widths(widths, workload.batch_size, cfg.train.seed)
         computed = sum(r * w * seqs for r, w in batches) + n * seqs * extra
         attn_len = sum(r * w * w for r, w in batches) / max(sum(r * w for r, w in batches), 1)
+        forward = sum((r * w * seqs) ** 2 for r, w in batches) / max(sum(r * w * seqs for r, w in batches), 1)
     else:
         computed = real + n * seqs * extra
         attn_len = sum(w * w for w in widths) / max(sum(widths), 1) if not paired else \
             sum(w * w for w in lengths) / max(real, 1)
+        forward = attn_len  # one sequence per forward
     if extra or virtual:
         notes.append(f"{virtual} virtual tokens per sequence ({workload.method} tuning)")
     # prefix/prompt tuning go through PEFT's forward: the head projects every position
@@ -87,6 +90,7 @@ def run_work(shape, counts, workload, cfg, data: bool = True) -> RunWork:
 
         rows_sample = len(best_fit_decreasing(lengths, max_len))
         loop_items = max(1, round(rows_sample * found.scale))
+        forward = real / rows_sample * workload.micro_batch  # packed rows of about this length per forward
         notes.append(f"packing: {loop_items} rows of up to {max_len} tokens")
     steps = total_steps(loop_items, cfg.train) if loop_items or cfg.train.max_steps else 0
     # micro-batches of the epoch hold loop_items / ceil(loop_items / batch) items on average (the
@@ -104,7 +108,7 @@ def run_work(shape, counts, workload, cfg, data: bool = True) -> RunWork:
     if paired and workload.loss == "kto":
         notes.append("KTO's mismatched KL rows are not counted")
     scale = drawn / n
-    return RunWork(steps, round(real * scale), round(computed * scale), flops, source, tuple(notes))
+    return RunWork(steps, round(real * scale), round(computed * scale), flops, source, tuple(notes), forward + extra)
 
 
 def _needs_reference(loss: str) -> bool:
