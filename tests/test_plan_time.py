@@ -208,7 +208,8 @@ def test_seconds_ordering_and_missing_data(tmp_path, tiny_model_dir):
     assert est.step_seconds == pytest.approx(mid / est.steps)
     assert est.tokens_per_s[1] == pytest.approx(312e12 * est.mfu[1] / est.flops_per_token)
     blind = estimate_time(*_plan_parts(cfg, GPU), GPU, cfg, data=False)
-    assert blind.tokens_source.startswith("max_length") and blind.steps == 0
+    assert blind.tokens_source.startswith("max_length") and blind.steps == 0 and blind.seconds[1] == math.inf
+    assert blind.flops_per_token > est.flops_per_token  # max_length positions cost more attention than short rows
     assert TimeEstimate(1.0, 10, "x", 1, 1.0, (0.1, 0.2, 0.3), "x", (0.0, 0.0, 0.0)).seconds[1] == math.inf
 
 

@@ -35,8 +35,8 @@ class TimeEstimate:
 
     @property
     def seconds(self) -> tuple[float, float, float]:
-        """Total seconds: (shortest, expected, longest)."""
-        return tuple(self.tokens / t if t > 0 else float("inf") for t in reversed(self.tokens_per_s))
+        """Total seconds: (shortest, expected, longest); inf when the run's tokens are not known."""
+        return tuple(self.tokens / t if t > 0 and self.tokens > 0 else float("inf") for t in reversed(self.tokens_per_s))
 
     @property
     def step_seconds(self) -> float:
@@ -101,7 +101,7 @@ def estimate_time(shape, counts, workload, device, cfg, data: bool = True) -> Ti
         rate = device.tflops.get("fp32") or max(device.tflops.values(), default=0.0)
         notes.append(f"{device.name} has no {workload.precision} rate: its fp32 rate is used")
     mfu, mfu_source = expected_mfu(shape, workload, device, cfg, work.forward_tokens)
-    fpt = work.flops / max(work.tokens, 1)
+    fpt = work.flops_per_token
     tps = tuple(rate * 1e12 * workload.world * m / fpt if fpt > 0 else 0.0 for m in mfu)
     return TimeEstimate(flops_per_token=fpt, tokens=work.tokens, tokens_source=work.source, steps=work.steps,
                         rate_tflops=rate, mfu=mfu, mfu_source=mfu_source, tokens_per_s=tps,

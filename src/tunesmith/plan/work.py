@@ -16,6 +16,7 @@ class RunWork:
     source: str
     notes: tuple[str, ...] = ()
     forward_tokens: float = 0.0  # positions one forward computes, token-weighted (a CPU's matmul rate depends on it)
+    flops_per_token: float = 0.0  # per real token (also known when the run's token count is not)
 
 
 class _Len:  # what data.batching.epoch_batches reads of an item
@@ -60,8 +61,9 @@ def run_work(shape, counts, workload, cfg, data: bool = True) -> RunWork:
         items = rows or 0
         lengths, widths = [max_len * seqs], [max_len]
         trained = max_len * seqs  # every position trained: the LM head's upper bound
-        source = (f"max_length ({max_len} tokens for each of {rows} rows; tokenizer not on this machine)" if rows
-                  else f"max_length ({max_len} tokens per example; the data was not read)")
+        why = "the data was not read" if not data else "the data or the model's tokenizer is not on this machine"
+        source = (f"max_length ({max_len} tokens for each of {rows} rows; the model's tokenizer is not on this "
+                  f"machine)" if rows else f"max_length ({max_len} tokens per example; {why})")
     virtual = cfg.method.num_virtual_tokens if workload.method in ("prefix", "prompt") else 0
     extra = virtual if workload.method == "prompt" else 0  # prompt tuning's virtual positions run every layer
     real = sum(lengths)
@@ -99,16 +101,20 @@ def run_work(shape, counts, workload, cfg, data: bool = True) -> RunWork:
     drawn = steps * workload.grad_accum * per_batch * (items / loop_items if loop_items else 1)
     flops = drawn * per_item_flops
     needs_ref = paired and _needs_reference(workload.loss)
+    ref_share = 1.0  # reference forwards per trained item
     if needs_ref:
         ref = reference_flops_per_token(shape, head_share, attn_len) * computed / n
         precomputed = workload.method in ("full", "selective") or cfg.objective.reference == "precomputed"
+        ref_share = items / drawn if precomputed and drawn else 1.0
         flops += ref * (items if precomputed else drawn)
+        per_item_flops += ref * ref_share
         notes.append("reference log-probs: " + ("one forward over every pair before training" if precomputed
                                                 else "a forward of the adapter-disabled base every step"))
     if paired and workload.loss == "kto":
         notes.append("KTO's mismatched KL rows are not counted")
     scale = drawn / n
-    return RunWork(steps, round(real * scale), round(computed * scale), flops, source, tuple(notes), forward + extra)
+    return RunWork(steps, round(real * scale), round(computed * scale), flops, source, tuple(notes), forward + extra,
+                   per_item_flops * n / real)
 
 
 def _needs_reference(loss: str) -> bool:
