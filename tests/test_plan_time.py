@@ -110,8 +110,8 @@ def test_benchmark_flops_unchanged_by_the_move():
         pytest.approx(11606962176000.0, rel=1e-12)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_flops_formula_matches_flop_counter(method):
+@pytest.mark.parametrize("method,checkpointing", [("full", False), ("lora", False), ("lora", True)])
+def test_flops_formula_matches_flop_counter(method, checkpointing):
     """Forward + backward of a tiny Llama (eager attention, loss on every position) counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -125,6 +125,9 @@ def test_flops_formula_matches_flop_counter(method):
     base = sum(p.numel() for p in model.parameters())
     model = get_method(method).build(model, MethodSection(name=method, r=8, alpha=16, dropout=0.0))
     added = sum(p.numel() for p in model.parameters()) - base
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     shape = ModelShape.from_config(model.config)
     batch, length = 2, 48
     ids = torch.randint(0, 256, (batch, length))
@@ -133,7 +136,7 @@ def test_flops_formula_matches_flop_counter(method):
     counted = counter.get_total_flops() / (batch * length)
     # eager attention computes the whole L x L square: the causal formula's length doubled
     expected = flops_per_token(shape, "full" if method == "full" else "lora", 1.0, 2 * length,
-                               adapter_params=added, frozen_input=method != "full")
+                               adapter_params=added, frozen_input=method != "full", checkpointing=checkpointing)
     assert expected == pytest.approx(counted, rel=0.03)
 
 
