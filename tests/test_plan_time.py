@@ -247,3 +247,28 @@ def test_cpu_mfu_pays_a_fixed_cost_per_forward(tmp_path, tiny_model_dir):
     assert mid == pytest.approx(0.74 * default[1], rel=0.01) and "96 tokens" in source
     wide = ModelShape("llama", 2048, 16, 32, 8, 64, 8192, 128256, True, 131072)
     assert 0.97 < mfu.overhead_factor(wide, 96, 240) < 1.0
+
+
+def test_cpu_default_is_the_readme_run(tmp_path, embedded_model):
+    """The adapter default is sft_vs_trl.py's README row re-derived: its 96 GSM8K rows planned with
+    this formula, x 188 tokens/s, over the 186.5 GFLOP/s probe of that run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _gsm8k import GSM8K, write_data
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    if not GSM8K.is_file():
+        pytest.skip("../shared/data is not here")
+    from tunesmith.config import parse_config
+
+    data = tmp_path / "gsm8k.jsonl"
+    write_data(data, 96)
+    cfg = parse_config({"model": {"name": "smollm2-135m-instruct"}, "data": {"train": str(data), "max_length": 512},
+                        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
+                        "train": {"epochs": 1, "batch_size": 8, "precision": "fp32"}})
+    cpu = Device("CPU", "cpu", 8 * GIB, {"fp32": 0.1865}, source="given")
+    est = estimate_time(*_plan_parts(cfg, cpu), cpu, cfg)
+    tps, gflops, measured = mfu.README_CPU["adapter"]
+    assert tps * est.flops_per_token / (gflops * 1e9) == pytest.approx(measured, abs=0.002)
+    assert mfu.DEFAULTS[("cpu", "fp32", "adapter")][0][1] == pytest.approx(measured, abs=0.005)
+    assert est.mfu[1] == pytest.approx(0.55, rel=1e-3)  # 240 tokens per forward: the reference run's own size

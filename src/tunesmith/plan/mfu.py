@@ -14,16 +14,16 @@ import statistics
 from pathlib import Path
 
 # (device kind, precision, kind) -> (low, expected, high), where the figure comes from.
-# CPU figures: the README's idle 2-core AMD EPYC runs of SmolLM2-135M on GSM8K, model FLOP/s by
-# throughput.py's formula over the matmul probe measured in the same benchmark run:
-#   adapter: benchmarks/sft_vs_trl.py, LoRA r=16, defaults, 188 tokens/s at 186.5 GFLOP/s;
-#   full:    benchmarks/scaling.py, full fine-tuning, 1 process, 124.2 tokens/s at 186.3 GFLOP/s;
-#   dpo:     benchmarks/dpo_vs_trl.py, sigmoid DPO with LoRA r=16, 87.0 tokens/s at 144.6 GFLOP/s.
+# CPU figures: the README's idle 2-core AMD EPYC runs of SmolLM2-135M, model FLOPs per token by
+# throughput.py's formula on each run's own data (plan/work.py: 543.4 / 760.3 / 939.0 MFLOP) x the
+# tokens/s, over the fp32 matmul probe measured in the same benchmark run:
+#   adapter: benchmarks/sft_vs_trl.py, LoRA r=16, defaults, 188 tokens/s at 186.5 GFLOP/s -> 0.548;
+#   full:    benchmarks/scaling.py, full fine-tuning, 1 process, 124.2 tokens/s at 186.3 GFLOP/s -> 0.507;
+#   dpo:     benchmarks/dpo_vs_trl.py, sigmoid DPO with LoRA r=16, 87.0 tokens/s at 144.6 GFLOP/s -> 0.565.
+# The range is about the run-to-run spread of the README's figures (~15%).
 # CUDA figures: no tunesmith GPU run measured yet: typical single-GPU HF/PEFT training
 # (full 35-45% of dense bf16 peak on large models; LoRA lower: frozen weights do 2/3 of the work in
 # fewer, smaller kernels); the range is wide on purpose until a measured run corrects it.
-# model FLOPs per token of those runs (plan/work.py on their data: 543.4 / 760.3 / 939.0 MFLOP) x tokens/s
-# over the probe: MFU 0.548 / 0.507 / 0.565; the range is the run-to-run spread seen in the README (~15%).
 README_CPU = {"adapter": (188.0, 186.5, 0.548), "full": (124.2, 186.3, 0.507), "dpo": (87.0, 144.6, 0.565)}
 DEFAULTS: dict[tuple[str, str, str], tuple[tuple[float, float, float], str]] = {
     ("cpu", "fp32", "adapter"): ((0.47, 0.55, 0.63), "README: sft_vs_trl.py LoRA r=16 on a 2-core EPYC, 188 tok/s"),
@@ -38,7 +38,8 @@ DEFAULTS: dict[tuple[str, str, str], tuple[tuple[float, float, float], str]] = {
 # rate of (m x hidden) @ (hidden x intermediate) was flat within this machine's noise from SmolLM2's
 # 576 x 1536 to a 1B model's 2048 x 8192 and from 48 to 512 tokens; two-thread probes at small m
 # measured thread synchronisation under load, which training does not pay.
-# the model the CPU defaults were measured on (SmolLM2-135M: hidden, intermediate) and the positions one
+
+# The model the CPU defaults were measured on (SmolLM2-135M: hidden, intermediate) and the positions one
 # forward computed in each run (token-weighted: GSM8K examples one at a time; DPO: 4 pairs padded)
 REFERENCE_WIDTHS = (576, 1536)
 REFERENCE_FORWARD = {"adapter": 240.0, "full": 240.0, "dpo": 2077.0}
