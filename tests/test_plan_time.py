@@ -223,9 +223,10 @@ def test_mfu_corrected_by_local_runs(tmp_path, tiny_model_dir):
         (runs / f"r{i}").mkdir(parents=True)
         (runs / f"r{i}" / "manifest.json").write_text(json.dumps(
             {"plan": {"tokens_per_s": planned, "device_kind": "cuda"}, "measured": {"tokens_per_s": measured}}))
-    (runs / "cpu-run").mkdir()
-    (runs / "cpu-run" / "manifest.json").write_text(json.dumps(
-        {"plan": {"tokens_per_s": 1, "device_kind": "cpu"}, "measured": {"tokens_per_s": 100}}))
+    for name, plan in [("cpu-run", {"tokens_per_s": 1, "device_kind": "cpu"}),
+                       ("cpu-by-name", {"tokens_per_s": 1, "device": "CPU (AMD EPYC, 2 cores)"})]:
+        (runs / name).mkdir()
+        (runs / name / "manifest.json").write_text(json.dumps({"plan": plan, "measured": {"tokens_per_s": 100}}))
     (runs / "broken").mkdir()
     (runs / "broken" / "manifest.json").write_text("{not json")
     shape, counts, work = _plan_parts(cfg, GPU)

@@ -110,11 +110,16 @@ def _tps(section: dict) -> float | None:
 
 
 def _kind(plan: dict, manifest: dict) -> str | None:
-    for value in (plan.get("device_kind"), (plan.get("device") or {}).get("kind") if isinstance(plan.get("device"), dict)
-                  else None, (manifest.get("placement") or {}).get("device") if isinstance(manifest.get("placement"), dict)
-                  else None):
+    """The device kind a run's plan was for: plan["device_kind"], plan["device"]["kind"], or the
+    device's name (plan/report.py records devices.Device.name: a CPU's is "CPU (...)")."""
+    device = plan.get("device")
+    placement = manifest.get("placement")
+    for value in (plan.get("device_kind"), device.get("kind") if isinstance(device, dict) else None,
+                  placement.get("device") if isinstance(placement, dict) else None):
         if isinstance(value, str):
             return "cuda" if value.startswith("cuda") else "cpu" if value.startswith("cpu") else value
+    if isinstance(device, str) and device:
+        return "cpu" if device.lower().startswith("cpu") else "cuda"
     return None
 
 
