@@ -14,51 +14,12 @@ across machines. Used as
 from __future__ import annotations
 
 import os
-import platform
-import time
 from pathlib import Path
 
+# one probe for the benchmarks and `tunesmith plan` (src/tunesmith/plan/devices.py)
+from tunesmith.plan.devices import cores, cpu_info, matmul_gflops  # noqa: F401 - re-exported to benchmarks
+
 FLAGS = ("avx2", "avx512_bf16", "amx_bf16")  # fp32 SIMD; native bf16 dot products; bf16 tile units
-
-
-def cpu_info() -> tuple[str, set[str]]:
-    """(CPU model name, its feature flags) from /proc/cpuinfo; (platform's name, empty) elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), set()
-    name, flags = "", set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and not name:
-            name = value.strip()
-        elif key.strip() in ("flags", "Features") and not flags:
-            flags = set(value.split())
-    return name or platform.machine(), flags
-
-
-def cores() -> int:
-    """Cores this process may run on (its affinity mask: a container's share, not the host's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def matmul_gflops(n: int = 2048, rounds: int = 5, repeats: int = 5) -> float:
-    """Best fp32 n x n matmul rate in GFLOP/s with torch's own thread count: the peak the
-    benchmarks' model FLOP/s (MFU) are divided by."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up: thread pool, kernel selection
-    best = 0.0
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            torch.mm(a, b)
-        best = max(best, 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e9)
-    return best
 
 
 def busy_cpu_seconds() -> float:

@@ -199,20 +199,15 @@ def trl_worker(data: Path, method: str, out: Path, overrides: dict, order: list[
 # --- measurement -----------------------------------------------------------------------------------
 
 def flops_per_token(method: str, head_share: float, mean_len: float) -> float:
-    """Model FLOPs per token of SmolLM2-135M (module docstring); head_share: the share of positions
-    whose hidden state goes through the LM head."""
-    from transformers import AutoConfig
-
+    """Model FLOPs per token of SmolLM2-135M (module docstring): `tunesmith plan`'s formula
+    (plan/throughput.py), without the adapter's own FLOPs, as this benchmark has always counted;
+    head_share: the share of positions whose hidden state goes through the LM head."""
     from tunesmith.models.registry import resolve_model
+    from tunesmith.plan.shapes import ModelShape, model_config
+    from tunesmith.plan.throughput import flops_per_token as plan_flops
 
-    c = AutoConfig.from_pretrained(resolve_model(MODEL).path)
-    d, f, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
-    kv = c.num_key_value_heads * (d // c.num_attention_heads)
-    linear = layers * (2 * d * d + 2 * d * kv + 3 * d * f)
-    head = c.vocab_size * d * head_share
-    passes = 6 if method == "full" else 4  # forward 2, activation grads 2, weight grads 2 (full only)
-    attention = 3 * layers * 2 * mean_len * d  # causal: 2*L*d forward per token and layer, x3 with backward
-    return passes * (linear + head) + attention
+    shape = ModelShape.from_config(model_config(str(resolve_model(MODEL).path))[0])
+    return plan_flops(shape, method, head_share, mean_len)
 
 
 def model_flops(method: str, r: dict) -> float:

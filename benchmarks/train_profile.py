@@ -56,19 +56,18 @@ def flops(model, batches, rank: int) -> float:
     2*L*d per layer and position forward (x3 with backward), the head on trained positions only."""
     import torch
 
-    cfg = model.config
-    layers, d = cfg.num_hidden_layers, cfg.hidden_size
-    base = lora = 0
-    for name, mod in model.named_modules():
-        if name.endswith("base_layer") and isinstance(mod, torch.nn.Linear):
-            base += mod.weight.numel()
-            lora += rank * (mod.in_features + mod.out_features)
+    from tunesmith.plan.shapes import ModelShape
+    from tunesmith.plan.throughput import flops_per_token  # the formula `tunesmith plan` uses
+
+    shape = ModelShape.from_config(model.config)
+    lora = sum(rank * (mod.in_features + mod.out_features) for name, mod in model.named_modules()
+               if name.endswith("base_layer") and isinstance(mod, torch.nn.Linear))
     total = 0.0
     for b in batches:
         n = b["input_ids"].shape[1]
         trained = int((b["labels"][0, 1:] != -100).sum())
-        total += n * (4 * base + 6 * lora) + 3 * 2 * layers * d * n * n / 2 * 2  # causal QK^T and AV
-        total += trained * 4 * d * cfg.vocab_size
+        # one sequence of n positions: causal attention over n, the head on its trained positions
+        total += n * flops_per_token(shape, "lora", trained / n, n, adapter_params=lora)
     return total
 
 
