@@ -67,7 +67,9 @@ def run_one(name: str, overrides: dict, data: Path, tmp: Path, steps: int) -> di
     cfg = merged(BASE, overrides)
     cfg["data"]["train"] = str(data)
     cfg["train"]["max_steps"] = steps
-    cfg["run"] = {"output_dir": str(tmp / "runs"), "name": name}
+    # a run directory of its own: the planner corrects its MFU by the runs it finds beside it
+    # (plan/mfu.py local_ratios), and each estimate here must be the plan's own
+    cfg["run"] = {"output_dir": str(tmp / "runs" / name), "name": name}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([sys.executable, "-m", "tunesmith", "train", str(path), "--force"],
@@ -76,7 +78,7 @@ def run_one(name: str, overrides: dict, data: Path, tmp: Path, steps: int) -> di
         raise SystemExit(f"{name}: tunesmith train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                          f"{proc.stderr[-3000:]}")
     summary = next((line for line in proc.stdout.splitlines() if line.startswith("plan:")), "")
-    manifest = json.loads((tmp / "runs" / name / "manifest.json").read_text())
+    manifest = json.loads((tmp / "runs" / name / name / "manifest.json").read_text())
     plan, measured = manifest["plan"], manifest["measured"]
     return {"name": name, "summary": summary,
             "memory_est": plan["memory_bytes"], "memory_meas": measured["peak_memory_bytes"],

@@ -35,7 +35,7 @@ def fake_memory(shape, counts, w, device) -> MemoryEstimate:
     return MemoryEstimate(comp, device.memory_bytes, host, ("fake estimate",))
 
 
-def fake_time(shape, counts, w, device, cfg) -> TimeEstimate:
+def fake_time(shape, counts, w, device, cfg, data=True) -> TimeEstimate:
     rate = 1000.0 * w.world * (0.75 if w.gradient_checkpointing else 1) * (0.3 if w.offload_optimizer else 1)
     rate *= (w.micro_batch / max(cfg.train.batch_size, 1)) ** 0.1  # smaller forwards: a little slower
     return TimeEstimate(6e6, 10_000 * w.seq_len // cfg.data.max_length, "fake", 10, 1.0, (0.2, 0.3, 0.4), "fake",

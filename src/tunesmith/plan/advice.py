@@ -25,6 +25,7 @@ class Change:
     fits: bool
     seconds: float                # the re-planned expected total time
     gpus: int = 0                 # devices it needs when it changes the count (0: unchanged)
+    tokens_per_s: float = 0.0     # the re-planned expected tokens/s (every device together)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ def advise(plan_fn, cfg, plan) -> list[Change]:
         except ConfigError:  # a change this config refuses is not advice
             tried[c.overrides] = None
             return None
-        ch = Change(c.description, c.overrides, new.memory.total, new.fits, new.time.seconds[1], c.gpus)
+        ch = Change(c.description, c.overrides, new.memory.total, new.fits, new.time.seconds[1], c.gpus,
+                    new.time.tokens_per_s[1])
         tried[c.overrides] = ch
         return ch
 
@@ -71,7 +73,9 @@ def advise(plan_fn, cfg, plan) -> list[Change]:
             ch = _first_fitting(combined, attempt)
             if ch is not None and ch.memory_bytes < plan.memory.total:
                 helpful.append(ch)
-    cost = lambda ch: (ch.seconds * (ch.gpus or plan.gpus), ch.memory_bytes)  # noqa: E731
+    # device-seconds per token: the same order as seconds x GPUs, and known when the data's size is not
+    cost = lambda ch: ((ch.gpus or plan.gpus) / ch.tokens_per_s if ch.tokens_per_s > 0 else float("inf"),  # noqa: E731
+                       ch.memory_bytes)
     fitting = sorted((ch for ch in helpful if ch.fits), key=cost)
     if fitting:
         return fitting

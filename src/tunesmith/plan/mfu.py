@@ -100,8 +100,16 @@ def local_ratios(output_dir: str | Path, device_kind: str) -> list[float]:
     return ratios
 
 
+def local_correction(output_dir: str | Path, device_kind: str) -> float:
+    """The measured/planned median expected_mfu applies from local runs (1.0 when there are none)."""
+    ratios = local_ratios(output_dir, device_kind)
+    return statistics.median(ratios) if ratios else 1.0
+
+
 def _tps(section: dict) -> float | None:
-    value = section.get("tokens_per_s")
+    # a plan's own estimate before any local-run correction, where recorded: runs corrected by earlier
+    # runs would otherwise make the next correction compound on theirs
+    value = section.get("tokens_per_s_uncorrected", section.get("tokens_per_s"))
     if value is None and isinstance(section.get("time"), dict):
         value = section["time"].get("tokens_per_s")
     if isinstance(value, (list, tuple)):  # (low, expected, high)

@@ -2,7 +2,6 @@
 `make_plan` assembles it from the parts below it (shapes, params, workload, memory, throughput, advice)."""
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -30,6 +29,7 @@ class DataStats:
     examples: int      # training examples (preference pairs for paired objectives)
     tokens: int        # tokens of one pass over them (both sides of a pair), no padding
     longest: int       # the longest sequence
+    trained_longest: int = 0  # the most trained tokens of one sequence (0: unknown, every position assumed)
     source: str = "counted by training"
 
 
@@ -66,7 +66,8 @@ class Plan:
         lo, mid, hi = self.time.tokens_per_s
         return {"memory_bytes": self.memory.total, "capacity_bytes": self.memory.capacity, "fits": self.fits,
                 "components": dict(self.memory.components), "host": dict(self.memory.host),
-                "tokens_per_s": mid, "tokens_per_s_range": [lo, hi], "seconds": self.time.seconds[1],
+                "tokens_per_s": mid, "tokens_per_s_range": [lo, hi],
+                "tokens_per_s_uncorrected": mid / (self.time.local_correction or 1.0), "seconds": self.time.seconds[1],
                 "tokens": self.time.tokens, "tokens_source": self.time.tokens_source, "mfu_source": self.time.mfu_source,
                 "device": self.device.name, "device_source": self.device.source, "gpus": self.gpus,
                 "strategy": self.workload.strategy, "summary": self.summary()}
@@ -175,21 +176,16 @@ class _Planner:
         # for weights, gradients and AdamW's moments, plus the frozen ones in fp32)
         full = 16 * counts.trainable + 4 * (counts.total - counts.trainable) if counts.trains_base else None
         workload = resolve_workload(cfg, self.device, world=gpus, full_training_bytes=full,
-                                    seq_len=self.stats.longest if self.stats else None)
+                                    seq_len=self.stats.longest if self.stats else None, model_config=config,
+                                    trained_len=self.stats.trained_longest if self.stats else 0,
+                                    data_tokens=self.stats.tokens if self.stats else 0)
         mem = memory.estimate_memory(shape, counts, workload, self.device)
-        time = _call(throughput.estimate_time, shape, counts, workload, self.device, cfg,
-                     data=self.data and self.stats is None)
+        time = throughput.estimate_time(shape, counts, workload, self.device, cfg,
+                                        data=self.data and self.stats is None)
         if self.stats is not None:
             time = _with_stats(time, self.stats, cfg, workload)
         return Plan(model=cfg.model.name, config_source=source, shape=shape, counts=counts, workload=workload,
                     device=self.device, gpus=gpus, memory=mem, time=time)
-
-
-def _call(fn, *args, **optional):
-    """fn(*args, **the optional keywords fn takes): `data` is passed to estimate_time only where it
-    takes it (it reads the training data's token counts when allowed)."""
-    accepted = inspect.signature(fn).parameters
-    return fn(*args, **{k: v for k, v in optional.items() if k in accepted})
 
 
 def _with_stats(time: TimeEstimate, stats: DataStats, cfg, w: Workload) -> TimeEstimate:

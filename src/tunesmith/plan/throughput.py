@@ -32,6 +32,8 @@ class TimeEstimate:
     tokens_per_s: tuple[float, float, float]   # low, expected, high (whole run: every rank together)
     padded_tokens: int = 0      # positions the model computes: tokens + padding + virtual tokens
     notes: tuple[str, ...] = ()
+    local_correction: float = 1.0   # measured/planned median of local runs applied (1.0: none); manifests
+    # keep tokens/s before it (Plan.record), so the next run's correction does not compound on this one
 
     @property
     def seconds(self) -> tuple[float, float, float]:
@@ -91,7 +93,7 @@ def method_flops(shape, counts, workload, head_share: float, mean_len: float, vi
 def estimate_time(shape, counts, workload, device, cfg, data: bool = True) -> TimeEstimate:
     """The run's time on `workload.world` devices like `device`. data: read the training data for its
     token counts (else data.max_length tokens per example, and the file's row count if it is here)."""
-    from tunesmith.plan.mfu import expected_mfu
+    from tunesmith.plan.mfu import expected_mfu, local_correction
     from tunesmith.plan.work import run_work
 
     work = run_work(shape, counts, workload, cfg, data)
@@ -105,4 +107,5 @@ def estimate_time(shape, counts, workload, device, cfg, data: bool = True) -> Ti
     tps = tuple(rate * 1e12 * workload.world * m / fpt if fpt > 0 else 0.0 for m in mfu)
     return TimeEstimate(flops_per_token=fpt, tokens=work.tokens, tokens_source=work.source, steps=work.steps,
                         rate_tflops=rate, mfu=mfu, mfu_source=mfu_source, tokens_per_s=tps,
-                        padded_tokens=work.padded_tokens, notes=tuple(notes))
+                        padded_tokens=work.padded_tokens, notes=tuple(notes),
+                        local_correction=local_correction(cfg.run.output_dir, device.kind))

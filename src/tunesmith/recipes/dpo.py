@@ -268,7 +268,8 @@ def run_dpo(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     placement = choose_placement(tcfg.precision)
     print(f"device: {placement.reason}", flush=True)
     plan = check_plan(cfg, force, [it.n_tokens for it in items],  # a pair's tokens: chosen + rejected
-                      longest=max((len(it.input_ids) for it in items), default=0))
+                      longest=max((len(it.input_ids) for it in items), default=0),
+                      trained=[max(it.pair.chosen.trained_tokens, it.pair.rejected.trained_tokens) for it in items])
     model = load_model(resolved.path, dtype=placement.frozen_dtype(method), trust_remote_code=cfg.model.trust_remote_code,
                        attention=model_attention(cfg, resolved.path, placement), **method.load_kwargs(cfg.method))
     precompute = spec.needs_reference and (obj.reference == "precomputed" or not adapter)

@@ -10,17 +10,19 @@ from __future__ import annotations
 from tunesmith.errors import ConfigError
 
 
-def data_stats(lengths: list[int]):
-    """DataStats of the encoded training examples' token lengths (both sides of a pair summed)."""
+def data_stats(lengths: list[int], trained: list[int] | None = None):
+    """DataStats of the encoded training examples' token lengths (both sides of a pair summed) and,
+    when given, each sequence's trained tokens."""
     from tunesmith.plan.report import DataStats
 
-    return DataStats(examples=len(lengths), tokens=sum(lengths), longest=max(lengths, default=0))
+    return DataStats(examples=len(lengths), tokens=sum(lengths), longest=max(lengths, default=0),
+                     trained_longest=max(trained or [], default=0))
 
 
-def check_plan(cfg, force: bool, lengths: list[int], longest: int | None = None):
+def check_plan(cfg, force: bool, lengths: list[int], longest: int | None = None, trained: list[int] | None = None):
     """The Plan of this run on this machine with the run's world size (None when it cannot be made);
     ConfigError when it does not fit and `force` is off. `longest`: the longest single sequence when
-    `lengths` sums several per example (chosen + rejected)."""
+    `lengths` sums several per example (chosen + rejected); `trained`: each sequence's trained tokens."""
     from tunesmith.training.distributed import is_main, world
 
     def say(line: str) -> None:
@@ -32,7 +34,7 @@ def check_plan(cfg, force: bool, lengths: list[int], longest: int | None = None)
 
         from tunesmith.plan.report import make_plan, size
 
-        stats = data_stats(lengths)
+        stats = data_stats(lengths, trained)
         if longest is not None:
             stats = replace(stats, longest=longest)
         plan = make_plan(cfg, gpus=world()[1], data=False, advise=True, stats=stats)

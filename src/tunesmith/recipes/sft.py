@@ -203,7 +203,8 @@ def run_sft(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     placement = choose_placement(tcfg.precision)
     print(f"device: {placement.reason}", flush=True)
     plan = check_plan(cfg, force, [len(e.input_ids) for e in train_set],  # packed rows are max_length long
-                      longest=cfg.data.max_length if cfg.data.packing else None)
+                      longest=cfg.data.max_length if cfg.data.packing else None,
+                      trained=None if cfg.data.packing else [e.trained_tokens for e in train_set])
     method = get_method(cfg.method.name)
     model = load_model(resolved.path, dtype=placement.frozen_dtype(method), trust_remote_code=cfg.model.trust_remote_code,
                        attention=model_attention(cfg, resolved.path, placement), **method.load_kwargs(cfg.method))
