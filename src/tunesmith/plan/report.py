@@ -69,7 +69,9 @@ class Plan:
                 "tokens_per_s": mid, "tokens_per_s_range": [lo, hi],
                 "tokens_per_s_uncorrected": mid / (self.time.local_correction or 1.0), "seconds": self.time.seconds[1],
                 "tokens": self.time.tokens, "tokens_source": self.time.tokens_source, "mfu_source": self.time.mfu_source,
-                "device": self.device.name, "device_source": self.device.source, "gpus": self.gpus,
+                "device": self.device.name, "device_source": self.device.source,
+                "device_tflops": dict(self.device.tflops), "flops_per_token": self.time.flops_per_token,
+                "mfu": list(self.time.mfu), "gpus": self.gpus,
                 "strategy": self.workload.strategy, "summary": self.summary()}
 
     def text(self) -> str:
@@ -196,6 +198,11 @@ def _with_stats(time: TimeEstimate, stats: DataStats, cfg, w: Workload) -> TimeE
     examples = steps * w.examples_per_step
     if not t.max_steps:  # an epoch's last step may be short
         examples = min(examples, max(1, math.ceil(t.epochs * stats.examples)))
+    if cfg.data.packing:  # a step's examples are packed rows of up to max_length tokens each
+        rows = max(1, math.ceil(stats.tokens / cfg.data.max_length))
+        steps = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(rows / t.batch_size) / t.grad_accum))
+        examples = min(steps * w.examples_per_step, max(1, math.ceil(t.epochs * rows)))
+        stats = replace(stats, examples=rows)
     per_example = min(stats.tokens / max(stats.examples, 1), w.seq_len * w.sequences_per_example)
     return replace(time, tokens=int(examples * per_example), steps=steps,
                    tokens_source=f"{stats.source}: {stats.examples:,} examples, {stats.tokens:,} tokens per pass")

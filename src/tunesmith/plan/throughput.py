@@ -20,6 +20,9 @@ from dataclasses import dataclass
 FULL_KINDS = ("full", "selective")  # methods whose base weights train
 
 
+CPU_ATTENTION_COST = 3.0  # time of an attention FLOP on a CPU, in linear-layer FLOPs (see estimate_time)
+
+
 @dataclass(frozen=True)
 class TimeEstimate:
     flops_per_token: float      # per real token of the run: padding, recomputation and the reference included
@@ -104,6 +107,19 @@ def estimate_time(shape, counts, workload, device, cfg, data: bool = True) -> Ti
         notes.append(f"{device.name} has no {workload.precision} rate: its fp32 rate is used")
     mfu, mfu_source = expected_mfu(shape, workload, device, cfg, work.forward_tokens)
     fpt = work.flops_per_token
+    if device.kind == "cpu" and fpt > 0 and work.attention_flops > 0 and work.attention_len > 0:
+        # CPU attention (sdpa's math over [L x L] scores, softmax, masks) runs at about a third of the
+        # linear layers' rate (benchmarks/plan_accuracy.py: GSM8K rows at ~216 tokens against the same
+        # rows packed to 1024). The default MFU already holds the reference run's attention (its
+        # sequences of REFERENCE_FORWARD tokens): only the share beyond it slows this run down.
+        from tunesmith.plan.mfu import REFERENCE_FORWARD, mfu_kind
+
+        share = work.attention_flops / fpt
+        ref_share = share * REFERENCE_FORWARD[mfu_kind(workload, device)] / work.attention_len
+        slow = (1 + (CPU_ATTENTION_COST - 1) * ref_share) / (1 + (CPU_ATTENTION_COST - 1) * share)
+        mfu = tuple(m * slow for m in mfu)
+        notes.append(f"CPU attention at 1/{CPU_ATTENTION_COST:g} of the matmul rate: {share:.0%} of the FLOPs "
+                     f"({ref_share:.0%} in the reference run), x{slow:.2f} on the rate")
     tps = tuple(rate * 1e12 * workload.world * m / fpt if fpt > 0 else 0.0 for m in mfu)
     return TimeEstimate(flops_per_token=fpt, tokens=work.tokens, tokens_source=work.source, steps=work.steps,
                         rate_tflops=rate, mfu=mfu, mfu_source=mfu_source, tokens_per_s=tps,

@@ -17,6 +17,8 @@ class RunWork:
     notes: tuple[str, ...] = ()
     forward_tokens: float = 0.0  # positions one forward computes, token-weighted (a CPU's matmul rate depends on it)
     flops_per_token: float = 0.0  # per real token (also known when the run's token count is not)
+    attention_flops: float = 0.0  # of which attention's score and value matmuls (per real token)
+    attention_len: float = 0.0    # the length attention runs over, token-weighted
 
 
 class _Len:  # what data.batching.epoch_batches reads of an item
@@ -94,6 +96,12 @@ def run_work(shape, counts, workload, cfg, data: bool = True) -> RunWork:
         loop_items = max(1, round(rows_sample * found.scale))
         forward = real / rows_sample * workload.micro_batch  # packed rows of about this length per forward
         notes.append(f"packing: {loop_items} rows of up to {max_len} tokens")
+        # a packed row's attention runs over the whole row (the block mask hides, it does not skip)
+        attn_len = real / rows_sample
+        fpt = method_flops(shape, counts, workload, head_share, attn_len, virtual)
+        per_item_flops = computed / n * fpt
+    passes = 3 + (1 if workload.gradient_checkpointing else 0)  # forward, its two backward matmuls, recompute
+    attention = passes * 2 * shape.layers * (attn_len + virtual) * shape.q_width * computed / max(real, 1)
     steps = total_steps(loop_items, cfg.train) if loop_items or cfg.train.max_steps else 0
     # micro-batches of the epoch hold loop_items / ceil(loop_items / batch) items on average (the
     # last one is short); a step draws grad_accum of them, epoch after epoch
@@ -114,7 +122,7 @@ def run_work(shape, counts, workload, cfg, data: bool = True) -> RunWork:
         notes.append("KTO's mismatched KL rows are not counted")
     scale = drawn / n
     return RunWork(steps, round(real * scale), round(computed * scale), flops, source, tuple(notes), forward + extra,
-                   per_item_flops * n / real)
+                   per_item_flops * n / real, attention, attn_len + virtual)
 
 
 def _needs_reference(loss: str) -> bool:
