@@ -82,7 +82,8 @@ def run_one(name: str, overrides: dict, data: Path, tmp: Path, steps: int) -> di
     plan, measured = manifest["plan"], manifest["measured"]
     return {"name": name, "summary": summary,
             "memory_est": plan["memory_bytes"], "memory_meas": measured["peak_memory_bytes"],
-            "tps_est": plan["tokens_per_s"], "tps_meas": measured["tokens_per_s"]}
+            "tps_est": plan["tokens_per_s"], "tps_meas": measured["tokens_per_s"],
+            "rate": 1000 * sum(plan.get("device_tflops", {}).values())}
 
 
 def has_bitsandbytes() -> bool:
@@ -114,7 +115,7 @@ def main() -> int:
             overrides, kind = CONFIGS[name]
             r = run_one(name, overrides, sft if kind == "sft" else dpo, tmp, args.steps)
             rows.append(r)
-            print(f"  {name}: {r['summary']}", flush=True)
+            print(f"  {name}: {r['summary']} (planned at {r['rate']:.1f} GFLOP/s)", flush=True)
     gb = lambda b: b / 2**30  # noqa: E731
     print(f"\n{'configuration':<26}{'mem est GB':>11}{'measured':>10}{'error':>8}"
           f"{'tok/s est':>11}{'measured':>10}{'time error':>11}")

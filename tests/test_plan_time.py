@@ -273,3 +273,16 @@ def test_cpu_default_is_the_readme_run(tmp_path, embedded_model):
     assert tps * est.flops_per_token / (gflops * 1e9) == pytest.approx(measured, abs=0.002)
     assert mfu.DEFAULTS[("cpu", "fp32", "adapter")][0][1] == pytest.approx(measured, abs=0.005)
     assert est.mfu[1] == pytest.approx(0.55, rel=1e-3)  # 240 tokens per forward: the reference run's own size
+
+
+def test_cpu_rate_is_the_best_probe_seen(tmp_path, monkeypatch):
+    """A probe slowed by a busy moment does not lower the plan's rate: the best one seen is kept per
+    CPU, threads included; an unreadable cache falls back to the probe."""
+    from tunesmith.plan import devices
+
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path))
+    probes = iter([100.0, 50.0, 120.0])
+    monkeypatch.setattr(devices, "matmul_gflops", lambda **kw: next(probes))
+    assert [devices.cpu_device().tflops["fp32"] for _ in range(3)] == pytest.approx([0.1, 0.1, 0.12])
+    (tmp_path / "plan" / "cpu-rates.json").write_text("[not a mapping")
+    assert devices.best_cpu_rate(70.0) == 70.0

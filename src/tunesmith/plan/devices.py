@@ -223,12 +223,37 @@ def matmul_gflops(n: int = 2048, rounds: int = 5, repeats: int = 5, dtype=None, 
 PLAN_PROBE = {"n": 2048, "rounds": 3, "repeats": 1}
 
 
+def best_cpu_rate(probed_gflops: float) -> float:
+    """The highest rate this CPU (name, cores, torch threads) has probed, this probe included, kept in
+    $TUNESMITH_HOME/plan/cpu-rates.json. A short probe is only ever slowed down, never sped up, by what
+    else runs (other processes, a neighbouring VM, this process's own threads still busy): the best
+    figure seen is the peak, and MFU defaults are fractions of a peak. Unreadable cache: the probe."""
+    import json
+
+    import torch
+
+    from tunesmith.atomic import write_text
+    from tunesmith.models.registry import tunesmith_home
+
+    key = f"{cpu_info()[0]} | {cores()} cores | {torch.get_num_threads()} threads"
+    path = tunesmith_home() / "plan" / "cpu-rates.json"
+    try:
+        rates = json.loads(path.read_text()) if path.is_file() else {}
+        best = max(float(rates.get(key, 0.0)), probed_gflops)
+        if best > float(rates.get(key, 0.0)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(path, json.dumps({**rates, key: best}, indent=1))
+        return best
+    except (OSError, ValueError, TypeError, AttributeError):
+        return probed_gflops
+
+
 def cpu_device() -> Device:
     import psutil
 
     from tunesmith.training.device import cpu_has_native_bf16
 
-    rate = matmul_gflops(**PLAN_PROBE) / 1000
+    rate = best_cpu_rate(matmul_gflops(**PLAN_PROBE)) / 1000
     return Device(f"CPU ({cpu_info()[0]}, {cores()} cores)", "cpu", int(psutil.virtual_memory().total), {"fp32": rate},
                   bf16=cpu_has_native_bf16(), source="probe")
 

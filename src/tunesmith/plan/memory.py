@@ -17,7 +17,7 @@ layer gathered; ZeRO-2: grads and optimizer / world; ZeRO-3: all three / world; 
 
 Every figure below is either read from the code that training runs (named where used) or measured, and
 the physical reason for each term is said in `notes`. Calibrated on CPU by benchmarks/plan_memory_probe.py
-(NOTES-memory.md has the table).
+(docs/notes/issue17-plan-memory.md has the table).
 """
 from __future__ import annotations
 
