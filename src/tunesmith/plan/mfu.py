@@ -43,6 +43,9 @@ DEFAULTS: dict[tuple[str, str, str], tuple[tuple[float, float, float], str]] = {
 # forward computed in each run (token-weighted: GSM8K examples one at a time; DPO: 4 pairs padded)
 REFERENCE_WIDTHS = (576, 1536)
 REFERENCE_FORWARD = {"adapter": 240.0, "full": 240.0, "dpo": 2077.0}
+# the length attention ran over in those runs, token-weighted: one sequence per forward for SFT; DPO's
+# forwards hold 4 pairs = 8 sequences
+REFERENCE_ATTENTION = {"adapter": 240.0, "full": 240.0, "dpo": 2077.0 / 8}
 # Each forward + backward also pays a fixed cost per layer (operator dispatch, Python, LoRA's module
 # calls), worth about this many tokens of SmolLM2-135M's per-layer matmuls on a 2-core EPYC (fitted
 # from `tunesmith train` at max_length 96 vs 512 on this machine, alternated with the probe: the

@@ -111,11 +111,11 @@ def estimate_time(shape, counts, workload, device, cfg, data: bool = True) -> Ti
         # CPU attention (sdpa's math over [L x L] scores, softmax, masks) runs at about a third of the
         # linear layers' rate (benchmarks/plan_accuracy.py: GSM8K rows at ~216 tokens against the same
         # rows packed to 1024). The default MFU already holds the reference run's attention (its
-        # sequences of REFERENCE_FORWARD tokens): only the share beyond it slows this run down.
-        from tunesmith.plan.mfu import REFERENCE_FORWARD, mfu_kind
+        # sequences of REFERENCE_ATTENTION tokens): only the share beyond it slows this run down.
+        from tunesmith.plan.mfu import REFERENCE_ATTENTION, mfu_kind
 
         share = work.attention_flops / fpt
-        ref_share = share * REFERENCE_FORWARD[mfu_kind(workload, device)] / work.attention_len
+        ref_share = share * REFERENCE_ATTENTION[mfu_kind(workload, device)] / work.attention_len
         slow = (1 + (CPU_ATTENTION_COST - 1) * ref_share) / (1 + (CPU_ATTENTION_COST - 1) * share)
         mfu = tuple(m * slow for m in mfu)
         notes.append(f"CPU attention at 1/{CPU_ATTENTION_COST:g} of the matmul rate: {share:.0%} of the FLOPs "
