@@ -253,3 +253,17 @@ def test_dpo_is_gated_and_its_plan_counts_both_sides_of_each_pair(tiny_model_dir
 
     items = encode_pairs(load_tokenizer(tiny_model_dir), load_examples(str(train)).examples, 512, "t")
     assert plan["tokens"] == int(4 * sum(it.n_tokens for it in items) / len(items))
+
+
+def test_the_plan_leaves_trainings_random_state_as_it_was(tiny_model_dir, tmp_path):
+    """The real plan (its matmul probe draws random matrices) before step 1 must not move the seed
+    training runs from: with or without a plan, a run starts from the same random state."""
+    import torch
+
+    from tunesmith.recipes.preflight import check_plan
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"run.output_dir={tmp_path}"])
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert check_plan(cfg, force=True, lengths=[40, 60], trained=[20, 30]) is not None
+    assert torch.equal(torch.get_rng_state(), before)

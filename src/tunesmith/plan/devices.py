@@ -203,8 +203,9 @@ def matmul_gflops(n: int = 2048, rounds: int = 5, repeats: int = 5, dtype=None, 
     import torch
 
     m, k = m or n, k or n
-    a = torch.randn(m, k, dtype=dtype, device=device)
-    b = torch.randn(k, n, dtype=dtype, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)  # not the global RNG: a plan must not move training's
+    a = torch.randn(m, k, dtype=dtype, device=device, generator=gen)
+    b = torch.randn(k, n, dtype=dtype, device=device, generator=gen)
     sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     torch.mm(a, b)  # warm-up: thread pool, kernel selection
     sync()

@@ -37,7 +37,12 @@ def check_plan(cfg, force: bool, lengths: list[int], longest: int | None = None,
         stats = data_stats(lengths, trained)
         if longest is not None:
             stats = replace(stats, longest=longest)
-        plan = make_plan(cfg, gpus=world()[1], data=False, advise=True, stats=stats)
+        import torch
+
+        # whatever the plan draws (a probe's random matrices, a builder's init) leaves training's
+        # random state as it was: the run is the run it would be without a plan
+        with torch.random.fork_rng(devices=[]):
+            plan = make_plan(cfg, gpus=world()[1], data=False, advise=True, stats=stats)
     except Exception as exc:  # noqa: BLE001 - a plan is advice: whatever stops it must not stop training
         say(f"plan: not made ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no message'});"
             " training goes on without it")
