@@ -176,7 +176,10 @@ class _Planner:
         # strategy auto shards full fine-tuning above 70% of a device, as training does
         # (training/distributed/strategy.py full_training_bytes: 16 bytes per trained parameter
         # for weights, gradients and AdamW's moments, plus the frozen ones in fp32)
-        full = 16 * counts.trainable + 4 * (counts.total - counts.trainable) if counts.trains_base else None
+        from tunesmith.training.distributed.strategy import full_training_bytes_of
+
+        full = (full_training_bytes_of(counts.trainable, 4 * (counts.total - counts.trainable))
+                if counts.trains_base else None)
         workload = resolve_workload(cfg, self.device, world=gpus, full_training_bytes=full,
                                     seq_len=self.stats.longest if self.stats else None, model_config=config,
                                     trained_len=self.stats.trained_longest if self.stats else 0,

@@ -165,6 +165,8 @@ def _strategy(dist, adapter: bool, world: int, device: Device, full_bytes: int |
         return dist.strategy, "as configured (train.distributed.strategy)"
     if adapter:
         return "ddp", "adapters: every rank holds the frozen model, DDP exchanges the adapter's gradients"
-    if full_bytes is not None and full_bytes > 0.7 * device.memory_bytes:
+    from tunesmith.training.distributed.strategy import DDP_FIT_SHARE
+
+    if full_bytes is not None and full_bytes > DDP_FIT_SHARE * device.memory_bytes:
         return "fsdp", "full fine-tuning needs more than 70% of a device for weights, gradients and AdamW state"
     return "ddp", "full fine-tuning fits one device: every rank holds it"

@@ -152,10 +152,19 @@ def _strategy_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
+# strategy auto keeps full fine-tuning on every rank (DDP) while it needs at most this share of a device
+DDP_FIT_SHARE = 0.7
+
+
+def full_training_bytes_of(trained: int, frozen_bytes: int) -> int:
+    """Weights, gradients and AdamW's two moments in fp32: 16 bytes per trained parameter, plus the
+    frozen weights as stored (plan/ counts them without a model)."""
+    return 16 * trained + frozen_bytes
+
+
 def full_training_bytes(model: torch.nn.Module) -> int:
-    """Weights, gradients and AdamW's two moments in fp32: 16 bytes per trained parameter."""
-    return 16 * sum(p.numel() for p in model.parameters() if p.requires_grad) + \
-        sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    return full_training_bytes_of(sum(p.numel() for p in model.parameters() if p.requires_grad),
+                                  sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad))
 
 
 def device_bytes(device: torch.device) -> int:
@@ -198,7 +207,7 @@ def choose_strategy(dcfg, method, model: torch.nn.Module, placement) -> Strategy
                                             "DDP exchanges only the adapter's gradients")
     need, have = full_training_bytes(model), device_bytes(placement.device)
     gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
-    if need <= 0.7 * have:
+    if need <= DDP_FIT_SHARE * have:
         return DDPStrategy(placement, dcfg, f"{size} processes; full fine-tuning needs ~{gb(need)} for weights, "
                                             f"gradients and AdamW state, a rank has {gb(have)}: every rank holds it (DDP)")
     return _strategy_class("fsdp")(placement, dcfg, f"{size} processes; full fine-tuning needs ~{gb(need)} for "
