@@ -39,30 +39,47 @@ async def send_error(send, err: p.APIError) -> None:
 
 class Guard:
     """Pure ASGI middleware, so it runs before routing and before the body is read: the bearer
-    key (compared in constant time) and a declared Content-Length over the body limit."""
+    key (compared in constant time) and a declared Content-Length over the body limit.
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+    body_limits: a larger limit for paths under a prefix (uploads: {"/v1/files": bytes}).
+    session: another way in besides the bearer key (the dashboard's login cookie): called with
+    the scope and its headers, True lets the request through. open_paths: more paths answered
+    without a key (the dashboard's login page)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, body_limits: dict[str, int] | None = None,
+                 session=None, open_paths: set[str] = frozenset()):
         self.app, self.max_body = app, max_body_bytes
+        self.open_paths = OPEN_PATHS | set(open_paths)
         self.key = api_key.encode() if api_key else None
+        self.body_limits, self.session = dict(body_limits or {}), session
+
+    def limit_for(self, path: str) -> int:
+        return next((n for prefix, n in self.body_limits.items() if path == prefix or path.startswith(prefix + "/")),
+                    self.max_body)
+
+    def _authorized(self, scope, headers: dict) -> bool:
+        auth = headers.get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return True
+        return self.session is not None and not auth and bool(self.session(scope, headers))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.key is not None and scope.get("path") not in OPEN_PATHS:
-            auth = headers.get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                what = "missing" if not auth else "incorrect"
-                return await send_error(send, p.APIError(
-                    401, f"{what} API key: send the header 'Authorization: Bearer <key>' with the key the server "
-                    "was started with", type="authentication_error", code="invalid_api_key"))
+        if self.key is not None and scope.get("path") not in self.open_paths and not self._authorized(scope, headers):
+            what = "missing" if not headers.get(b"authorization") else "incorrect"
+            return await send_error(send, p.APIError(
+                401, f"{what} API key: send the header 'Authorization: Bearer <key>' with the key the server "
+                "was started with", type="authentication_error", code="invalid_api_key"))
         length = headers.get(b"content-length")
         if length is not None:
             if not length.isdigit():
                 return await send_error(send, p.APIError(400, "invalid Content-Length header"))
-            if int(length) > self.max_body:
-                return await send_error(send, too_large(self.max_body))
+            limit = self.limit_for(scope.get("path", ""))
+            if int(length) > limit:
+                return await send_error(send, too_large(limit))
         return await self.app(scope, receive, send)
 
 
