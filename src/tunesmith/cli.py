@@ -314,21 +314,30 @@ def _export_commands(sub) -> None:
 
 
 def cmd_serve(model: str, adapters: str | None, host: str, port: int, api_key: str | None, max_batch: int,
-              max_body_bytes: int, max_prompt_tokens: int, max_tokens_limit: int, prefix_cache_mb: float) -> int:
-    from tunesmith.serve.app import serve
+              max_body_bytes: int, max_prompt_tokens: int, max_tokens_limit: int, prefix_cache_mb: float,
+              jobs: str | None, max_upload_mb: float, max_jobs: int | None) -> int:
+    from tunesmith.serve.app import serve, served_name
 
+    addon = None
+    if jobs is not None:  # the jobs API and dashboard on the same app (jobs/service.py)
+        from tunesmith.jobs.service import JobsService, jobs_limits
+
+        addon = JobsService(jobs, model, served_name(model), jobs_limits(max_upload_mb, max_jobs))
     serve(model, adapters_dir=adapters, host=host, port=port, api_key=api_key, max_batch=max_batch,
           max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
-          prefix_cache_mb=prefix_cache_mb)
+          prefix_cache_mb=prefix_cache_mb, addon=addon)
     return 0
 
 
 def _serve_commands(sub) -> None:
+    from tunesmith.models.registry import DEFAULT_MODEL
     from tunesmith.serve.checks import Limits
     from tunesmith.serve.prefix_cache import DEFAULT_MB
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: a model or run, plus many adapters on its base")
-    s.add_argument("model", help="run directory, alias, model directory, .gguf file or hub id (the base)")
+    s.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"run directory, alias, model directory, .gguf file or hub id (the base; default "
+                        f"{DEFAULT_MODEL})")
     s.add_argument("--adapters", default=None, metavar="DIR",
                    help="folder of adapters (PEFT adapter folders or run directories); each is a model name")
     s.add_argument("--host", default="127.0.0.1")
@@ -344,6 +353,13 @@ def _serve_commands(sub) -> None:
     s.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_MB, metavar="MiB",
                    help=f"memory for the KV of prompt heads shared between requests (system prompts, chat "
                         f"history), reused instead of recomputed; 0 turns it off (default {DEFAULT_MB:g})")
+    s.add_argument("--jobs", default=None, metavar="DIR",
+                   help="also serve OpenAI-style fine-tuning jobs (/v1/files, /v1/fine_tuning/jobs) and the web "
+                        "dashboard at /, with their state and files in DIR (created when missing); each job "
+                        "fine-tunes MODEL and is served as an adapter on it when it succeeds")
+    s.add_argument("--max-upload-mb", type=float, default=512, help="--jobs: largest uploaded file (default 512)")
+    s.add_argument("--max-jobs", type=int, default=None, metavar="N",
+                   help="--jobs: jobs training at once (default: 1 on CPU, one per GPU)")
     s.set_defaults(fn=cmd_serve)
 
 

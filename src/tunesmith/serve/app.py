@@ -303,9 +303,10 @@ def _install_error_handlers(app) -> None:
     app.add_exception_handler(Exception, server_error)
 
 
-def build_app(engine, api_key: str | None = None, limits: Limits | None = None):
+def build_app(engine, api_key: str | None = None, limits: Limits | None = None, guard: dict | None = None):
     """The FastAPI app over a (started) engine. api_key: when set, every endpoint but /health
-    needs 'Authorization: Bearer <api_key>'."""
+    needs 'Authorization: Bearer <api_key>'. guard: more of checks.Guard's options (an add-on's
+    upload limits, its login session, its open paths)."""
     from fastapi import FastAPI
 
     limits = limits or Limits()
@@ -349,7 +350,7 @@ def build_app(engine, api_key: str | None = None, limits: Limits | None = None):
     async def unload(name: str):
         return await service.adapter(name, "unload")
 
-    app.add_middleware(c.Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    app.add_middleware(c.Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, **(guard or {}))
     app.state.service = service
     return app
 
@@ -388,6 +389,12 @@ def _run_as_adapter(run: Path, into: Path) -> None:
             shutil.copytree(run / sub, dest / sub)
 
 
+def served_name(model_spec: str | Path) -> str:
+    """The model name a base (not a run directory) is served under."""
+    spec = Path(model_spec)
+    return spec.stem if spec.suffix == ".gguf" else spec.name if spec.is_dir() else str(model_spec)
+
+
 def load_engine(model_spec: str | Path, adapters_dir: str | Path | None, max_batch: int, scratch: Path,
                 prefix_cache_mb: float = DEFAULT_MB):
     """The engine for `serve`: a model spec is the base (named after it) plus the adapters in
@@ -408,7 +415,7 @@ def load_engine(model_spec: str | Path, adapters_dir: str | Path | None, max_bat
         name = _base_name(json.loads((spec / "manifest.json").read_text()))
     else:
         im = load_for_inference(model_spec)
-        name = spec.stem if spec.suffix == ".gguf" else spec.name if spec.is_dir() else str(model_spec)
+        name = served_name(model_spec)
     return Engine(im.model, im.tokenizer, name, adapters_dir=adapters_dir, max_batch=max_batch,
                   prefix_cache_mb=prefix_cache_mb)
 
@@ -416,11 +423,15 @@ def load_engine(model_spec: str | Path, adapters_dir: str | Path | None, max_bat
 def serve(model_spec: str | Path, adapters_dir: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 32, max_body_bytes: int = Limits.max_body_bytes,
           max_prompt_tokens: int = Limits.max_prompt_tokens, max_tokens_limit: int = Limits.max_tokens_limit,
-          log_level: str = "info", prefix_cache_mb: float = DEFAULT_MB) -> None:
+          log_level: str = "info", prefix_cache_mb: float = DEFAULT_MB, addon=None) -> None:
     """Serve a model (and the adapters in adapters_dir) over the OpenAI HTTP API until stopped
     (Ctrl-C). api_key falls back to $TUNESMITH_API_KEY (kept off the command line, where other
     users of the machine can read it). prefix_cache_mb: memory for the KV of prompt heads shared
-    between requests (serve/prefix_cache.py; 0 turns it off)."""
+    between requests (serve/prefix_cache.py; 0 turns it off).
+
+    addon: more routes on the same app (the jobs service, jobs/service.py), duck-typed so that
+    serve/ imports nothing above it: adapters(adapters_dir) -> what the engine takes as its
+    adapter directory, guard(api_key) -> Guard options, install(app, engine), start(), close()."""
     import tempfile
 
     import uvicorn
@@ -435,15 +446,25 @@ def serve(model_spec: str | Path, adapters_dir: str | Path | None = None, host: 
         log.warning("serving on %s without an API key: anyone who can reach this port can use the model "
                     "(pass --api-key or set TUNESMITH_API_KEY)", host)
     with tempfile.TemporaryDirectory(prefix="tunesmith-serve-") as scratch:
-        engine = off_main_thread(lambda: load_engine(model_spec, adapters_dir, max_batch, Path(scratch),
+        adapters = addon.adapters(adapters_dir) if addon is not None else adapters_dir
+        engine = off_main_thread(lambda: load_engine(model_spec, adapters, max_batch, Path(scratch),
                                                        prefix_cache_mb))
         limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
                         max_tokens_limit=max_tokens_limit, default_max_tokens=min(256, max_tokens_limit),
                         context_length=engine.context)
-        app = build_app(engine, api_key=api_key, limits=limits)
+        app = build_app(engine, api_key=api_key, limits=limits,
+                        guard=addon.guard(api_key) if addon is not None else None)
+        if addon is not None:
+            addon.install(app, engine)
         engine.start()
         try:
+            if addon is not None:
+                addon.start()
             print(f"serving {', '.join(engine.models())} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
             uvicorn.run(app, host=host, port=port, log_level=log_level)
         finally:
-            engine.close()
+            try:
+                if addon is not None:
+                    addon.close()
+            finally:
+                engine.close()

@@ -81,7 +81,8 @@ class Engine:
         model.eval()
         self.base_name, self.tokenizer = base_name, tokenizer
         self.max_batch, self.batch_wait = max(1, int(max_batch)), max(0.0, batch_wait_ms) / 1000
-        self.dir = AdapterDir(adapters_dir)
+        # a folder, or an object with AdapterDir's names() / locate() (jobs/models.py: tuned jobs)
+        self.dir = adapters_dir if hasattr(adapters_dir, "locate") else AdapterDir(adapters_dir)
         self.adapters = LoadedAdapters(model)
         self.device = next(model.parameters()).device
         self.context = getattr(model.config, "max_position_embeddings", None)
