@@ -125,6 +125,26 @@ def test_preference_as_strings_or_message_lists(rec):
     assert ex.rejected == [{"role": "assistant", "content": ANSWER2}]
 
 
+def test_openai_preference_rows_load_as_the_equivalent_prompt_chosen_rejected_record():
+    system = {"role": "system", "content": "Be brief."}
+    openai_row = {"input": {"messages": [system, {"role": "user", "content": USER}], "tools": []},
+                  "preferred_output": [{"role": "assistant", "content": ANSWER}],
+                  "non_preferred_output": [{"role": "assistant", "content": ANSWER2}]}
+    plain = {"prompt": [system, {"role": "user", "content": USER}], "chosen": [{"role": "assistant", "content": ANSWER}],
+             "rejected": [{"role": "assistant", "content": ANSWER2}]}
+    assert detect_format(openai_row) == "openai_preference"
+    (got,) = normalise(openai_row, "auto", "dpo.jsonl:1")
+    (want,) = normalise(plain, "auto", "dpo.jsonl:1")
+    assert (got.kind, got.format, want.format) == ("preference", "openai_preference", "preference")
+    got.format = want.format
+    assert got == want
+    for bad, msg in (({**openai_row, "input": [1]}, "'input' must be an object with 'messages'"),
+                     ({**openai_row, "non_preferred_output": openai_row["preferred_output"]}, "equals"),
+                     ({**openai_row, "preferred_output": [{"role": "user", "content": "x"}]}, "assistant messages only")):
+        with pytest.raises(DataError, match=msg):
+            normalise(bad, "auto", "dpo.jsonl:2")
+
+
 def test_bad_records_name_the_location_and_problem():
     cases = [
         ({"prompt": USER, "chosen": ANSWER, "rejected": ANSWER}, "chosen equals rejected"),

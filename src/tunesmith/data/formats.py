@@ -164,11 +164,30 @@ def from_preference(r: dict, where: str) -> list[Example]:
     return [Example("preference", where, "preference", prompt=prompt, chosen=chosen, rejected=rejected)]
 
 
+def from_openai_preference(r: dict, where: str) -> list[Example]:
+    """OpenAI's DPO rows: {"input": {"messages": [...]}, "preferred_output": [assistant message],
+    "non_preferred_output": [assistant message]} (its `tools` / `parallel_tool_calls` are not trained)."""
+    inp = r["input"]
+    if not isinstance(inp, dict) or "messages" not in inp:
+        raise DataError(f"{where}: field 'input' must be an object with 'messages' (OpenAI's preference format)")
+    prompt = _messages(inp["messages"], where, "input.messages")
+    chosen = _messages(r["preferred_output"], where, "preferred_output")
+    rejected = _messages(r["non_preferred_output"], where, "non_preferred_output")
+    for field, msgs in (("preferred_output", chosen), ("non_preferred_output", rejected)):
+        if any(m["role"] != "assistant" for m in msgs):
+            raise DataError(f"{where}: field '{field}' must hold assistant messages only")
+    if chosen == rejected:
+        raise DataError(f"{where}: preferred_output equals non_preferred_output, so there is no preference to "
+                        "learn; drop the row")
+    return [Example("preference", where, "openai_preference", prompt=prompt, chosen=chosen, rejected=rejected)]
+
+
 Detector = Callable[[dict], bool]
 FORMATS: dict[str, tuple[Detector, Callable[[dict, str], list[Example]]]] = {
     "messages": (lambda r: "messages" in r, from_messages),
     "sharegpt": (lambda r: "conversations" in r, from_sharegpt),
     "preference": (lambda r: "chosen" in r and "rejected" in r, from_preference),
+    "openai_preference": (lambda r: "preferred_output" in r and "non_preferred_output" in r, from_openai_preference),
     "self_instruct": (lambda r: "instruction" in r and "instances" in r, from_self_instruct),
     "alpaca": (lambda r: "instruction" in r and "output" in r, from_alpaca),
     "prompt_completion": (lambda r: "prompt" in r and "completion" in r, from_prompt_completion),
@@ -198,7 +217,8 @@ def detect_format(record: dict, where: str = "record") -> str:
             return name
     raise DataError(f"{where}: cannot tell the format of a record with keys {sorted(record)}; expected one of "
                     "messages, conversations (ShareGPT), instruction/output (Alpaca), prompt/completion, "
-                    "text, chosen/rejected (preference); map your columns with data.columns "
+                    "text, chosen/rejected (preference), input/preferred_output/non_preferred_output (OpenAI's "
+                    "preference format); map your columns with data.columns "
                     "(e.g. {instruction: question, output: answer}) or set data.format")
 
 

@@ -9,7 +9,8 @@ metrics.jsonl, checkpoints, compare.json) is read back from disk.
                 that knows the schema; everything else goes through JobStore.
     layout.py   where things live under the jobs folder (by id only, never a request's path)
     spec.py     a create-job request (OpenAI shape + `tunesmith` extension) -> a validated Config
-    files.py    uploads: limits, content checks, the audit subprocess, status details
+    files.py    the /v1/files routes: uploads, the audit subprocess, status details
+    upload.py   one upload's body: streamed multipart under the size limit, UTF-8 / JSONL checks
     runner.py   the queue: subprocesses, concurrency, cancel / pause / resume, restart recovery
     events.py   metrics.jsonl -> events and checkpoints
     models.py   succeeded jobs as models of the serving engine (ft:<base>:<suffix>:<id>)

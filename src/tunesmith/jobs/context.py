@@ -24,5 +24,6 @@ class JobsContext:
     base_name: str            # the served base's model name: the only `model` a job may fine-tune
     base_spec: str            # what model.name says in a job's config to load that base
     runner: object = None     # jobs.runner.JobRunner (set once it is built)
+    auditor: object = None    # jobs.files.Auditor: the uploads' audit subprocesses (set by files.routes)
     limits: JobsLimits = field(default_factory=JobsLimits)
     api_key: str | None = None
