@@ -130,7 +130,8 @@ def test_openai_preference_rows_load_as_the_equivalent_prompt_chosen_rejected_re
     openai_row = {"input": {"messages": [system, {"role": "user", "content": USER}], "tools": []},
                   "preferred_output": [{"role": "assistant", "content": ANSWER}],
                   "non_preferred_output": [{"role": "assistant", "content": ANSWER2}]}
-    plain = {"prompt": [system, {"role": "user", "content": USER}], "chosen": [{"role": "assistant", "content": ANSWER}],
+    plain = {"prompt": [system, {"role": "user", "content": USER}],
+             "chosen": [{"role": "assistant", "content": ANSWER}],
              "rejected": [{"role": "assistant", "content": ANSWER2}]}
     assert detect_format(openai_row) == "openai_preference"
     (got,) = normalise(openai_row, "auto", "dpo.jsonl:1")
@@ -140,7 +141,8 @@ def test_openai_preference_rows_load_as_the_equivalent_prompt_chosen_rejected_re
     assert got == want
     for bad, msg in (({**openai_row, "input": [1]}, "'input' must be an object with 'messages'"),
                      ({**openai_row, "non_preferred_output": openai_row["preferred_output"]}, "equals"),
-                     ({**openai_row, "preferred_output": [{"role": "user", "content": "x"}]}, "assistant messages only")):
+                     ({**openai_row, "preferred_output": [{"role": "user", "content": "x"}]},
+                      "assistant messages only")):
         with pytest.raises(DataError, match=msg):
             normalise(bad, "auto", "dpo.jsonl:2")
 

@@ -18,7 +18,8 @@ from tunesmith.errors import DataError
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KEYS = ["messages", "conversations", "instruction", "input", "output", "prompt", "completion", "chosen",
-        "rejected", "text", "instances", "system", "message_id", "parent_id", "role", "rank", "from", "value"]
+        "rejected", "text", "instances", "system", "message_id", "parent_id", "role", "rank", "from", "value",
+        "preferred_output", "non_preferred_output"]
 
 scalars = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False, width=32) | st.text(max_size=12)
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
@@ -34,6 +35,10 @@ valid = st.one_of(  # rows that should load, so the happy path is exercised unde
     st.fixed_dictionaries({"text": words}),
     st.fixed_dictionaries({"messages": st.tuples(words, words).map(
         lambda qa: [{"role": "user", "content": qa[0]}, {"role": "assistant", "content": qa[1]}])}),
+    st.tuples(words, words, words).map(lambda t: {  # OpenAI's preference format
+        "input": {"messages": [{"role": "user", "content": t[0]}]},
+        "preferred_output": [{"role": "assistant", "content": t[1]}],
+        "non_preferred_output": [{"role": "assistant", "content": t[2]}]}),
 )
 records = valid | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=5),
                                   st.text(max_size=20) | messages | json_values, max_size=5)
