@@ -49,10 +49,11 @@ class JobsService:
         return JobModels(self.ctx, AdapterDir(adapters_dir) if adapters_dir is not None else None)
 
     def guard(self, api_key: str | None) -> dict:
+        from tunesmith.jobs import files
         from tunesmith.jobs.web import auth
 
         self.ctx.api_key = api_key
-        return {"body_limits": {"/v1/files": self.ctx.limits.max_upload_bytes},
+        return {"body_limits": files.body_limits(self.ctx),
                 "session": auth.session_check(api_key), "open_paths": auth.OPEN_PATHS}
 
     def install(self, app, engine) -> None:
@@ -69,6 +70,8 @@ class JobsService:
     def close(self) -> None:
         try:
             self.ctx.runner.close()
+            if self.ctx.auditor is not None:
+                self.ctx.auditor.close()  # an audit stopped here stays `uploaded` and runs again next start
         finally:
             self.ctx.store.close()
 
