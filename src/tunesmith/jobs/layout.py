@@ -43,7 +43,9 @@ class Layout:
 
     # -- files
     def file_path(self, file_id: str) -> Path:
-        return self.root / "files" / checked(file_id, "file")
+        # .jsonl: `tunesmith data inspect` and `train` pick their reader by the suffix, and an
+        # upload is accepted only once every line is a JSON object (jobs/files.py).
+        return self.root / "files" / f"{checked(file_id, 'file')}.jsonl"
 
     def audit_path(self, file_id: str) -> Path:
         return self.root / "files" / f"{checked(file_id, 'file')}.audit.json"

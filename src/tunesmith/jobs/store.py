@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS jobs (
   metadata_json TEXT, fine_tuned_model TEXT, started_at INTEGER, finished_at INTEGER,
   estimated_finish INTEGER, trained_tokens INTEGER, total_steps INTEGER, step INTEGER,
   error_json TEXT, pid INTEGER, resume INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
-  metrics_offset INTEGER NOT NULL DEFAULT 0, control TEXT);
+  metrics_offset INTEGER NOT NULL DEFAULT 0, control TEXT, valid_step INTEGER);
 CREATE TABLE IF NOT EXISTS events (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
   job_id TEXT NOT NULL, created_at INTEGER NOT NULL, level TEXT NOT NULL, type TEXT NOT NULL,
