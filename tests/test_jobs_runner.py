@@ -375,3 +375,24 @@ def test_recover_stops_the_orphan_and_requeues(tmp_path, tiny_model_dir):
         assert (job["status"], job["resume"], job["pid"]) == ("queued", 1, None)
     assert any("left by the previous server" in m for m in messages(ctx, job_id))
     assert not any("left by the previous server" in m for m in messages(ctx, other))
+
+
+def test_tasks_run_one_at_a_time_and_report_failures(reference):
+    ctx, runner, job_id, _, _ = reference
+    run = ctx.layout.run_dir(job_id)
+    ok_id, bad_id = new_id("task"), new_id("task")
+    out = ctx.layout.task_dir(job_id, ok_id)
+    runner.submit_task(job_id, "export", ["export", str(run), "--format", "adapter", "--out", str(out / "adapter")],
+                       out, task_id=ok_id)
+    bad_out = ctx.layout.task_dir(job_id, bad_id)
+    runner.submit_task(job_id, "export", ["export", str(run.parent / "missing"), "--format", "adapter"], bad_out,
+                       task_id=bad_id)
+    assert ctx.store.task(bad_id)["status"] == "queued"  # the first one goes first
+    wait_until(lambda: ctx.store.task(bad_id)["status"] in ("succeeded", "failed"), timeout=120, what="both tasks")
+    ok, bad = ctx.store.task(ok_id), ctx.store.task(bad_id)
+    assert ok["status"] == "succeeded" and ok["error"] is None, ctx.layout.task_log(job_id, ok_id).read_text()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert bad["status"] == "failed" and "missing" in bad["error"]
+    assert ok["finished_at"] <= bad["finished_at"]
+    with pytest.raises(ValueError, match="task kind"):
+        runner.submit_task(job_id, "train", ["train"], out)

@@ -37,7 +37,7 @@ CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 CREATE TABLE IF NOT EXISTS tasks (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
   id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL, kind TEXT NOT NULL, args_json TEXT NOT NULL,
-  status TEXT NOT NULL, created_at INTEGER NOT NULL, finished_at INTEGER, pid INTEGER, error TEXT);
+  status TEXT NOT NULL, created_at INTEGER NOT NULL, finished_at INTEGER, pid INTEGER, error_json TEXT);
 """
 
 # Job statuses (OpenAI's, plus paused). Terminal ones never change again.
