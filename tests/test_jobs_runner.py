@@ -37,7 +37,7 @@ HOOKS = Path(__file__).parent / "jobs_hooks"
 BASE = "tiny"
 ROWS, VALID_ROWS = 16, 4
 TOTAL = ROWS * 2 // 2  # 2 epochs of batch 2
-DELAY_S = "0.4"
+DELAY_S = "0.3"
 
 
 def make_ctx(root: Path, model_dir: Path, concurrency: int | None = None) -> JobsContext:
@@ -396,3 +396,27 @@ def test_tasks_run_one_at_a_time_and_report_failures(reference):
     assert ok["finished_at"] <= bad["finished_at"]
     with pytest.raises(ValueError, match="task kind"):
         runner.submit_task(job_id, "train", ["train"], out)
+
+
+def test_one_job_per_gpu(monkeypatch, tmp_path, tiny_model_dir):
+    from tunesmith.jobs.runner import _Child
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the server's own share of the machine's GPUs
+    ctx = make_ctx(tmp_path / "jobs", tiny_model_dir)
+    runner = JobRunner(ctx)
+    runner._gpus = runner._visible_gpus()
+    assert runner._gpus == ["3", "5"] and runner._limit() == 2
+    runner._jobs["a"] = _Child("a", proc=None, gpu="3")
+    assert runner._free_gpu() == "5"
+    ctx.limits.concurrency = 3  # more jobs than GPUs: they share, the least used first
+    runner._jobs["b"] = _Child("b", proc=None, gpu="5")
+    runner._jobs["c"] = _Child("c", proc=None, gpu="5")
+    assert runner._limit() == 3 and runner._free_gpu() == "3"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert runner._visible_gpus() == ["0", "1"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    runner._gpus = runner._visible_gpus()
+    ctx.limits.concurrency = None
+    assert runner._gpus == [] and runner._limit() == 1 and runner._free_gpu() is None

@@ -62,6 +62,7 @@ class _Child:
     gpu: str | None = None
     job_id: str | None = None       # a task's job
     cancelled: bool = False         # a task asked to stop
+    signalled: float | None = None  # when SIGTERM was sent (monotonic): SIGKILL once STOP_WAIT_S have passed
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -157,7 +158,7 @@ class JobRunner:
                 return self.store.job(job_id)
             self.store.update_job(job_id, control="cancel")
             self.store.add_event(job_id, "Cancelling the job: stopping its training process")
-            signal_group(child.proc.pid, signal.SIGTERM)
+            self._terminate(child)
         child.done.wait(wait_s)
         return self.store.job(job_id)
 
@@ -176,7 +177,7 @@ class JobRunner:
                 raise JobStateError(f"job {job_id} is {job['status']}: only a queued or running job can be paused")
             self.store.update_job(job_id, control="pause")
             self.store.add_event(job_id, "Pausing the job: stopping its training process (checkpoints are kept)")
-            signal_group(child.proc.pid, signal.SIGTERM)
+            self._terminate(child)
         child.done.wait(wait_s)
         return self.store.job(job_id)
 
@@ -214,7 +215,7 @@ class JobRunner:
                 self.store.update_task(task_id, status="cancelled", finished_at=now(), error="cancelled")
             else:
                 child.cancelled = True
-                signal_group(child.proc.pid, signal.SIGTERM)
+                self._terminate(child)
         return self.store.task(task_id)
 
     def wait(self, job_id: str, statuses=TERMINAL, timeout: float = 600.0) -> dict:
@@ -242,8 +243,22 @@ class JobRunner:
             self._wake.wait(self.poll_s)
             self._wake.clear()
 
+    @staticmethod
+    def _terminate(child: _Child) -> None:
+        signal_group(child.proc.pid, signal.SIGTERM)
+        child.signalled = child.signalled or time.monotonic()
+
+    def _escalate(self) -> None:
+        """A child that has not stopped STOP_WAIT_S after its SIGTERM (hung in a library call) is
+        killed: the checkpoints it wrote stay, so a paused job still resumes from them."""
+        with self._lock:
+            for child in [*self._jobs.values(), *self._tasks.values()]:
+                if child.signalled and time.monotonic() - child.signalled > STOP_WAIT_S and child.proc.poll() is None:
+                    signal_group(child.proc.pid, signal.SIGKILL)
+
     def tick(self) -> None:
         self._check_files()
+        self._escalate()
         self._reap()
         for job_id in list(self._jobs):
             events.ingest(self.ctx, job_id)
