@@ -205,7 +205,7 @@ def test_failure_at_train_time_keeps_log_and_error(tmp_path, tiny_model_dir):
     assert job["fine_tuned_model"] is None and not ctx.layout.run_dir(job_id).exists()
 
 
-def test_cancel_running_and_queued(tmp_path, tiny_model_dir, slow_steps):
+def test_cancel_running_and_queued_and_outside_sigterm(tmp_path, tiny_model_dir, slow_steps):
     ctx = make_ctx(tmp_path / "jobs", tiny_model_dir, concurrency=1)
     first, second = job_with_data(ctx), job_with_data(ctx)
     runner = JobRunner(ctx, poll_s=0.1)
@@ -216,6 +216,12 @@ def test_cancel_running_and_queued(tmp_path, tiny_model_dir, slow_steps):
         wait_until(lambda: staged_checkpoint(ctx, first), what="a checkpoint of the first job")
         assert ctx.store.job(second)["status"] == "queued"  # concurrency 1
         assert runner.cancel(second)["status"] == "cancelled"  # queued: at once, never started
+        # a SIGTERM from outside (a service manager stopping everything) is no failure: resumed
+        os.killpg(ctx.store.job(first)["pid"], signal.SIGTERM)
+        wait_until(lambda: ctx.store.job(first)["attempts"] == 2 and ctx.store.job(first)["status"] == "running",
+                   what="the interrupted job running again")
+        assert any(m.startswith("The training process was stopped from outside") for m in messages(ctx, first))
+        assert "--resume" in ctx.layout.log_path(first).read_text().rsplit("=== tunesmith jobs:", 1)[1]
         pid = ctx.store.job(first)["pid"]
         job = runner.cancel(first, wait_s=60)
         assert job["status"] == "cancelled" and job["error"] is None and job["pid"] is None

@@ -49,6 +49,10 @@ from tunesmith.jobs.spec import fine_tuned_model_name
 from tunesmith.jobs.store import TERMINAL, now
 
 TASK_KINDS = ("export", "compare")
+# exit statuses of a training stopped by SIGINT/SIGTERM (tunesmith train exits 130 once it has
+# cleaned up; -N: the signal came before its handler was installed)
+INTERRUPTED = frozenset({130, -signal.SIGTERM, -signal.SIGINT})
+MAX_ATTEMPTS = 5  # interrupted from outside this often: stop requeueing, fail
 
 
 class JobStateError(ValueError):
@@ -404,6 +408,11 @@ class JobRunner:
             where = (f"resume continues from checkpoint step {found[1]}" if found else
                      "no checkpoint was written yet: resume starts it again")
             self.store.set_status(job_id, "paused", f"Job paused; {where}", resume=1, **common)
+        elif code in INTERRUPTED and job["attempts"] < MAX_ATTEMPTS:
+            # stopped by someone else than this runner (a service manager stopping the whole
+            # group before the server's close()): not the job's fault, resume it
+            self.store.set_status(job_id, "queued", "The training process was stopped from outside (a signal): "
+                                  "queued again, to resume from its last checkpoint", resume=1, **common)
         else:
             message = (self._public(last_error(self.layout.log_path(job_id))) if code != 0 else
                        "the training process exited without writing its run directory")
