@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS jobs (
   metadata_json TEXT, fine_tuned_model TEXT, started_at INTEGER, finished_at INTEGER,
   estimated_finish INTEGER, trained_tokens INTEGER, total_steps INTEGER, step INTEGER,
   error_json TEXT, pid INTEGER, resume INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
-  metrics_offset INTEGER NOT NULL DEFAULT 0, control TEXT);
+  metrics_offset INTEGER NOT NULL DEFAULT 0, control TEXT, valid_step INTEGER);
 CREATE TABLE IF NOT EXISTS events (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
   job_id TEXT NOT NULL, created_at INTEGER NOT NULL, level TEXT NOT NULL, type TEXT NOT NULL,
@@ -37,7 +37,7 @@ CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 CREATE TABLE IF NOT EXISTS tasks (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
   id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL, kind TEXT NOT NULL, args_json TEXT NOT NULL,
-  status TEXT NOT NULL, created_at INTEGER NOT NULL, finished_at INTEGER, pid INTEGER, error TEXT);
+  status TEXT NOT NULL, created_at INTEGER NOT NULL, finished_at INTEGER, pid INTEGER, error_json TEXT);
 """
 
 # Job statuses (OpenAI's, plus paused). Terminal ones never change again.
