@@ -16,6 +16,13 @@ import httpx
 from conftest import ROOT
 
 KEY = "jobs-test-key"
+HOOKS = Path(__file__).parent / "jobs_hooks"
+
+
+def slowed(seconds: float) -> dict:
+    """Environment for a server whose trainings sleep after each logged step (tests/jobs_hooks), so
+    that a pause, cancel or kill lands mid-run on any machine; the weights are unchanged."""
+    return {"PYTHONPATH": str(HOOKS), "TUNESMITH_TEST_STEP_DELAY": str(seconds)}
 
 
 def free_port() -> int:
@@ -26,16 +33,17 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, model: Path, jobs: Path, key: str | None = KEY, port: int | None = None,
-                 extra: tuple[str, ...] = ()):
+                 extra: tuple[str, ...] = (), env: dict | None = None):
         self.model, self.jobs, self.key = model, jobs, key
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.extra = extra
+        self.extra, self.env = extra, dict(env or {})
         self.proc: subprocess.Popen | None = None
         self.log = jobs.parent / f"server-{self.port}.log"
 
     def start(self, timeout: float = 180) -> "Server":
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        paths = [*self.env.pop("PYTHONPATH", "").split(os.pathsep), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, **self.env, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
         if self.key:
             env["TUNESMITH_API_KEY"] = self.key
         cmd = [sys.executable, "-m", "tunesmith", "serve", str(self.model), "--jobs", str(self.jobs),

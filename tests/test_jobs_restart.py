@@ -7,14 +7,13 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from safetensors.torch import load_file
 
 from conftest import ROOT, write_jsonl
-from jobs_server import Server, wait_for
+from jobs_server import Server, slowed, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +35,9 @@ def _pid(jobs, job_id: str) -> int | None:
 def test_a_job_survives_kill_9_of_the_server(tiny_model_dir, tmp_path):
     from tunesmith.demo.orders import make_splits
 
-    data = write_jsonl(tmp_path / "train.jsonl", make_splits(11, {"train": 48})["train"])
+    data = write_jsonl(tmp_path / "train.jsonl", make_splits(11, {"train": 24})["train"])
     jobs = tmp_path / "jobs"
-    srv = Server(tiny_model_dir, jobs).start()
+    srv = Server(tiny_model_dir, jobs, env=slowed(0.1)).start()
     try:
         h = srv.headers
         with open(data, "rb") as f:
@@ -50,7 +49,7 @@ def test_a_job_survives_kill_9_of_the_server(tiny_model_dir, tmp_path):
             "tunesmith": {"train.save_every": 8, "method.r": 4, "data.max_length": 128}}).json()
         job_id = job["id"]
         runs = jobs / "jobs" / job_id / "runs"
-        wait_for(lambda: list(runs.glob(".run.incomplete-*/checkpoints/step-*")), 400, 0.05, "a first checkpoint")
+        wait_for(lambda: list(runs.glob(".run.incomplete-*/checkpoints/step-*")), 400, 0.1, "a first checkpoint")
         pid = _pid(jobs, job_id)
         srv.kill()
         assert not (runs / "run").exists(), "the job finished before the kill; make it longer"
@@ -65,7 +64,12 @@ def test_a_job_survives_kill_9_of_the_server(tiny_model_dir, tmp_path):
                         600, 1, "the resumed job")
         assert done["status"] == "succeeded", done["error"]
         log = (jobs / "jobs" / job_id / "train.log").read_text()
-        assert "--resume" in log or "resum" in log.lower()
+        assert "--resume" in log.rsplit("=== tunesmith jobs:", 1)[1]  # the last attempt resumed
+        events = httpx.get(f"{srv.url}/v1/fine_tuning/jobs/{job_id}/events?limit=100", headers=srv.headers,
+                           timeout=30).json()["data"]
+        assert any(e["message"].startswith("The server restarted while the job ran") for e in events)
+        steps = sorted(e["data"]["step"] for e in events if e["type"] == "metrics")
+        assert steps == list(range(1, done["total_steps"] + 1))  # every step once, none lost or doubled
     finally:
         srv.stop()
 

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -260,54 +259,7 @@ def test_pause_resume_gives_the_uninterrupted_weights(tmp_path, tiny_model_dir, 
     assert_same_weights(adapter(ctx, job_id), adapter(ref_ctx, ref_job))
 
 
-DRIVER = textwrap.dedent("""
-    import sys
-    from tunesmith.jobs.context import JobsContext
-    from tunesmith.jobs.layout import Layout
-    from tunesmith.jobs.runner import JobRunner
-    from tunesmith.jobs.store import JobStore
-
-    root, model, job_id = sys.argv[1:4]
-    layout = Layout.create(root)
-    ctx = JobsContext(JobStore(layout.db), layout, "tiny", model)
-    ctx.runner = runner = JobRunner(ctx, poll_s=0.1)
-    runner.start()
-    if ctx.store.job(job_id)["status"] == "validating_files":
-        runner.enqueue(job_id)
-    job = runner.wait(job_id, timeout=300)
-    runner.close()
-    print("driver done:", job["status"], flush=True)
-""")
-
-
-def test_restart_after_kill9_resumes_to_the_uninterrupted_weights(tmp_path, tiny_model_dir, reference, slow_steps):
-    ref_ctx, _, ref_job, _, _ = reference
-    ctx = make_ctx(tmp_path / "jobs", tiny_model_dir)
-    job_id = job_with_data(ctx)
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    argv = [sys.executable, str(driver), str(ctx.layout.root), str(tiny_model_dir), job_id]
-    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_until(lambda: staged_checkpoint(ctx, job_id) or first.poll() is not None, timeout=180,
-                   what="a checkpoint under the first server")
-        assert first.poll() is None
-        train_pid = ctx.store.job(job_id)["pid"]
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-    finally:
-        first.kill()
-    # the training dies with its server (PDEATHSIG), keeping its checkpoints
-    wait_until(lambda: not alive(train_pid), timeout=60, what="the training's end after its server's")
-    assert ctx.store.job(job_id)["status"] == "running" and staged_checkpoint(ctx, job_id)
-    second = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0 and "driver done: succeeded" in second.stdout, second.stdout + second.stderr
-    job = ctx.store.job(job_id)
-    assert job["attempts"] == 2 and job["resume"] == 1
-    assert any(m.startswith("The server restarted while the job ran") for m in messages(ctx, job_id))
-    assert "--resume" in ctx.layout.log_path(job_id).read_text().rsplit("=== tunesmith jobs:", 1)[1]
-    assert metrics_steps(ctx, job_id) == list(range(1, TOTAL + 1))
-    assert_same_weights(adapter(ctx, job_id), adapter(ref_ctx, ref_job))
+# The restart after a kill -9 of the server: tests/test_jobs_restart.py, with the real `tunesmith serve --jobs`.
 
 
 # ---------------------------------------------------------------------------------------- no training
