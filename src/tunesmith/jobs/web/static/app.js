@@ -1,0 +1,583 @@
+// tunesmith dashboard: plain DOM over the /v1 jobs API and the /ui routes. No build step.
+// Every piece of model or data text goes in through textContent (el() below), never innerHTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const SVG_NS = "http://www.w3.org/2000/svg";
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const POLL_MS = 2000;
+
+// ---------------------------------------------------------------- helpers
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") node.className = v;
+    else node.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined) continue;
+    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
+  if (text !== undefined) node.textContent = String(text);
+  return node;
+}
+
+function cookie(name) {
+  const hit = document.cookie.split("; ").find((c) => c.startsWith(name + "="));
+  return hit ? decodeURIComponent(hit.slice(name.length + 1)) : null;
+}
+
+// The login's CSRF token (auth.py); without a key any value will do, but the header must be there.
+const csrf = () => cookie("tunesmith_csrf") || "none";
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const e = (body && body.error) || {};
+    super(e.message || `HTTP ${status}`);
+    this.status = status;
+    this.param = e.param || null;
+    this.code = e.code || null;
+  }
+  // The server's message as it was returned, with the field it names.
+  get text() { return this.param ? `${this.message} (${this.param})` : this.message; }
+}
+
+async function api(method, path, body) {
+  const opts = { method, headers: { "X-CSRF-Token": csrf() }, credentials: "same-origin" };
+  if (body instanceof FormData) opts.body = body;
+  else if (body !== undefined) {
+    opts.headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  const r = await fetch(path, opts);
+  const text = await r.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
+  if (r.status === 401 && !path.startsWith("/v1/chat")) notice("Your session has ended: reload the page to log in again.");
+  if (!r.ok) throw new ApiError(r.status, data);
+  return data;
+}
+
+function notice(msg) {
+  const n = $("notice");
+  n.textContent = msg || "";
+  n.hidden = !msg;
+}
+
+function showError(node, err) {
+  node.textContent = err ? (err.text || String(err.message || err)) : "";
+  node.hidden = !err;
+}
+
+const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "");
+const num = (v, digits = 4) => (typeof v === "number" && isFinite(v) ? Number(v.toPrecision(digits)).toString() : "-");
+const progress = (job) => (job.total_steps ? `${job.step || 0}/${job.total_steps}` : job.step ? String(job.step) : "-");
+
+function statusBadge(status) {
+  return el("span", { class: `status ${status}` }, status);
+}
+
+// ---------------------------------------------------------------- router
+
+const state = { timers: [], source: null, jobId: null, schema: null };
+
+function stopAll() {
+  state.timers.forEach(clearInterval);
+  state.timers = [];
+  if (state.source) state.source.close();
+  state.source = null;
+  state.jobId = null;
+}
+
+function every(ms, fn) {
+  state.timers.push(setInterval(fn, ms));
+}
+
+function route() {
+  stopAll();
+  notice("");
+  const hash = location.hash || "#/";
+  for (const v of document.querySelectorAll("main.view")) v.hidden = true;
+  const job = hash.match(/^#\/jobs\/(ftjob-[0-9a-f]+)$/);
+  if (job) return showJob(job[1]);
+  if (hash === "#/new") return showNew();
+  return showJobs();
+}
+
+// ---------------------------------------------------------------- jobs table
+
+async function loadJobs() {
+  try {
+    const list = await api("GET", "/v1/fine_tuning/jobs?limit=100");
+    const body = $("jobs").tBodies[0];
+    body.replaceChildren(...list.data.map((j) => {
+      const row = el("tr", { "data-job": j.id },
+        el("td", {}, el("a", { href: `#/jobs/${j.id}` }, j.id)),
+        el("td", {}, statusBadge(j.status)),
+        el("td", { class: "num" }, progress(j)),
+        el("td", {}, j.fine_tuned_model || j.model),
+        el("td", {}, when(j.created_at)));
+      row.addEventListener("click", () => { location.hash = `#/jobs/${j.id}`; });
+      return row;
+    }));
+    $("jobs-empty").hidden = list.data.length > 0;
+  } catch (err) {
+    notice(err.text || String(err));
+  }
+}
+
+function showJobs() {
+  $("view-jobs").hidden = false;
+  loadJobs();
+  every(POLL_MS, loadJobs);
+}
+
+// ---------------------------------------------------------------- new-job form
+
+async function schema() {
+  if (!state.schema) state.schema = await api("GET", "/ui/api/schema");
+  return state.schema;
+}
+
+function fileLabel(f) {
+  const status = f.status === "processed" ? "" : ` [${f.status}]`;
+  return `${f.filename} (${f.id}, ${f.bytes} bytes)${status}`;
+}
+
+async function loadFiles(selectId) {
+  const list = await api("GET", "/v1/files?purpose=fine-tune");
+  const files = list.data || [];
+  for (const [id, blank] of [["training_file", null], ["validation_file", "(none)"]]) {
+    const select = $(id);
+    const keep = id === "training_file" && selectId ? selectId : select.value;
+    const options = files.map((f) => el("option", { value: f.id }, fileLabel(f)));
+    if (blank) options.unshift(el("option", { value: "" }, blank));
+    select.replaceChildren(...options);
+    if (keep && files.some((f) => f.id === keep)) select.value = keep;
+  }
+}
+
+function helpText(field) {
+  let text = field.help || "";
+  if (field.allowed) text += ` One of: ${field.allowed.join(", ")}.`;
+  if (field.default !== undefined) text += ` Default: ${JSON.stringify(field.default)}.`;
+  return text;
+}
+
+function configInput(field) {
+  const attrs = { "data-key": field.key, "data-kind": field.kind, id: `cfg-${field.key}` };
+  if (field.allowed || field.kind === "bool") {
+    const values = field.allowed || [true, false];
+    return el("select", attrs, el("option", { value: "" }, "(default)"),
+      values.map((v) => el("option", { value: JSON.stringify(v) }, String(v))));
+  }
+  const placeholder = field.kind === "list" ? "JSON list or a,b,c" : field.kind === "dict" ? "JSON object" : "default";
+  const type = field.kind === "int" || field.kind === "float" ? "number" : "text";
+  return el("input", { ...attrs, type, step: field.kind === "int" ? "1" : "any", placeholder });
+}
+
+function buildForm(s) {
+  $("model").value = s.base_model;
+  $("method").replaceChildren(...s.methods.map((m) => el("option", { value: m }, m)));
+  $("hyperparameters").replaceChildren(...s.hyperparameters.map((h) => el("label", { "data-methods": h.methods.join(" ") },
+    h.key, el("input", { id: `hp-${h.key}`, "data-kind": h.kind, type: "text", placeholder: "auto" }),
+    el("span", { class: "help" }, h.help))));
+  $("config-fields").replaceChildren(...s.config.map((f) => el("div", { class: "field", "data-search": `${f.key} ${f.help}`.toLowerCase() },
+    el("label", { for: `cfg-${f.key}` }, el("code", {}, f.key)), configInput(f), el("p", { class: "help" }, helpText(f)))));
+  const syncMethod = () => {
+    for (const label of $("hyperparameters").children) label.hidden = !label.dataset.methods.split(" ").includes($("method").value);
+  };
+  $("method").addEventListener("change", syncMethod);
+  syncMethod();
+  $("config-filter").addEventListener("input", () => {
+    const q = $("config-filter").value.toLowerCase();
+    for (const div of $("config-fields").children) div.hidden = q && !div.dataset.search.includes(q);
+  });
+}
+
+function parseValue(kind, raw, key) {
+  if (kind === "int" || kind === "float") {
+    const n = Number(raw);
+    return raw.trim() !== "" && isFinite(n) ? n : raw; // not a number: the server names the field
+  }
+  if (kind === "list") {
+    if (raw.trim().startsWith("[")) return JSON.parse(raw);
+    return raw.split(",").map((x) => x.trim()).filter(Boolean);
+  }
+  if (kind === "dict") {
+    try { return JSON.parse(raw); } catch (_) { throw new Error(`${key}: not a JSON object: ${raw}`); }
+  }
+  return raw;
+}
+
+function collectJob() {
+  const method = $("method").value;
+  const hp = {};
+  for (const input of $("hyperparameters").querySelectorAll("input")) {
+    const raw = input.value.trim();
+    if (!raw || input.closest("label").hidden) continue;
+    hp[input.id.slice(3)] = raw === "auto" ? "auto" : parseValue(input.dataset.kind, raw, input.id.slice(3));
+  }
+  const tunesmith = {};
+  for (const input of $("config-fields").querySelectorAll("[data-key]")) {
+    const raw = input.value;
+    if (raw === "") continue;
+    tunesmith[input.dataset.key] = input.tagName === "SELECT" ? JSON.parse(raw) : parseValue(input.dataset.kind, raw, input.dataset.key);
+  }
+  const body = { model: $("model").value, training_file: $("training_file").value,
+                 method: { type: method, [method]: { hyperparameters: hp } } };
+  if ($("validation_file").value) body.validation_file = $("validation_file").value;
+  if ($("suffix").value.trim()) body.suffix = $("suffix").value.trim();
+  if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if (Object.keys(tunesmith).length) body.tunesmith = tunesmith;
+  return body;
+}
+
+async function upload() {
+  const file = $("upload").files[0];
+  if (!file) return;
+  const status = $("upload-status");
+  status.textContent = `uploading ${file.name}…`;
+  const form = new FormData();
+  form.append("purpose", "fine-tune");
+  form.append("file", file, file.name);
+  try {
+    const f = await api("POST", "/v1/files", form);
+    status.textContent = `uploaded ${f.filename} as ${f.id} (${f.status})`;
+    await loadFiles(f.id);
+  } catch (err) {
+    status.textContent = "";
+    showError($("form-error"), err);
+  }
+}
+
+let formReady = null;
+function showNew() {
+  $("view-new").hidden = false;
+  showError($("form-error"), null);
+  if (!formReady) {
+    formReady = schema().then(buildForm);
+    $("upload").addEventListener("change", upload);
+    $("new-job").addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      showError($("form-error"), null);
+      $("create").disabled = true;
+      try {
+        const job = await api("POST", "/v1/fine_tuning/jobs", collectJob());
+        location.hash = `#/jobs/${job.id}`;
+      } catch (err) {
+        showError($("form-error"), err);
+      } finally {
+        $("create").disabled = false;
+      }
+    });
+  }
+  formReady.then(() => loadFiles()).catch((err) => showError($("form-error"), err));
+}
+
+// ---------------------------------------------------------------- charts (inline SVG)
+
+const W = 480, H = 220, PAD = { l: 52, r: 10, t: 10, b: 26 };
+
+function ticks(lo, hi, n) {
+  if (hi === lo) return [lo];
+  return Array.from({ length: n + 1 }, (_, i) => lo + ((hi - lo) * i) / n);
+}
+
+function drawChart(node, series) {
+  const all = series.flatMap((s) => s.points);
+  node.replaceChildren();
+  node.dataset.points = String(all.length);
+  if (!all.length) {
+    node.append(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "waiting for the first step…"));
+    return;
+  }
+  let [x0, x1] = [Math.min(...all.map((p) => p[0])), Math.max(...all.map((p) => p[0]))];
+  let [y0, y1] = [Math.min(...all.map((p) => p[1])), Math.max(...all.map((p) => p[1]))];
+  if (x0 === x1) { x0 -= 1; x1 += 1; }
+  if (y0 === y1) { const d = Math.abs(y0) * 0.1 || 1; y0 -= d; y1 += d; }
+  const sx = (x) => PAD.l + ((x - x0) / (x1 - x0)) * (W - PAD.l - PAD.r);
+  const sy = (y) => H - PAD.b - ((y - y0) / (y1 - y0)) * (H - PAD.t - PAD.b);
+  for (const y of ticks(y0, y1, 4)) {
+    node.append(svg("line", { class: "grid", x1: PAD.l, x2: W - PAD.r, y1: sy(y), y2: sy(y) }));
+    node.append(svg("text", { x: PAD.l - 4, y: sy(y) + 3, "text-anchor": "end" }, Math.abs(y) < 1e-2 && y !== 0 ? y.toExponential(1) : num(y, 3)));
+  }
+  for (const x of ticks(x0, x1, 4)) {
+    node.append(svg("text", { x: sx(x), y: H - PAD.b + 14, "text-anchor": "middle" }, Math.round(x)));
+  }
+  node.append(svg("line", { class: "axis", x1: PAD.l, x2: PAD.l, y1: PAD.t, y2: H - PAD.b }));
+  node.append(svg("line", { class: "axis", x1: PAD.l, x2: W - PAD.r, y1: H - PAD.b, y2: H - PAD.b }));
+  node.append(svg("text", { x: W - PAD.r, y: H - 2, "text-anchor": "end" }, "step"));
+  for (const s of series) {
+    if (!s.points.length) continue;
+    const pts = [...s.points].sort((a, b) => a[0] - b[0]);
+    node.append(svg("polyline", { class: s.cls, points: pts.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ") }));
+    if (pts.length <= 300) {
+      for (const p of pts) {
+        const dot = svg("circle", { class: s.cls, cx: sx(p[0]).toFixed(1), cy: sy(p[1]).toFixed(1), r: 2.2 });
+        dot.append(svg("title", {}, `${s.name} step ${p[0]}: ${num(p[1], 5)}`));
+        node.append(dot);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- job page
+
+const job = { data: null, series: null, seen: new Set(), drawPending: false, history: { base: [], tuned: [] } };
+
+function resetJob() {
+  job.data = null;
+  job.series = { train: new Map(), valid: new Map(), lr: new Map() };
+  job.seen = new Set();
+  job.history = { base: [], tuned: [] };
+  for (const id of ["events", "log", "audits", "compare", "chat-base", "chat-tuned", "job-facts"]) $(id).replaceChildren();
+  $("tasks").tBodies[0].replaceChildren();
+  $("report-link").hidden = true;
+  drawCharts();
+}
+
+function drawCharts() {
+  job.drawPending = false;
+  const pts = (m) => [...m.entries()];
+  drawChart($("chart-loss"), [{ name: "train", cls: "train", points: pts(job.series.train) },
+                              { name: "validation", cls: "valid", points: pts(job.series.valid) }]);
+  drawChart($("chart-lr"), [{ name: "learning rate", cls: "lr", points: pts(job.series.lr) }]);
+}
+
+function onEvent(e) {
+  if (job.seen.has(e.seq)) return;
+  job.seen.add(e.seq);
+  const d = e.data || {};
+  if (e.type === "metrics" && typeof d.step === "number") {
+    if (typeof d.train_loss === "number") job.series.train.set(d.step, d.train_loss);
+    if (typeof d.valid_loss === "number") job.series.valid.set(d.step, d.valid_loss);
+    if (typeof d.learning_rate === "number") job.series.lr.set(d.step, d.learning_rate);
+    if (d.total_steps) $("job-progress").textContent = `step ${d.step}/${d.total_steps}`;
+    if (!job.drawPending) { job.drawPending = true; requestAnimationFrame(drawCharts); }
+    return;
+  }
+  $("events").prepend(el("li", { class: e.level }, `${when(e.created_at)}  ${e.message}`));
+}
+
+function fact(name, value) {
+  return value === null || value === undefined || value === "" ? [] : [el("dt", {}, name), el("dd", {}, value)];
+}
+
+function renderJob(j) {
+  const prev = job.data;
+  job.data = j;
+  $("job-id").textContent = j.id;
+  $("job-status").replaceWith(Object.assign(statusBadge(j.status), { id: "job-status" }));
+  $("job-progress").textContent = j.total_steps ? `step ${j.step || 0}/${j.total_steps}` : "";
+  $("job-facts").replaceChildren(...[
+    fact("Base model", j.model), fact("Fine-tuned model", j.fine_tuned_model),
+    fact("Method", j.method && j.method.type), fact("Hyperparameters", JSON.stringify(j.hyperparameters || {})),
+    fact("Training file", j.training_file), fact("Validation file", j.validation_file),
+    fact("Created", when(j.created_at)), fact("Finished", when(j.finished_at)), fact("Trained tokens", j.trained_tokens),
+  ].flat());
+  showError($("job-error"), j.error && j.error.message ? { text: `${j.error.code || "error"}: ${j.error.message}` } : null);
+  $("btn-cancel").disabled = TERMINAL.has(j.status);
+  $("btn-pause").disabled = j.status !== "running";
+  $("btn-resume").disabled = j.status !== "paused";
+  const done = j.status === "succeeded";
+  for (const id of ["btn-compare", "btn-merged", "btn-gguf", "chat-send"]) $(id).disabled = !done;
+  $("chat-base-name").textContent = j.model;
+  $("chat-tuned-name").textContent = j.fine_tuned_model || "tuned (once the job has succeeded)";
+  if (!prev || prev.status !== j.status) loadLog();
+}
+
+async function loadJob(id) {
+  try {
+    renderJob(await api("GET", `/v1/fine_tuning/jobs/${id}`));
+  } catch (err) {
+    notice(err.text || String(err));
+  }
+}
+
+async function loadLog() {
+  if (!state.jobId) return;
+  try {
+    const log = await api("GET", `/ui/api/jobs/${state.jobId}/log?tail=200`);
+    const pre = $("log");
+    const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    pre.textContent = log.data.join("\n");
+    if (atEnd) pre.scrollTop = pre.scrollHeight;
+  } catch (_) { /* the job page shows the job's own error */ }
+}
+
+function auditTable(report) {
+  const pct = (v) => (typeof v === "number" ? `${(v * 100).toFixed(1)}%` : "-");
+  const records = report.records || {};
+  const tokens = (report.tokens && report.tokens.lengths) || {};
+  const pii = Object.entries(report.pii || {}).filter(([, n]) => n).map(([k, n]) => `${k}: ${n}`).join(", ");
+  const rows = [
+    ["Rows", records.total], ["Formats", JSON.stringify(records.by_format || {})],
+    ["Invalid rows", (report.invalid || []).length],
+    ["Exact duplicate rows", report.exact_duplicates && report.exact_duplicates.rows],
+    ["Near-duplicate rows", report.near_duplicates && report.near_duplicates.rows],
+    ["Tokens p50 / p95 / max", `${tokens.p50 ?? "-"} / ${tokens.p95 ?? "-"} / ${tokens.max ?? "-"}`],
+    ["Truncated rows", pct(report.truncated_fraction)], ["Trained tokens", pct(report.trained_token_fraction)],
+    ["PII found", pii || "none"],
+  ];
+  const table = el("table", { class: "grid audit" }, el("tbody", {}, rows.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v ?? "-")))));
+  const invalid = (report.invalid || []).slice(0, 10).map((r) => el("li", {}, `${r.where}: ${r.error}`));
+  return [table, invalid.length ? el("ul", { class: "invalid" }, invalid) : null];
+}
+
+async function loadAudits(j) {
+  const parts = [];
+  for (const [role, id] of [["training", j.training_file], ["validation", j.validation_file]]) {
+    if (!id) continue;
+    let body;
+    try {
+      body = auditTable(await api("GET", `/v1/files/${id}/audit`));
+    } catch (err) {
+      body = [el("p", { class: "help" }, err.text || String(err))];
+    }
+    parts.push(el("div", { class: "audit-file" }, el("h3", {}, `${role}: ${id}`), body));
+  }
+  $("audits").replaceChildren(...parts);
+}
+
+function compareTable(c) {
+  const rows = [];
+  for (const t of c.tasks || []) {
+    for (const d of t.deltas || []) {
+      const flags = [];
+      if (d.metric === t.primary) flags.push("primary");
+      if (d.metric === t.primary && t.forgetting) flags.push(`FORGETTING (drop > ${c.threshold})`);
+      rows.push(el("tr", { class: d.metric === t.primary && t.forgetting ? "forgetting" : null },
+        el("td", {}, t.task), el("td", {}, d.metric), el("td", { class: "num" }, num(d.base)),
+        el("td", { class: "num" }, num(d.tuned)),
+        el("td", { class: "num" }, d.delta === null || d.delta === undefined ? "-" : `${d.delta >= 0 ? "+" : ""}${num(d.delta)} ${d.unit}`),
+        el("td", {}, flags.join(", "))));
+    }
+  }
+  const forgetting = c.forgetting || [];
+  const verdict = el("p", { class: `verdict ${forgetting.length ? "bad" : "good"}` },
+    forgetting.length ? `Forgetting on: ${forgetting.join(", ")}` : "No forgetting flagged");
+  return [el("p", { class: "help" }, `base: ${c.base} · tuned: ${c.tuned}`), verdict,
+          el("table", { class: "grid", id: "compare-table" },
+            el("thead", {}, el("tr", {}, ["Task", "Metric", "Base", "Tuned", "Change", "Flags"].map((h) => el("th", {}, h)))),
+            el("tbody", {}, rows))];
+}
+
+async function loadCompare() {
+  try {
+    const c = await api("GET", `/ui/api/jobs/${state.jobId}/compare`);
+    $("compare").replaceChildren(...compareTable(c));
+    const link = $("report-link");
+    link.href = `/ui/jobs/${state.jobId}/report`;
+    link.hidden = false;
+  } catch (err) {
+    if (err.status !== 404) $("compare").replaceChildren(el("p", { class: "error" }, err.text));
+  }
+}
+
+let compareSeen = null;
+async function loadTasks() {
+  if (!state.jobId) return;
+  let list;
+  try { list = await api("GET", `/ui/api/jobs/${state.jobId}/tasks`); } catch (_) { return; }
+  $("tasks").tBodies[0].replaceChildren(...list.data.map((t) => el("tr", { "data-task": t.id },
+    el("td", {}, `${t.kind} ${t.id}`), el("td", {}, statusBadge(t.status), t.error ? el("div", { class: "help" }, t.error) : null),
+    el("td", {}, el("ul", {}, t.files.map((f) => el("li", {}, el("a", { href: f.url, download: f.name.split("/").pop() }, f.name), ` (${f.bytes} bytes)`)))))));
+  const doneCompare = list.data.filter((t) => t.kind === "compare" && t.status === "succeeded").map((t) => t.id).pop();
+  if (doneCompare && doneCompare !== compareSeen) { compareSeen = doneCompare; loadCompare(); }
+}
+
+async function act(path, body) {
+  try {
+    const out = await api("POST", path, body);
+    return out;
+  } catch (err) {
+    notice(err.text || String(err));
+    return null;
+  }
+}
+
+async function chatOnce(side, model, text) {
+  const log = $(side === "base" ? "chat-base" : "chat-tuned");
+  const history = job.history[side];
+  history.push({ role: "user", content: text });
+  log.append(el("div", { class: "turn user" }, `you: ${text}`));
+  const slot = el("div", { class: "turn assistant pending" }, "…");
+  log.append(slot);
+  try {
+    const r = await api("POST", "/v1/chat/completions", { model, messages: history, max_tokens: 64 });
+    const reply = (r.choices && r.choices[0] && r.choices[0].message && r.choices[0].message.content) || "";
+    history.push({ role: "assistant", content: reply });
+    slot.textContent = reply;
+    slot.classList.remove("pending");
+    slot.classList.add("reply");
+  } catch (err) {
+    history.pop();
+    slot.textContent = err.text || String(err);
+    slot.className = "turn error";
+  }
+}
+
+async function showJob(id) {
+  $("view-job").hidden = false;
+  resetJob();
+  compareSeen = null;
+  state.jobId = id;
+  await loadJob(id);
+  if (!job.data || state.jobId !== id) return;
+  loadAudits(job.data);
+  loadTasks();
+  const source = new EventSource(`/ui/api/jobs/${id}/stream`);
+  state.source = source;
+  source.onmessage = (m) => onEvent(JSON.parse(m.data));
+  source.addEventListener("end", () => { source.close(); loadJob(id); loadLog(); });
+  every(POLL_MS, () => {
+    if (!job.data || TERMINAL.has(job.data.status)) return;
+    loadJob(id);
+    loadLog();
+  });
+  every(POLL_MS, loadTasks);
+}
+
+function wireJobButtons() {
+  const post = (what, body) => async () => {
+    const out = await act(`${what.startsWith("/") ? "" : `/v1/fine_tuning/jobs/${state.jobId}/`}${what}`, body);
+    if (out) { loadJob(state.jobId); loadTasks(); }
+  };
+  $("btn-cancel").addEventListener("click", post("cancel"));
+  $("btn-pause").addEventListener("click", post("pause"));
+  $("btn-resume").addEventListener("click", post("resume"));
+  $("btn-compare").addEventListener("click", () => post(`/ui/api/jobs/${state.jobId}/compare`, {})());
+  $("btn-merged").addEventListener("click", () => post(`/ui/api/jobs/${state.jobId}/export`, { format: "merged" })());
+  $("btn-gguf").addEventListener("click", () => post(`/ui/api/jobs/${state.jobId}/export`, { format: "gguf", quant: $("quant").value })());
+  $("chat").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const text = $("chat-input").value.trim();
+    if (!text || !job.data || !job.data.fine_tuned_model) return;
+    $("chat-input").value = "";
+    chatOnce("base", job.data.model, text);
+    chatOnce("tuned", job.data.fine_tuned_model, text);
+  });
+}
+
+document.addEventListener("DOMContentLoaded", async () => {
+  $("logout").hidden = !cookie("tunesmith_csrf");
+  wireJobButtons();
+  window.addEventListener("hashchange", route);
+  route();
+  try {
+    const s = await schema();
+    $("quant").replaceChildren(...s.export.gguf_quants.map((q) => el("option", { value: q }, q)));
+    $("quant").value = s.export.gguf_quants.includes("q8_0") ? "q8_0" : s.export.gguf_quants[0];
+  } catch (err) {
+    notice(err.text || String(err));
+  }
+});
