@@ -134,11 +134,16 @@ def login(page, base: str) -> None:
 
 def upload(page, path: Path) -> str:
     """Upload through the form; the new file is selected as the training file."""
-    before = page.input_value("#training_file") if page.locator("#training_file option").count() else None
+    page.eval_on_selector("#upload-status", "n => { delete n.dataset.file; }")
     page.set_input_files("#upload", str(path))
-    page.wait_for_function("b => { const v = document.getElementById('training_file').value; return v && v !== b; }",
-                           arg=before, timeout=TIMEOUT_MS)
-    return page.input_value("#training_file")
+    page.wait_for_selector("#upload-status[data-file]", timeout=TIMEOUT_MS)
+    file_id = page.get_attribute("#upload-status", "data-file")
+    assert page.input_value("#training_file") == file_id
+    return file_id
+
+
+def open_advanced(page) -> None:
+    page.eval_on_selector_all("#advanced, #advanced details", "ds => ds.forEach((d) => { d.open = true; })")
 
 
 def set_config(page, key: str, value) -> None:
@@ -147,7 +152,7 @@ def set_config(page, key: str, value) -> None:
 
 def create_job(page, base: str, train: Path, valid: Path | None, steps: int, suffix: str) -> str:
     page.goto(base + "/#/new")
-    page.wait_for_selector('[data-key="train.max_steps"]')
+    page.wait_for_selector('[data-key="train.max_steps"]', state="attached")
     if valid is not None:
         valid_id = upload(page, valid)
     upload(page, train)
@@ -155,7 +160,7 @@ def create_job(page, base: str, train: Path, valid: Path | None, steps: int, suf
         page.select_option("#validation_file", valid_id)
     page.fill("#suffix", suffix)
     page.fill("#hp-batch_size", "2")
-    page.click("#advanced summary")
+    open_advanced(page)
     set_config(page, "train.max_steps", steps)
     set_config(page, "train.eval_every", 2)
     set_config(page, "data.max_length", 64)
@@ -178,9 +183,9 @@ def test_dashboard_flow(server, browser):
 
     # a field the server refuses comes back as the API says it
     page.goto(base + "/#/new")
-    page.wait_for_selector('[data-key="train.max_steps"]')
+    page.wait_for_selector('[data-key="train.max_steps"]', state="attached")
     upload(page, tmp / "train.jsonl")
-    page.click("#advanced summary")
+    open_advanced(page)
     page.locator('[data-key="method.name"]').select_option('"full"')
     page.click("#create")
     page.wait_for_selector("#form-error:not([hidden])")
@@ -215,9 +220,10 @@ def test_dashboard_flow(server, browser):
     assert page.locator("#chat-base .error, #chat-tuned .error").count() == 0
 
     page.click("#btn-merged")
-    page.wait_for_selector("#tasks a[download]", timeout=TIMEOUT_MS)
+    done = '#tasks tr[data-kind="export"][data-status="succeeded"] a[download]'
+    page.wait_for_selector(done, timeout=TIMEOUT_MS)
     timings["exported"] = time.time() - t0
-    names = page.locator("#tasks a[download]").all_text_contents()
+    names = page.locator(done).all_text_contents()
     assert "config.json" in names or any(n.endswith(".safetensors") for n in names)
     shot(page, "03-job-page")
     README_SHOT.parent.mkdir(parents=True, exist_ok=True)

@@ -190,8 +190,16 @@ function buildForm(s) {
   $("hyperparameters").replaceChildren(...s.hyperparameters.map((h) => el("label", { "data-methods": h.methods.join(" ") },
     h.key, el("input", { id: `hp-${h.key}`, "data-kind": h.kind, type: "text", placeholder: "auto" }),
     el("span", { class: "help" }, h.help))));
-  $("config-fields").replaceChildren(...s.config.map((f) => el("div", { class: "field", "data-search": `${f.key} ${f.help}`.toLowerCase() },
-    el("label", { for: `cfg-${f.key}` }, el("code", {}, f.key)), configInput(f), el("p", { class: "help" }, helpText(f)))));
+  // one folded group per config section (train.distributed apart: it is long and rarely set)
+  const groups = new Map();
+  for (const f of s.config) {
+    const name = f.key.split(".").slice(0, f.key.startsWith("train.distributed.") ? 2 : 1).join(".");
+    if (!groups.has(name)) groups.set(name, []);
+    groups.get(name).push(el("div", { class: "field", "data-search": `${f.key} ${f.help}`.toLowerCase() },
+      el("label", { for: `cfg-${f.key}` }, el("code", {}, f.key)), configInput(f), el("p", { class: "help" }, helpText(f))));
+  }
+  $("config-fields").replaceChildren(...[...groups].map(([name, fields]) => el("details", { class: "section", "data-section": name },
+    el("summary", {}, `${name} (${fields.length})`), fields)));
   const syncMethod = () => {
     for (const label of $("hyperparameters").children) label.hidden = !label.dataset.methods.split(" ").includes($("method").value);
   };
@@ -199,7 +207,15 @@ function buildForm(s) {
   syncMethod();
   $("config-filter").addEventListener("input", () => {
     const q = $("config-filter").value.toLowerCase();
-    for (const div of $("config-fields").children) div.hidden = q && !div.dataset.search.includes(q);
+    for (const group of $("config-fields").children) {
+      let shown = 0;
+      for (const div of group.querySelectorAll(".field")) {
+        div.hidden = q && !div.dataset.search.includes(q);
+        shown += div.hidden ? 0 : 1;
+      }
+      group.hidden = !shown;
+      group.open = Boolean(q) && shown > 0;
+    }
   });
 }
 
@@ -246,13 +262,16 @@ async function upload() {
   if (!file) return;
   const status = $("upload-status");
   status.textContent = `uploading ${file.name}…`;
+  delete status.dataset.file;
+  $("upload").value = ""; // the same file chosen again is a new upload
   const form = new FormData();
   form.append("purpose", "fine-tune");
   form.append("file", file, file.name);
   try {
     const f = await api("POST", "/v1/files", form);
-    status.textContent = `uploaded ${f.filename} as ${f.id} (${f.status})`;
     await loadFiles(f.id);
+    status.textContent = `uploaded ${f.filename} as ${f.id} (${f.status})`;
+    status.dataset.file = f.id;
   } catch (err) {
     status.textContent = "";
     showError($("form-error"), err);
@@ -287,9 +306,15 @@ function showNew() {
 
 const W = 480, H = 220, PAD = { l: 52, r: 10, t: 10, b: 26 };
 
-function ticks(lo, hi, n) {
-  if (hi === lo) return [lo];
-  return Array.from({ length: n + 1 }, (_, i) => lo + ((hi - lo) * i) / n);
+// About n round values (1, 2 or 5 times a power of ten apart) between lo and hi.
+function ticks(lo, hi, n, integer) {
+  const raw = (hi - lo) / n;
+  const mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  let step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw);
+  if (integer) step = Math.max(1, Math.round(step));
+  const out = [];
+  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(v);
+  return out;
 }
 
 function drawChart(node, series) {
@@ -306,11 +331,11 @@ function drawChart(node, series) {
   if (y0 === y1) { const d = Math.abs(y0) * 0.1 || 1; y0 -= d; y1 += d; }
   const sx = (x) => PAD.l + ((x - x0) / (x1 - x0)) * (W - PAD.l - PAD.r);
   const sy = (y) => H - PAD.b - ((y - y0) / (y1 - y0)) * (H - PAD.t - PAD.b);
-  for (const y of ticks(y0, y1, 4)) {
+  for (const y of ticks(y0, y1, 4, false)) {
     node.append(svg("line", { class: "grid", x1: PAD.l, x2: W - PAD.r, y1: sy(y), y2: sy(y) }));
     node.append(svg("text", { x: PAD.l - 4, y: sy(y) + 3, "text-anchor": "end" }, Math.abs(y) < 1e-2 && y !== 0 ? y.toExponential(1) : num(y, 3)));
   }
-  for (const x of ticks(x0, x1, 4)) {
+  for (const x of ticks(x0, x1, 5, true)) {
     node.append(svg("text", { x: sx(x), y: H - PAD.b + 14, "text-anchor": "middle" }, Math.round(x)));
   }
   node.append(svg("line", { class: "axis", x1: PAD.l, x2: PAD.l, y1: PAD.t, y2: H - PAD.b }));
@@ -488,7 +513,7 @@ async function loadTasks() {
   if (!state.jobId) return;
   let list;
   try { list = await api("GET", `/ui/api/jobs/${state.jobId}/tasks`); } catch (_) { return; }
-  $("tasks").tBodies[0].replaceChildren(...list.data.map((t) => el("tr", { "data-task": t.id },
+  $("tasks").tBodies[0].replaceChildren(...list.data.map((t) => el("tr", { "data-task": t.id, "data-kind": t.kind, "data-status": t.status },
     el("td", {}, `${t.kind} ${t.id}`), el("td", {}, statusBadge(t.status), t.error ? el("div", { class: "help" }, t.error) : null),
     el("td", {}, el("ul", {}, t.files.map((f) => el("li", {}, el("a", { href: f.url, download: f.name.split("/").pop() }, f.name), ` (${f.bytes} bytes)`)))))));
   const doneCompare = list.data.filter((t) => t.kind === "compare" && t.status === "succeeded").map((t) => t.id).pop();
