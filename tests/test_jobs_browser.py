@@ -8,26 +8,22 @@ tests/artifacts/); the job page's is also docs/img/job-page.png for the README.
 
 Skipped, with what is missing named, without Playwright's Python package or /usr/bin/chromium
 (`make test` installs Debian's chromium when it runs as root). Nothing leaves 127.0.0.1.
+tests/jobs_server.py starts the server, as for the openai-client and restart tests.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from jobs_server import KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(os.environ.get("TUNESMITH_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = Path(os.environ.get("TUNESMITH_ARTIFACTS") or ROOT / "tests" / "artifacts")
 README_SHOT = ROOT / "docs" / "img" / "job-page.png"
-KEY = "browser-test-key"
 TIMEOUT_MS = 180_000  # a tiny training subprocess, or a comparison, on a busy CI machine
 
 
@@ -41,68 +37,30 @@ def _missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=f"browser test needs {_missing()}")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(_missing() is not None, reason=f"browser test needs {_missing()}")]
 
 
-def _serve_has_jobs() -> bool:
-    out = subprocess.run([sys.executable, "-m", "tunesmith", "serve", "--help"], capture_output=True, text=True,
-                         env=_env())
-    return "--jobs" in out.stdout
+def write_data(root: Path) -> dict:
+    """The demo's order-extraction chats: a training and a validation file."""
+    from conftest import write_jsonl
+    from tunesmith.demo.orders import make_splits
 
-
-def _env() -> dict:
-    env = dict(os.environ, TUNESMITH_API_KEY=KEY, PYTHONPATH=str(ROOT / "src"))
-    env.pop("HTTP_PROXY", None), env.pop("HTTPS_PROXY", None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _chat(content: str, reply: str) -> str:
-    return json.dumps({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": reply}]})
-
-
-TRAIN = "\n".join(_chat(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a in range(6) for b in range(3))
-VALID = "\n".join(_chat(f"Add {a} and {b}.", f"{a + b}") for a in range(3) for b in range(2))
+    splits = make_splits(5, {"train": 16, "validation": 4})
+    return {k: write_jsonl(root / f"{k}.jsonl", v) for k, v in splits.items()}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    if not _serve_has_jobs():
-        pytest.skip("`tunesmith serve` has no --jobs option yet (jobs/service.py)")
-    from tests.families import build_family_model
+def server(tiny_model_dir, tmp_path_factory):
+    from jobs_server import Server
 
-    tmp = tmp_path_factory.mktemp("browser")
-    model = build_family_model("llama", tmp / "tiny-llama", seed=0)
-    port = _free_port()
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", str(model), "--jobs", str(tmp / "jobs"),
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=tmp)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(base + "/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"server did not start:\n{(tmp / 'server.log').read_text()[-4000:]}")
-            time.sleep(0.5)
-    (tmp / "train.jsonl").write_text(TRAIN + "\n")
-    (tmp / "valid.jsonl").write_text(VALID + "\n")
-    yield {"base": base, "dir": tmp}
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-    shutil.copy2(tmp / "server.log", ARTIFACTS / "server.log") if ARTIFACTS.is_dir() else None
+    root = tmp_path_factory.mktemp("jobs-browser")
+    data = write_data(root)
+    srv = Server(tiny_model_dir, root / "jobs", key=KEY)
+    with srv:
+        yield {"base": srv.url, "train": data["train"], "valid": data["validation"]}
+    if ARTIFACTS.is_dir():
+        shutil.copy2(srv.log, ARTIFACTS / "server.log")
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +129,7 @@ def create_job(page, base: str, train: Path, valid: Path | None, steps: int, suf
 
 
 def test_dashboard_flow(server, browser):
-    base, tmp = server["base"], server["dir"]
+    base = server["base"]
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -184,7 +142,7 @@ def test_dashboard_flow(server, browser):
     # a field the server refuses comes back as the API says it
     page.goto(base + "/#/new")
     page.wait_for_selector('[data-key="train.max_steps"]', state="attached")
-    upload(page, tmp / "train.jsonl")
+    upload(page, server["train"])
     open_advanced(page)
     page.locator('[data-key="method.name"]').select_option('"full"')
     page.click("#create")
@@ -193,7 +151,7 @@ def test_dashboard_flow(server, browser):
     page.locator('[data-key="method.name"]').select_option("")
     shot(page, "02-new-job-error")
 
-    job_id = create_job(page, base, tmp / "train.jsonl", tmp / "valid.jsonl", steps=6, suffix="browser")
+    job_id = create_job(page, base, server["train"], server["valid"], steps=6, suffix="browser")
     timings["created"] = time.time() - t0
     page.wait_for_function("() => +document.getElementById('chart-loss').dataset.points >= 2", timeout=TIMEOUT_MS)
     timings["curve"] = time.time() - t0
@@ -229,7 +187,7 @@ def test_dashboard_flow(server, browser):
     README_SHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(README_SHOT), full_page=True)
 
-    second = create_job(page, base, tmp / "train.jsonl", None, steps=5000, suffix="cancel-me")
+    second = create_job(page, base, server["train"], None, steps=5000, suffix="cancel-me")
     page.wait_for_selector("#btn-cancel:not([disabled])")
     page.click("#btn-cancel")
     page.wait_for_selector("#job-status.cancelled", timeout=60_000)

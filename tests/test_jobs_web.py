@@ -31,9 +31,10 @@ class FakeRunner:
     def __init__(self, ctx):
         self.ctx, self.calls = ctx, []
 
-    def submit_task(self, job_id, kind, argv, out_dir):
+    def submit_task(self, job_id, kind, argv, out_dir, task_id=None):
         self.calls.append((job_id, kind, argv, out_dir))
-        return self.ctx.store.add_task(id=out_dir.name, job_id=job_id, kind=kind,
+        assert task_id == out_dir.name
+        return self.ctx.store.add_task(id=task_id, job_id=job_id, kind=kind,
                                        args={"argv": argv, "out_dir": str(out_dir)}, status="queued")
 
 

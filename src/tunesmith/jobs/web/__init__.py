@@ -32,8 +32,7 @@ from tunesmith.jobs.web import auth as a
 from tunesmith.jobs.web.schema import export_choices, form_schema
 from tunesmith.serve import protocol as p
 
-STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-          "style.css": "text/css; charset=utf-8"}
+STATIC = a.STATIC_FILES
 POLL_S = 0.5              # how often a stream looks for new events
 KEEPALIVE_S = 15.0        # an SSE comment this often, so proxies keep an idle stream open
 STREAM_BATCH = 500
@@ -52,13 +51,14 @@ def static_text(name: str) -> str:
 
 def guard_options(ctx: JobsContext) -> dict:
     """Keyword arguments for serve.checks.Guard: the login session and the paths open without it."""
-    return {"session": a.Auth(ctx.api_key).session_check, "open_paths": a.open_paths(STATIC)}
+    return {"session": a.session_check(ctx.api_key), "open_paths": a.OPEN_PATHS}
 
 
 def event_object(row: dict) -> dict:
-    return {"object": "fine_tuning.job.event", "id": f"ftevent-{row['seq']}", "seq": row["seq"],
-            "created_at": row["created_at"], "level": row["level"], "type": row["type"],
-            "message": row["message"], "data": row.get("data")}
+    """The API's event object (jobs/api.py) plus its sequence number (the stream's resume point)."""
+    from tunesmith.jobs.api import event_object as api_event
+
+    return {**api_event(row), "seq": row["seq"]}
 
 
 def tail_lines(path: Path, n: int) -> list[str]:
@@ -76,7 +76,14 @@ def tail_lines(path: Path, n: int) -> list[str]:
 
 class _Web:
     def __init__(self, ctx: JobsContext):
-        self.ctx, self.auth = ctx, a.Auth(ctx.api_key)
+        self.ctx, self._auth = ctx, a.Auth(None)
+
+    @property
+    def auth(self) -> a.Auth:
+        """Made from ctx.api_key when asked: serve sets the key after the routes are added."""
+        if self._auth.key != (self.ctx.api_key.encode() if self.ctx.api_key else None):
+            self._auth = a.Auth(self.ctx.api_key)
+        return self._auth
 
     # -- lookups (404 for anything that is not a job of this store)
     def job(self, job_id: str) -> dict:
@@ -144,10 +151,11 @@ class _Web:
             raise p.APIError(409, f"job {job_id} is {job['status']}: {kind} needs a succeeded job", code="job_not_ready")
         if self.ctx.runner is None:
             raise p.APIError(503, "this server has no job runner", type="server_error", code="unavailable")
-        out_dir = self.ctx.layout.task_dir(job_id, new_id("task"))
+        task_id = new_id("task")
+        out_dir = self.ctx.layout.task_dir(job_id, task_id)
         run_dir = str(self.ctx.layout.run_dir(job_id))
         argv = [kind, run_dir, *argv_tail, "--out", str(out_dir)]
-        task = self.ctx.runner.submit_task(job_id, kind, argv, out_dir)
+        task = self.ctx.runner.submit_task(job_id, kind, argv, out_dir, task_id=task_id)
         return self.task_view(job_id, task)
 
     # -- the live stream

@@ -33,6 +33,8 @@ SAFE_METHODS = frozenset({"GET", "HEAD"})
 LOGIN_PATH = "/ui/login"
 LOGOUT_PATH = "/ui/logout"
 STATIC_PREFIX = "/ui/static/"
+STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+                "style.css": "text/css; charset=utf-8"}  # web/static/: served as they are
 
 
 def parse_cookies(raw: bytes | str | None) -> dict[str, str]:
@@ -99,10 +101,14 @@ class Auth:
         return self.session_nonce(request.cookies.get(SESSION_COOKIE)) is not None
 
 
-def open_paths(static_names) -> set[str]:
-    """What the Guard answers without a key: the page at / (it shows the login form until there
-    is a session), login/logout and the static assets (code and style, nothing from the jobs)."""
-    return {"/", LOGIN_PATH, LOGOUT_PATH, *(STATIC_PREFIX + n for n in static_names)}
+def session_check(api_key: str | None):
+    """The Guard's `session=` for a server started with api_key (None: no key, nothing to check)."""
+    return Auth(api_key).session_check if api_key else None
+
+
+# What the Guard answers without a key: the page at / (it shows the login form until there is a
+# session), login/logout and the static assets (code and style, nothing from the jobs).
+OPEN_PATHS = frozenset({"/", LOGIN_PATH, LOGOUT_PATH, *(STATIC_PREFIX + n for n in STATIC_FILES)})
 
 
 def set_session_cookies(response, session: str, csrf: str, secure: bool, ttl_s: int = SESSION_TTL_S) -> None:

@@ -514,7 +514,7 @@ async function loadTasks() {
   let list;
   try { list = await api("GET", `/ui/api/jobs/${state.jobId}/tasks`); } catch (_) { return; }
   $("tasks").tBodies[0].replaceChildren(...list.data.map((t) => el("tr", { "data-task": t.id, "data-kind": t.kind, "data-status": t.status },
-    el("td", {}, `${t.kind} ${t.id}`), el("td", {}, statusBadge(t.status), t.error ? el("div", { class: "help" }, t.error) : null),
+    el("td", {}, `${t.kind} ${t.id}`), el("td", {}, statusBadge(t.status), t.error ? el("div", { class: "help" }, typeof t.error === "object" ? t.error.message || JSON.stringify(t.error) : t.error) : null),
     el("td", {}, el("ul", {}, t.files.map((f) => el("li", {}, el("a", { href: f.url, download: f.name.split("/").pop() }, f.name), ` (${f.bytes} bytes)`)))))));
   const doneCompare = list.data.filter((t) => t.kind === "compare" && t.status === "succeeded").map((t) => t.id).pop();
   if (doneCompare && doneCompare !== compareSeen) { compareSeen = doneCompare; loadCompare(); }
