@@ -128,6 +128,22 @@ def create_job(page, base: str, train: Path, valid: Path | None, steps: int, suf
     return page.url.rsplit("/", 1)[-1]
 
 
+def job_state(page, base: str, job_id: str) -> str:
+    """The job and its log's end, for a failure message."""
+    job = page.context.request.get(f"{base}/v1/fine_tuning/jobs/{job_id}").text()
+    log = page.context.request.get(f"{base}/ui/api/jobs/{job_id}/log?tail=30").text()
+    return f"job: {job}\nlog: {log}"
+
+
+def wait_on_job(page, base: str, job_id: str, fn: str, timeout: int = TIMEOUT_MS) -> None:
+    from playwright.sync_api import TimeoutError
+
+    try:
+        page.wait_for_function(fn, timeout=timeout)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {fn}\n{job_state(page, base, job_id)}")
+
+
 def test_dashboard_flow(server, browser):
     base = server["base"]
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -153,9 +169,9 @@ def test_dashboard_flow(server, browser):
 
     job_id = create_job(page, base, server["train"], server["valid"], steps=6, suffix="browser")
     timings["created"] = time.time() - t0
-    page.wait_for_function("() => +document.getElementById('chart-loss').dataset.points >= 2", timeout=TIMEOUT_MS)
+    wait_on_job(page, base, job_id, "() => +document.getElementById('chart-loss').dataset.points >= 2")
     timings["curve"] = time.time() - t0
-    page.wait_for_selector("#job-status.succeeded", timeout=TIMEOUT_MS)
+    wait_on_job(page, base, job_id, "() => document.querySelector('#job-status.succeeded')")
     timings["succeeded"] = time.time() - t0
     page.wait_for_function("() => document.querySelectorAll('#chart-loss circle.valid').length >= 1",
                            timeout=30_000)
