@@ -121,7 +121,6 @@ def create_job(page, base: str, train: Path, valid: Path | None, steps: int, suf
     open_advanced(page)
     set_config(page, "train.max_steps", steps)
     set_config(page, "train.eval_every", 2)
-    set_config(page, "data.max_length", 64)
     set_config(page, "method.r", 4)
     page.click("#create")
     page.wait_for_url("**/#/jobs/ftjob-*", timeout=30_000)
@@ -136,12 +135,13 @@ def job_state(page, base: str, job_id: str) -> str:
 
 
 def wait_on_job(page, base: str, job_id: str, fn: str, timeout: int = TIMEOUT_MS) -> None:
-    from playwright.sync_api import TimeoutError
-
-    try:
-        page.wait_for_function(fn, timeout=timeout)
-    except TimeoutError:
-        pytest.fail(f"timed out waiting for {fn}\n{job_state(page, base, job_id)}")
+    """Until the page's `fn` holds; a job that fails first fails the test at once, with its error."""
+    deadline = time.monotonic() + timeout / 1000
+    while not page.evaluate(fn):
+        status = page.context.request.get(f"{base}/v1/fine_tuning/jobs/{job_id}").json()["status"]
+        if status in ("failed", "cancelled") or time.monotonic() > deadline:
+            pytest.fail(f"waiting for {fn}: the job is {status}\n{job_state(page, base, job_id)}")
+        page.wait_for_timeout(500)
 
 
 def test_dashboard_flow(server, browser):
@@ -171,7 +171,7 @@ def test_dashboard_flow(server, browser):
     timings["created"] = time.time() - t0
     wait_on_job(page, base, job_id, "() => +document.getElementById('chart-loss').dataset.points >= 2")
     timings["curve"] = time.time() - t0
-    wait_on_job(page, base, job_id, "() => document.querySelector('#job-status.succeeded')")
+    wait_on_job(page, base, job_id, "() => !!document.querySelector('#job-status.succeeded')")
     timings["succeeded"] = time.time() - t0
     page.wait_for_function("() => document.querySelectorAll('#chart-loss circle.valid').length >= 1",
                            timeout=30_000)
