@@ -458,19 +458,25 @@ function auditTable(report) {
   return [table, invalid.length ? el("ul", { class: "invalid" }, invalid) : null];
 }
 
+// An upload's audit runs in the background (409 until it is done): asked again on the next poll.
 async function loadAudits(j) {
   const parts = [];
+  let pending = false;
   for (const [role, id] of [["training", j.training_file], ["validation", j.validation_file]]) {
     if (!id) continue;
     let body;
     try {
       body = auditTable(await api("GET", `/v1/files/${id}/audit`));
     } catch (err) {
+      pending = pending || err.status === 409;
       body = [el("p", { class: "help" }, err.text || String(err))];
     }
     parts.push(el("div", { class: "audit-file" }, el("h3", {}, `${role}: ${id}`), body));
   }
-  $("audits").replaceChildren(...parts);
+  if (job.data && job.data.id === j.id) {
+    job.auditPending = pending;
+    $("audits").replaceChildren(...parts);
+  }
 }
 
 function compareTable(c) {
@@ -569,7 +575,10 @@ async function showJob(id) {
     loadJob(id);
     loadLog();
   });
-  every(POLL_MS, loadTasks);
+  every(POLL_MS, () => {
+    loadTasks();
+    if (job.auditPending && job.data) loadAudits(job.data);
+  });
 }
 
 function wireJobButtons() {
