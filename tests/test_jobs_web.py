@@ -88,12 +88,14 @@ def test_page_static_and_csp(client):
     assert "'unsafe-inline'" not in r.headers["content-security-policy"]  # the page runs only app.js
     assert client.get("/ui/static/app.js").headers["content-type"].startswith("text/javascript")
     assert client.get("/ui/static/style.css").status_code == 200
+    assert 'src="/ui/static/job.js"' in r.text and client.get("/ui/static/job.js").status_code == 200
     assert client.get("/ui/static/..%2Fauth.py").status_code == 404
     assert client.get("/ui/static/auth.py").status_code == 404
+    assert client.get("/favicon.ico").status_code == 204
 
 
-def test_app_js_never_sets_html_from_data():
-    text = web.static_text("app.js")
+def test_scripts_never_set_html_from_data():
+    text = web.static_text("app.js") + web.static_text("job.js")
     for sink in (".innerHTML", ".outerHTML", "insertAdjacentHTML(", "document.write", "eval(", "new Function"):
         assert sink not in text, sink
 
@@ -263,6 +265,7 @@ def test_login_flow_cookies_and_csrf(keyed):
     r = c.get("/")
     assert r.status_code == 200 and 'action="/ui/login"' in r.text and "app.js" not in r.text
     assert c.get("/ui/static/app.js").status_code == 200  # assets are open
+    assert c.get("/favicon.ico").status_code == 204
     assert c.get("/ui/api/schema").status_code == 401
     assert c.get("/v1/ping").status_code == 401
 

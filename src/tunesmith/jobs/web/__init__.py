@@ -2,7 +2,7 @@
 API, plus the few /ui routes the API does not have.
 
     GET  /                                  the page (the login form first when a key is set)
-    GET  /ui/static/{index.html|app.js|style.css}
+    GET  /ui/static/{index.html|app.js|job.js|style.css}
     POST /ui/login {key} | /ui/logout       session cookies (auth.py)
     GET  /ui/api/schema                     the new-job form's fields (schema.py)
     GET  /ui/api/jobs/{id}/stream           the job's events as server-sent events, oldest first
@@ -148,7 +148,8 @@ class _Web:
 
         job = self.job(job_id)
         if job["status"] != "succeeded":
-            raise p.APIError(409, f"job {job_id} is {job['status']}: {kind} needs a succeeded job", code="job_not_ready")
+            raise p.APIError(409, f"job {job_id} is {job['status']}: {kind} needs a succeeded job",
+                             code="job_not_ready")
         if self.ctx.runner is None:
             raise p.APIError(503, "this server has no job runner", type="server_error", code="unavailable")
         task_id = new_id("task")
@@ -223,6 +224,10 @@ def routes(app, ctx: JobsContext) -> None:
         if web.auth.enabled and not web.auth.logged_in(request):
             return HTMLResponse(a.login_page(), headers={"Content-Security-Policy": PAGE_CSP})
         return page("index.html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():  # browsers ask for it on every page: no icon, and no 401 in the log
+        return Response(status_code=204)
 
     @app.get(a.STATIC_PREFIX + "{name}", include_in_schema=False)
     async def static(name: str):

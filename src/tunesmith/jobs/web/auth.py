@@ -34,7 +34,7 @@ LOGIN_PATH = "/ui/login"
 LOGOUT_PATH = "/ui/logout"
 STATIC_PREFIX = "/ui/static/"
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-                "style.css": "text/css; charset=utf-8"}  # web/static/: served as they are
+                "job.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}  # web/static/: served as they are
 
 
 def parse_cookies(raw: bytes | str | None) -> dict[str, str]:
@@ -108,7 +108,7 @@ def session_check(api_key: str | None):
 
 # What the Guard answers without a key: the page at / (it shows the login form until there is a
 # session), login/logout and the static assets (code and style, nothing from the jobs).
-OPEN_PATHS = frozenset({"/", LOGIN_PATH, LOGOUT_PATH, *(STATIC_PREFIX + n for n in STATIC_FILES)})
+OPEN_PATHS = frozenset({"/", "/favicon.ico", LOGIN_PATH, LOGOUT_PATH, *(STATIC_PREFIX + n for n in STATIC_FILES)})
 
 
 def set_session_cookies(response, session: str, csrf: str, secure: bool, ttl_s: int = SESSION_TTL_S) -> None:
