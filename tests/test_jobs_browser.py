@@ -114,17 +114,18 @@ def create_job(page, base: str, train: Path, valid: Path | None, steps: int, suf
     if valid is not None:
         valid_id = upload(page, valid)
     upload(page, train)
-    if valid is not None:
-        page.select_option("#validation_file", valid_id)
+    page.select_option("#validation_file", valid_id if valid is not None else "")
     page.fill("#suffix", suffix)
     page.fill("#hp-batch_size", "2")
     page.fill("#hp-learning_rate_multiplier", "50")  # a random tiny model: a curve that visibly falls
     open_advanced(page)
     set_config(page, "train.max_steps", steps)
-    set_config(page, "train.eval_every", 2)
+    set_config(page, "train.eval_every", 2 if valid is not None else "")
     set_config(page, "method.r", 4)
     page.click("#create")
-    page.wait_for_url("**/#/jobs/ftjob-*", timeout=30_000)
+    page.wait_for_function("() => location.hash.startsWith('#/jobs/') || !document.getElementById('form-error').hidden",
+                           timeout=30_000)
+    assert "#/jobs/ftjob-" in page.url, f"the server refused the job: {page.text_content('#form-error')}"
     return page.url.rsplit("/", 1)[-1]
 
 
@@ -208,6 +209,8 @@ def test_dashboard_flow(server, browser):
     page.wait_for_selector("#btn-cancel:not([disabled])")
     page.click("#btn-cancel")
     page.wait_for_selector("#job-status.cancelled", timeout=60_000)
+    assert "Validation file" not in page.text_content("#job-facts")  # none picked: none sent
+    assert page.locator("#audits h3").count() == 1
     shot(page, "04-cancelled")
 
     page.goto(base + "/#/")
