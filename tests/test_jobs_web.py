@@ -311,3 +311,15 @@ def test_session_values():
     assert a.Auth(KEY).session_check({"method": "GET"}, headers)
     assert not a.Auth(KEY).session_check({"method": "DELETE"}, headers)
     assert a.Auth(KEY).session_check({"method": "DELETE"}, {**headers, b"x-csrf-token": csrf.encode()})
+
+
+def test_a_cross_site_page_cannot_post_even_without_a_key(client):
+    """A form or multipart POST from another site is a 'simple' request that no preflight stops:
+    the Guard refuses writes whose Origin is not this server (API clients send no Origin)."""
+    files = {"file": ("t.jsonl", b'{"messages": []}\n')}
+    for origin in ("http://evil.example", "null", "http://127.0.0.1:9"):
+        r = client.post("/v1/ping", headers={"Origin": origin}, files=files)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "cross_origin", origin
+    assert client.post("/v1/ping", headers={"Origin": "http://testserver"}).status_code == 200  # same origin
+    assert client.post("/v1/ping").status_code == 200                                       # no Origin: a client
+    assert client.get("/v1/ping", headers={"Origin": "http://evil.example"}).status_code == 200

@@ -68,6 +68,11 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        if _cross_origin_write(scope, headers):
+            return await send_error(send, p.APIError(
+                403, "cross-origin request refused: a page of another site may not send this server requests that "
+                "change anything (call it from a client, or from pages this server serves)",
+                type="permission_error", code="cross_origin"))
         if self.key is not None and scope.get("path") not in self.open_paths and not self._authorized(scope, headers):
             what = "missing" if not headers.get(b"authorization") else "incorrect"
             return await send_error(send, p.APIError(
@@ -81,6 +86,22 @@ class Guard:
             if int(length) > limit:
                 return await send_error(send, too_large(limit))
         return await self.app(scope, receive, send)
+
+
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+def _cross_origin_write(scope, headers: dict) -> bool:
+    """A browser sends Origin with every cross-site POST, including the 'simple' ones (a form, a
+    multipart upload) that no CORS preflight stops; a key-less server on loopback would otherwise
+    take them from any page the user visits. API clients send no Origin and are not affected."""
+    origin = headers.get(b"origin")
+    if origin is None or scope.get("method", "GET") in SAFE_METHODS:
+        return False
+    from urllib.parse import urlsplit
+
+    netloc = urlsplit(origin.decode("latin-1")).netloc
+    return not netloc or netloc.encode("latin-1").lower() != headers.get(b"host", b"").lower()
 
 
 def too_large(limit: int) -> p.APIError:
