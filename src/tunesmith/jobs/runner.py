@@ -352,7 +352,10 @@ class JobRunner:
                        f"Fine-tuning job started again from the beginning: no checkpoint yet (attempt {attempt})")
             self.store.set_status(job_id, "running", message, pid=proc.pid, attempts=attempt, control=None,
                                   started_at=job["started_at"] or now(), estimated_finish=None,
-                                  metrics_offset=events.resume_offset(*found) if found else 0)
+                                  # lines the dead attempt wrote up to its checkpoint may not have been read
+                                  # yet (the server died first): never skip past what was read
+                                  metrics_offset=min(job["metrics_offset"] or 0, events.resume_offset(*found))
+                                  if found else 0)
 
     def _reap(self) -> None:
         reaped = False
