@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from conftest import ROOT
+from serve_fake import free_port
 
 KEY = "jobs-test-key"
 HOOKS = Path(__file__).parent / "jobs_hooks"
@@ -23,12 +23,6 @@ def slowed(seconds: float) -> dict:
     """Environment for a server whose trainings sleep after each logged step (tests/jobs_hooks), so
     that a pause, cancel or kill lands mid-run on any machine; the weights are unchanged."""
     return {"PYTHONPATH": str(HOOKS), "TUNESMITH_TEST_STEP_DELAY": str(seconds)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -4,11 +4,8 @@ subprocess on a tiny Llama's tokenizer), and the security rules: size limit whil
 content checks naming the line, ids only (never a client's name) in paths, the API key."""
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import socket
-import threading
 import time
 
 import httpx
@@ -16,6 +13,7 @@ import openai
 import pytest
 
 from families import build_family_model
+from serve_fake import running
 from tunesmith.jobs import files as jf
 from tunesmith.jobs.context import JobsContext, JobsLimits
 from tunesmith.jobs.layout import Layout
@@ -43,31 +41,6 @@ CHAT_ROWS = [chat("Order 3 red mugs to Oslo.", "Done: 3 red mugs."),
              {"body": "no known format"},                            # line 5: invalid
              "",                                                      # line 6: blank, skipped
              chat("Thanks!", "You're welcome.")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(app):
-    import uvicorn
-
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(10)
 
 
 def files_app(ctx: JobsContext):

@@ -5,11 +5,9 @@ checked against transformers' own generate on the same adapter and template; a b
 of mixed valid and invalid requests must see no 5xx; `serve()` itself runs in a subprocess."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +20,7 @@ import pytest
 import torch
 
 from conftest import CHATML, ROOT, build_tokenizer, tiny_llama, write_jsonl
+from serve_fake import free_port, running
 from tunesmith.data.tokenize import prompt_ids
 
 KEY = "test-key-123"
@@ -67,32 +66,6 @@ def adapters(tmp_path_factory, tok):
     write_run(root, "run-brackets", BRACKETS, seed=2, vocab=len(tok))
     write_lora(len(tok), root / "plain", seed=3)  # a bare PEFT adapter: the base's tokenizer and template
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(app):
-    """`app` on a uvicorn thread on 127.0.0.1:<free port>; yields the base URL."""
-    import uvicorn
-
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")

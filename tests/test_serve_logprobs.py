@@ -259,7 +259,7 @@ def test_lm_eval_local_completions_equal_tunesmith_eval(tmp_path, tok, model, mo
     import lm_eval
 
     from test_harness import small_arc
-    from test_serve_clients import running
+    from serve_fake import running
     from tunesmith.config import EvalTaskSection
     from tunesmith.eval import multiple_choice as mc
     from tunesmith.eval.harness import _example, _load_tasks, local_task_yaml
