@@ -1,6 +1,7 @@
 """kill -9 the server in the middle of a job: its training process goes with it, and a server
 started again on the same folder resumes the job from its last checkpoint and finishes it with
-the weights an uninterrupted run of the same config has (bit for bit)."""
+the weights an uninterrupted run of the same config has (bit for bit). The same job is paused and
+resumed over the API before the kill."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 
 import httpx
+import openai
 import pytest
 from safetensors.torch import load_file
 
@@ -32,6 +34,10 @@ def _pid(jobs, job_id: str) -> int | None:
     return row[0] if row else None
 
 
+def _checkpoint_steps(runs) -> list[int]:
+    return sorted(int(p.name.split("-")[-1]) for p in runs.glob(".run.incomplete-*/checkpoints/step-*"))
+
+
 def test_a_job_survives_kill_9_of_the_server(tiny_model_dir, tmp_path):
     from tunesmith.demo.orders import make_splits
 
@@ -49,7 +55,18 @@ def test_a_job_survives_kill_9_of_the_server(tiny_model_dir, tmp_path):
             "tunesmith": {"train.save_every": 8, "method.r": 4, "data.max_length": 128}}).json()
         job_id = job["id"]
         runs = jobs / "jobs" / job_id / "runs"
-        wait_for(lambda: list(runs.glob(".run.incomplete-*/checkpoints/step-*")), 400, 0.1, "a first checkpoint")
+        first = wait_for(lambda: _checkpoint_steps(runs), 400, 0.1, "a first checkpoint")[-1]
+
+        # pause and resume over the API first (the openai client's calls): the process stops, keeping
+        # its checkpoint, and a resumed one takes over from it
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=srv.key, max_retries=0, timeout=60)
+        pid = _pid(jobs, job_id)
+        client.fine_tuning.jobs.pause(job_id)
+        wait_for(lambda: client.fine_tuning.jobs.retrieve(job_id).status == "paused", 120, 0.2, "the pause")
+        assert not _alive(pid) and _checkpoint_steps(runs)[-1] >= first
+        assert client.fine_tuning.jobs.resume(job_id).status in ("queued", "running")
+        wait_for(lambda: (_checkpoint_steps(runs) or [0])[-1] > first, 400, 0.1, "a checkpoint after the resume")
+
         pid = _pid(jobs, job_id)
         srv.kill()
         assert not (runs / "run").exists(), "the job finished before the kill; make it longer"
@@ -64,7 +81,8 @@ def test_a_job_survives_kill_9_of_the_server(tiny_model_dir, tmp_path):
                         600, 1, "the resumed job")
         assert done["status"] == "succeeded", done["error"]
         log = (jobs / "jobs" / job_id / "train.log").read_text()
-        assert "--resume" in log.rsplit("=== tunesmith jobs:", 1)[1]  # the last attempt resumed
+        attempts = log.split("=== tunesmith jobs:")[1:]
+        assert len(attempts) == 3 and all("--resume" in a for a in attempts[1:])  # pause/resume, then restart
         events = httpx.get(f"{srv.url}/v1/fine_tuning/jobs/{job_id}/events?limit=100", headers=srv.headers,
                            timeout=30).json()["data"]
         assert any(e["message"].startswith("The server restarted while the job ran") for e in events)
