@@ -105,6 +105,9 @@ class FakeEngine:
             state[name] = action == "load"
         return sorted(n for n, up in state.items() if up)
 
+    def is_loaded(self, model):
+        return model in self.loaded()
+
 
 def assert_error(resp, status, param=None, words=()):
     assert resp.status_code == status, resp.text

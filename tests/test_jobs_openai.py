@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 
+import httpx
 import openai
 import pytest
 
@@ -117,6 +118,8 @@ def test_the_tuned_model_is_served_as_its_run_adapter_answers(job, client, serve
     assert reply.choices[0].message.content == expected
     base = client.chat.completions.create(model=server.model.name, messages=MSGS, max_tokens=12, temperature=0)
     assert base.choices[0].message.content != reply.choices[0].message.content  # lr 0.02: the adapter matters
+    adapters = httpx.get(server.url + "/v1/adapters", headers=server.headers, timeout=30).json()["data"]
+    assert {"id": done.fine_tuned_model, "object": "adapter", "loaded": True} in adapters
 
 
 def test_listing_pages_newest_first(job, client, data, server):

@@ -338,8 +338,7 @@ def build_app(engine, api_key: str | None = None, limits: Limits | None = None, 
 
     @app.get("/v1/adapters")
     async def adapters():
-        loaded = set(engine.loaded())
-        return {"object": "list", "data": [{"id": m, "object": "adapter", "loaded": m in loaded}
+        return {"object": "list", "data": [{"id": m, "object": "adapter", "loaded": engine.is_loaded(m)}
                                            for m in engine.models()[1:]]}
 
     @app.post("/v1/adapters/{name}/load")

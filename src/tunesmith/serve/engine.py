@@ -156,6 +156,14 @@ class Engine:
         """The adapters currently in memory."""
         return sorted(self.adapters.kinds)
 
+    def is_loaded(self, model: str) -> bool:
+        """Whether the adapter served as `model` is in memory (its name in the engine may differ:
+        a job's ft:... model is keyed by its job id)."""
+        try:
+            return self.dir.locate(model, self.models).name in self.adapters.kinds
+        except ModelError:
+            return False
+
     def tokenizer_for(self, model: str):
         """The tokenizer (and chat template) requests for `model` are rendered with: a run's own
         tokenizer, one saved beside an adapter, or the base's."""
