@@ -1,8 +1,8 @@
 """The jobs runner (jobs/runner.py, jobs/events.py) on real `tunesmith train` subprocesses of a tiny
 model: a job runs to succeeded with its metrics as events and its checkpoints listed; a failure keeps
-its log and says why; cancel and pause stop the process and remove nothing finished; a paused job and
-a job whose server was killed with SIGKILL resume from their checkpoints and end with the very
-weights of an uninterrupted run (torch.equal).
+its log and says why; cancel stops the process and removes nothing finished. (Pause/resume and a
+server killed with SIGKILL, ending with the very weights of an uninterrupted run, are
+tests/test_jobs_restart.py, through the real server.)
 
 Trainings that must be caught mid-run are slowed by tests/jobs_hooks (a sleep after each logged
 step, which changes no weight). Fast unit checks (file validation, events from a metrics.jsonl cut
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tunesmith.config import dump_config
 from tunesmith.jobs import events, spec
@@ -78,16 +77,6 @@ def data_rows():
 def job_with_data(ctx, **extension) -> str:
     splits = data_rows()
     return add_job(ctx, add_file(ctx, splits["train"]), add_file(ctx, splits["validation"]), **extension)
-
-
-def adapter(ctx, job_id) -> dict:
-    return load_file(str(ctx.layout.run_dir(job_id) / "adapter" / "adapter_model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() and a
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 def metrics_steps(ctx, job_id) -> list[int]:
@@ -235,31 +224,8 @@ def test_cancel_running_and_queued_and_outside_sigterm(tmp_path, tiny_model_dir,
     assert staged_checkpoint(ctx, first)  # what it had made stays (tunesmith train keeps checkpoints)
 
 
-def test_pause_resume_gives_the_uninterrupted_weights(tmp_path, tiny_model_dir, reference, slow_steps):
-    ref_ctx, _, ref_job, _, _ = reference
-    ctx = make_ctx(tmp_path / "jobs", tiny_model_dir)
-    job_id = job_with_data(ctx)
-    runner = JobRunner(ctx, poll_s=0.1)
-    runner.start()
-    try:
-        runner.enqueue(job_id)
-        wait_until(lambda: staged_checkpoint(ctx, job_id), what="a checkpoint")
-        paused = runner.pause(job_id, wait_s=60)
-        assert paused["status"] == "paused" and paused["resume"] == 1
-        assert 0 < paused["step"] < TOTAL  # caught mid-run
-        assert staged_checkpoint(ctx, job_id)
-        runner.resume(job_id)
-        job = runner.wait(job_id, timeout=300)
-    finally:
-        runner.close()
-    assert job["status"] == "succeeded" and job["attempts"] == 2, job["error"]
-    log = ctx.layout.log_path(job_id).read_text()
-    assert log.count("=== tunesmith jobs: attempt") == 2 and "--resume" in log and "resumed from" in log
-    assert metrics_steps(ctx, job_id) == list(range(1, TOTAL + 1))  # no step twice, none lost
-    assert_same_weights(adapter(ctx, job_id), adapter(ref_ctx, ref_job))
-
-
-# The restart after a kill -9 of the server: tests/test_jobs_restart.py, with the real `tunesmith serve --jobs`.
+# Pause/resume to the uninterrupted weights, and the restart after a kill -9 of the server:
+# tests/test_jobs_restart.py, through the real `tunesmith serve --jobs`.
 
 
 # ---------------------------------------------------------------------------------------- no training
