@@ -49,12 +49,10 @@ class JobsService:
         return JobModels(self.ctx, AdapterDir(adapters_dir) if adapters_dir is not None else None)
 
     def guard(self, api_key: str | None) -> dict:
-        from tunesmith.jobs import files
-        from tunesmith.jobs.web import auth
+        from tunesmith.jobs import files, web
 
         self.ctx.api_key = api_key
-        return {"body_limits": files.body_limits(self.ctx),
-                "session": auth.session_check(api_key), "open_paths": auth.OPEN_PATHS}
+        return {"body_limits": files.body_limits(self.ctx), **web.guard_options(self.ctx)}
 
     def install(self, app, engine) -> None:
         from tunesmith.jobs import api, files, web

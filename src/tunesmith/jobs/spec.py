@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tunesmith.config import Config, apply_overrides, parse_config
+from tunesmith.config import Config, parse_config
 from tunesmith.errors import ConfigError
 from tunesmith.jobs.layout import RUN_NAME
 
@@ -222,7 +222,7 @@ def build(payload: Any, base_name: str, base_spec: str, train_path: Path, valida
 
 
 def _validated(data: dict, overrides: dict[str, Any]) -> Config:
-    tree = apply_overrides(_copy(data), [])
+    tree = _copy(data)
     for key, value in overrides.items():
         node = tree
         parts = key.split(".")
