@@ -8,7 +8,9 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from tunesmith.config import Config, load_config
+from typing import Annotated
+
+from tunesmith.config import Config, RewardSpec, load_config
 from tunesmith.errors import ConfigError
 from tunesmith.names import allowed_values
 from tunesmith.recipes import OTHER_COMMANDS, RECIPES, classify
@@ -38,8 +40,17 @@ def non_default(field, refused_too=()):
         return not default
     if isinstance(default, int):
         return default + 1
-    if isinstance(default, float):
-        return round(default + 0.1, 3)
+    if isinstance(default, float) or field.annotation in (float, float | None):
+        from pydantic import TypeAdapter
+
+        check = TypeAdapter(Annotated[field.annotation, *field.metadata])
+        for value in (round((default or 0.0) + 0.1, 3), round((default or 0.0) - 0.1, 3)):
+            try:
+                return check.validate_python(value)
+            except ValueError:
+                pass
+    if isinstance(default, list) and field.annotation.__args__[0] is RewardSpec:
+        return [{"function": "length", "options": {"target": 10}}]
     return "x"
 
 
@@ -61,9 +72,11 @@ def test_every_config_field_is_used_or_refused_by_every_recipe(recipe):
 
 @pytest.mark.parametrize("recipe,key", [(r, k) for r in sorted(RECIPES) for k in RECIPES[r].refuses])
 def test_refused_key_set_away_from_its_default_is_an_error_naming_it(recipe, key):
-    field = dict(ALL)[key]
+    field = dict(ALL).get(key) or Config.model_fields["objective"].annotation.model_fields[key.split(".")[1]]
     value = non_default(field, RECIPES[recipe].refuses[key].allowed)
     override = f"{key}={value}" if not isinstance(value, list) else f"{key}=[{value[0]}]"
+    if value and isinstance(value, list) and isinstance(value[0], dict):  # a list of sections: YAML flow style
+        override = f"{key}=[{{function: length, options: {{target: 10}}}}]"
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"objective.name={recipe}", override])
     assert f"{key}=" in str(e.value) and f"objective.name={recipe}" in str(e.value)

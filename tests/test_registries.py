@@ -22,11 +22,12 @@ def registries() -> dict[str, set[str]]:
     from tunesmith.training.distributed.launch import LAUNCHERS
     from tunesmith.training.distributed.strategy import STRATEGIES
     from tunesmith.training.preference import PREFERENCE_LOSSES
+    from tunesmith.training.rl import RL_LOSSES
     from tunesmith.training.trackers import TRACKERS
 
     get_method("lora")  # registers every method
     return {"data format": {"auto", *FORMATS, *TREE_FORMATS}, "chat template": set(NAMED), "method": set(METHODS),
-            "objective": set(RECIPES), "preference loss": set(PREFERENCE_LOSSES), "eval task kind": set(EVALUATORS),
+            "objective": set(RECIPES), "preference loss": set(PREFERENCE_LOSSES), "rl loss": set(RL_LOSSES), "eval task kind": set(EVALUATORS),
             "generation metric": set(METRICS), "tracker": set(TRACKERS),
             "allocator": {"auto", "system", *LIBRARIES}, "attention": {"auto", *IMPLEMENTATIONS},
             "strategy": {"auto", *STRATEGIES}, "launcher": set(LAUNCHERS), "answer end": {"auto", *ANSWER_ENDS}}
@@ -39,6 +40,7 @@ SETTERS = {
     "method": lambda n: [f"method.name={n}"],
     "objective": lambda n: [f"objective.name={n}"],
     "preference loss": lambda n: ["objective.name=dpo", f"objective.loss={n}"],
+    "rl loss": lambda n: ["objective.name=rl", f"objective.rl_loss={n}"],
     "eval task kind": lambda n: [f"eval.tasks=[{{name: t, kind: {n}, path: x}}]"],
     "generation metric": lambda n: [f"eval.tasks=[{{name: t, kind: generation, path: x, metrics: [{n}]}}]"],
     "tracker": lambda n: [f"train.trackers=[{n}]"],
@@ -86,11 +88,14 @@ def test_cli_choices_come_from_the_registries(capsys):
 def test_recipe_for_is_the_registry():
     from tunesmith.recipes import RECIPES, recipe_for
     from tunesmith.recipes.dpo import run_dpo
+    from tunesmith.recipes.reward import run_reward
+    from tunesmith.recipes.rl import run_rl
     from tunesmith.recipes.sft import run_sft
 
     assert recipe_for(load_config(None, [])) is run_sft
     assert recipe_for(load_config(None, ["objective.name=dpo"])) is run_dpo
-    assert {name: r.run for name, r in RECIPES.items()} == {"sft": run_sft, "dpo": run_dpo}
+    assert {name: r.run for name, r in RECIPES.items()} == {"sft": run_sft, "dpo": run_dpo, "reward": run_reward,
+                                                             "rl": run_rl}
 
 
 def test_dpo_recipe_never_branches_on_a_loss_name():
@@ -100,6 +105,7 @@ def test_dpo_recipe_never_branches_on_a_loss_name():
 
     from tunesmith.recipes import dpo
     from tunesmith.training.preference import PREFERENCE_LOSSES
+    from tunesmith.training.rl import RL_LOSSES
 
     source = inspect.getsource(dpo)
     for name in PREFERENCE_LOSSES:

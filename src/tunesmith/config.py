@@ -241,6 +241,24 @@ class PrepareSection(_Section):
     workers: int = Field(0, ge=0, description="Processes for tokenising and hashing; 0 uses every core.")
 
 
+class RewardSpec(_Section):
+    function: str = Field(description="A built-in reward (exact, numeric, json, json_schema, regex, length: "
+                                      "training/rewards.py) or 'module:function', called as "
+                                      "function(prompts, completions, **row) -> list[float].")
+    weight: float = Field(1.0, description="Weight of this reward in the summed reward.")
+    column: str | None = Field(None, description="Data column holding the reference answer (exact, numeric, "
+                                                 "json field match).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of the function (regex: "
+                                                                      "pattern; json_schema: schema; length: target).")
+
+    @model_validator(mode="after")
+    def _known(self):
+        from tunesmith.training.rewards import check_spec
+
+        check_spec(self)  # ValueError naming the function, option or column problem
+        return self
+
+
 class ObjectiveSection(_Section):
     name: Registered("objective") = Field("sft", description="Training objective: the recipe that runs (recipes/).")
     loss: Registered("preference loss") = Field(
@@ -253,6 +271,36 @@ class ObjectiveSection(_Section):
     reference: Literal["auto", "precomputed"] = Field(
         "auto", description="auto: the base with the adapter disabled (adapters) or log-probs precomputed "
                             "once (full fine-tuning); precomputed: always precompute them before training.")
+    # reward model (objective.name=reward)
+    margin_column: str | None = Field(None, description="Reward model: data column with the margin each pair's "
+                                                        "chosen score must beat the rejected one by (TRL's margin).")
+    center_rewards: float = Field(0.0, ge=0, description="Reward model: coefficient of mean((r_chosen + r_rejected)^2), "
+                                                         "which keeps scores centred on 0 (TRL's "
+                                                         "center_rewards_coefficient).")
+    # online RL (objective.name=rl)
+    advantage: Literal["group", "gae"] = Field(
+        "group", description="RL advantages: group = each completion's reward against its prompt's k completions "
+                             "(GRPO); gae = a value head and generalised advantage estimation (PPO).")
+    rl_loss: Registered("rl loss") = Field("grpo", description="RL loss normalisation (training/rl.py).")
+    num_generations: int = Field(8, ge=2, description="RL: completions sampled per prompt (k, the group size).")
+    max_new_tokens: int = Field(128, gt=0, description="RL: longest completion, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="RL: sampling temperature of the completions.")
+    top_p: float = Field(1.0, gt=0, le=1, description="RL: nucleus sampling of the completions.")
+    kl_coef: float = Field(0.04, ge=0, description="RL: weight of the KL penalty to the reference (the base with "
+                                                   "the adapter disabled); 0 skips the reference pass.")
+    epsilon: float = Field(0.2, gt=0, description="RL: PPO clip range of the probability ratio (lower side).")
+    epsilon_high: float | None = Field(None, gt=0, description="RL: upper clip range (DAPO's clip-higher); "
+                                                               "default: objective.epsilon.")
+    scale_rewards: Literal["group", "none"] = Field(
+        "group", description="RL group advantages: divide by the group's reward std (group) or not (none, "
+                             "as Dr. GRPO recommends).")
+    gamma: float = Field(1.0, gt=0, le=1, description="RL gae: discount per token.")
+    lam: float = Field(0.95, ge=0, le=1, description="RL gae: GAE lambda.")
+    vf_coef: float = Field(0.1, gt=0, description="RL gae: weight of the value head's loss.")
+    rewards: list[RewardSpec] = Field(default_factory=list, description="RL reward functions, summed with their "
+                                                                      "weights (training/rewards.py).")
+    reward_model: str | None = Field(None, description="RL: a reward model run directory (objective.name=reward) "
+                                                       "scored as one more reward function.")
 
 
 TaskKind = Registered("eval task kind")

@@ -20,6 +20,7 @@ _REGISTRIES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "method": ("tunesmith.methods", lambda m: m.method_names(), ()),
     "objective": ("tunesmith.recipes", lambda m: m.RECIPES, ()),
     "preference loss": ("tunesmith.training.preference", lambda m: m.PREFERENCE_LOSSES, ()),
+    "rl loss": ("tunesmith.training.rl", lambda m: m.RL_LOSSES, ()),
     "eval task kind": ("tunesmith.eval", lambda m: m.EVALUATORS, ()),
     "generation metric": ("tunesmith.eval.metrics", lambda m: m.METRICS, ()),
     "answer end": ("tunesmith.eval.answer_end", lambda m: m.ANSWER_ENDS, ("auto",)),

@@ -53,26 +53,64 @@ _COMMON = ("model", "method", "run", "objective.name",
            "train.save_every", "train.keep_last", "train.patience", "train.restore_best", "train.precision",
            "train.optimizer", "train.gradient_checkpointing", "train.compile", "train.spike_factor", "train.threads",
            "train.trackers", "train.distributed")
-_PREFERENCE_ONLY = "only preference objectives (objective.name=dpo) use it"
+_PREFERENCE_KEYS = ("loss", "beta", "label_smoothing", "simpo_gamma", "desirable_weight", "undesirable_weight",
+                    "reference")
+_REWARD_KEYS = ("margin_column", "center_rewards")
+_RL_KEYS = ("advantage", "rl_loss", "num_generations", "max_new_tokens", "temperature", "top_p", "kl_coef",
+            "epsilon", "epsilon_high", "scale_rewards", "gamma", "lam", "vf_coef", "rewards", "reward_model")
+_OBJECTIVE_KEYS = {"dpo": _PREFERENCE_KEYS, "reward": _REWARD_KEYS, "rl": _RL_KEYS}
+
+
+def _objective_refusals(own: str) -> dict[str, Refused]:
+    """objective.* keys of the other objectives: each one does nothing under `own`."""
+    return {f"objective.{k}": Refused(f"only objective.name={name} uses it")
+            for name, keys in _OBJECTIVE_KEYS.items() if name != own for k in keys}
+
+
+_NO_PACKING = {
+    "data.train_on": Refused("it trains on what the objective scores, never on the prompt"),
+    "data.packing": Refused("rows are batched whole, never packed"),
+    "train.parallel_examples": Refused("it runs micro-batches of padded rows, not examples one by one"),
+    "eval.during_training": Refused("it evaluates its own held-out metric on data.validation"),
+}
 
 RECIPES: dict[str, Recipe] = {
     "sft": Recipe(
         "sft", "tunesmith.recipes.sft:run_sft", "supervised fine-tuning on the assistant replies",
         uses=(*_COMMON, "data.train_on", "data.packing", "train.micro_batch", "train.parallel_examples",
               "eval.during_training", "eval.best_metric"),
-        refuses={f"objective.{k}": Refused(_PREFERENCE_ONLY) for k in
-                 ("loss", "beta", "label_smoothing", "simpo_gamma", "desirable_weight", "undesirable_weight",
-                  "reference")}),
+        refuses=_objective_refusals("sft")),
     "dpo": Recipe(
         "dpo", "tunesmith.recipes.dpo:run_dpo", "preference optimisation (DPO family) on prompt/chosen/rejected",
-        uses=(*_COMMON, "objective"),
+        uses=(*_COMMON, *(f"objective.{k}" for k in _PREFERENCE_KEYS)),
         refuses={
+            **_objective_refusals("dpo"),
             "data.train_on": Refused("preference training scores the chosen and rejected replies only"),
             "data.packing": Refused("pairs are batched chosen-with-rejected, never packed"),
             "train.micro_batch": Refused("DPO runs micro-batches of train.batch_size padded pairs", ("batch",)),
             "train.parallel_examples": Refused("DPO runs micro-batches of padded pairs, not examples one by one"),
             "eval.during_training": Refused("DPO evaluates held-out preference accuracy on data.validation"),
             "eval.best_metric": Refused("DPO picks the best checkpoint by the held-out preference loss"),
+        }),
+    "reward": Recipe(
+        "reward", "tunesmith.recipes.reward:run_reward",
+        "a reward model (sequence score head) on prompt/chosen/rejected, Bradley-Terry loss",
+        uses=(*_COMMON, *(f"objective.{k}" for k in _REWARD_KEYS)),
+        refuses={
+            **_objective_refusals("reward"), **_NO_PACKING,
+            "train.micro_batch": Refused("the reward model runs micro-batches of train.batch_size padded pairs",
+                                        ("batch",)),
+            "eval.best_metric": Refused("the best checkpoint is picked by the held-out pair loss"),
+        }),
+    "rl": Recipe(
+        "rl", "tunesmith.recipes.rl:run_rl",
+        "online RL: sample k completions per prompt, score them with reward functions, PPO-clip with a KL penalty",
+        uses=(*_COMMON, *(f"objective.{k}" for k in _RL_KEYS)),
+        refuses={
+            **_objective_refusals("rl"), **_NO_PACKING,
+            "train.micro_batch": Refused("each forward holds the k completions of train.batch_size prompts",
+                                        ("batch",)),
+            "eval.best_metric": Refused("the best checkpoint is picked by the held-out mean reward"),
         }),
 }
 
