@@ -43,7 +43,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform != "linu
 
 HOOKS = Path(__file__).parent / "launch_hooks"  # sitecustomize.py: the write audit of ranks other than 0
 STEPS = 12  # long enough that a signal sent after the step-2 checkpoint lands mid-run
-TIMING = {"elapsed_s", "tokens_per_s"}  # the only fields of metrics.jsonl that may differ
+TIMING = {"elapsed_s", "tokens_per_s",  # the only fields of metrics.jsonl that may differ
+          "generation_tokens_per_s", "train_tokens_per_s", "generation_seconds", "reward_seconds", "train_seconds"}
 
 
 @dataclass
@@ -72,7 +73,9 @@ def space(tmp_path_factory, tiny_model_dir):
     data = {"train": write_jsonl(root / "train.jsonl", make_splits(7, {"train": 24})["train"]),
             "validation": write_jsonl(root / "val.jsonl", make_splits(8, {"train": 6})["train"]),
             "pref_train": write_jsonl(root / "p_train.jsonl", pairs(21, 16)),
-            "pref_validation": write_jsonl(root / "p_val.jsonl", pairs(22, 6))}
+            "pref_validation": write_jsonl(root / "p_val.jsonl", pairs(22, 6)),
+            "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": f"Name a {w}."} for w in
+                                                            ("colour", "city", "fruit", "tree", "bird", "metal")])}
     common = {"model": {"name": str(tiny_model_dir)}, "method": {"name": "lora", "r": 4, "dropout": 0.0}}
     sft_data = {"train": str(data["train"]), "validation": str(data["validation"])}
     configs = {
@@ -83,6 +86,10 @@ def space(tmp_path_factory, tiny_model_dir):
         "dpo": {**common, "objective": {"name": "dpo", "beta": 0.5},
                 "data": {"train": str(data["pref_train"]), "validation": str(data["pref_validation"])},
                 "train": {"max_steps": 4, "batch_size": 4, "lr": 0.01, "log_every": 1, "eval_every": 2}},
+        "rl": {**common, "objective": {"name": "rl", "num_generations": 4, "max_new_tokens": 6,
+                                       "rewards": [{"function": "length", "options": {"target": 12}}]},
+               "data": {"train": str(data["prompts"])},
+               "train": {"max_steps": 3, "batch_size": 4, "lr": 0.01, "log_every": 1}},
     }
     paths = {}
     for name, cfg in configs.items():
@@ -142,7 +149,7 @@ def runs(space):
     done: dict[str, Launch] = {}
     recipes = {"lora-1": ("lora", "1"), "lora-torchrun": ("lora", "torchrun"),
                "full-1": ("full", "1"), "full-nproc": ("full", "nproc"),
-               "dpo-1": ("dpo", "1"), "dpo-nproc": ("dpo", "nproc")}
+               "dpo-1": ("dpo", "1"), "dpo-nproc": ("dpo", "nproc"), "rl-1": ("rl", "1"), "rl-nproc": ("rl", "nproc")}
 
     def get(name: str) -> Launch:
         if name not in done:
@@ -215,6 +222,18 @@ def test_dpo_under_nproc_equals_one_process(runs):
     two, one = runs("dpo-nproc"), runs("dpo-1")
     assert "strategy ddp" in two.stdout
     assert any("rewards/margins" in r for r in read_metrics(two.run / "metrics.jsonl"))
+    assert_trained_alike(two, one, rel=1e-4)
+
+
+def test_online_rl_under_nproc_equals_one_process(runs):
+    """Each rank samples and scores its 2 of the step's 4 prompts (their groups whole, so the group
+    advantages are the one process's) and the same completions: each is drawn from its own seeded
+    stream, whatever else shares its batch. rel 1e-4 as DPO: each rank pads its 8 completions to
+    their own width where one process pads 16 together."""
+    two, one = runs("rl-nproc"), runs("rl-1")
+    assert "strategy ddp" in two.stdout
+    logged = read_metrics(two.run / "metrics.jsonl")
+    assert all("reward" in r and "kl" in r for r in logged) and logged[-1]["kl"] > 0
     assert_trained_alike(two, one, rel=1e-4)
 
 

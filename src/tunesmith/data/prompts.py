@@ -26,7 +26,6 @@ class PromptRow:
     given: Any                    # the prompt as the data gave it: what reward functions receive
     columns: dict[str, Any]       # every other column
     input_ids: list[int] = field(default_factory=list)  # the rendered prompt's tokens (encode_prompts)
-    n_tokens: int = 0             # tokens the last rollout of this prompt processed (prompt + completions)
 
 
 def _messages(value, where: str) -> list[dict]:
@@ -91,7 +90,6 @@ def encode_prompts(tokenizer, rows: list[PromptRow], max_length: int, source: st
 
     for r in rows:
         r.input_ids = prompt_ids(tokenizer, r.messages)
-        r.n_tokens = len(r.input_ids)
         if len(r.input_ids) > max_length:
             raise DataError(f"{r.location}: the prompt is {len(r.input_ids)} tokens, over data.max_length="
                             f"{max_length} ({source}); raise data.max_length or shorten the prompt")

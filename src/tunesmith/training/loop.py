@@ -205,7 +205,8 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
     """`evaluator(step)` returns validation metrics; `select` (else `val_loss`), lower is better,
     drives early stopping and the best checkpoint; by default the loss of loss_fn over val_examples.
     A loss_fn with a `pop_metrics()` method adds its own per-step metrics (e.g. preference rewards)
-    to the log. `per_forward`: cut each step's examples (drawn as tcfg's batches, so a step holds
+    to the log; one with `step_tokens()` says how many tokens the step processed, all ranks
+    together (online RL: the completions are sampled during the step). `per_forward`: cut each step's examples (drawn as tcfg's batches, so a step holds
     the same examples whatever it is cut into) into forwards of this many.
 
     Under several processes (`strategy`), train.batch_size x train.grad_accum stays the step's
@@ -249,7 +250,8 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
         grad_norm = strategy.clip_grad_norm(module, tcfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         scale_log = strategy.optimizer_step(module, optimizer, scheduler, scaler)
-        logger.count(sum(getattr(e, "n_tokens", None) or len(e.input_ids) for g in step_groups for e in g),
+        logger.count(loss_fn.step_tokens() if hasattr(loss_fn, "step_tokens") else  # known once the step ran
+                     sum(getattr(e, "n_tokens", None) or len(e.input_ids) for g in step_groups for e in g),
                      n_step)  # real tokens, no padding
         state = TrainState(step, state.micro_batches + len(step_groups), logger.tokens, logger.trained_tokens,
                            stopper.best, stopper.best_step, stopper.bad)

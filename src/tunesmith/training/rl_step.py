@@ -85,8 +85,6 @@ class Rollout:
         batch["scores"] = torch.nan_to_num(total, nan=0.0)
         batch["advantages"] = rl.group_advantages(total, k, obj.scale_rewards == "group")
         batch["units"] = self.loss.units(batch["mask"])
-        for g, r in enumerate(group):  # tokens this rollout processed for the prompt (the loop counts them)
-            r.n_tokens = k * len(r.input_ids) + sum(len(c) for c in completions[g * k:(g + 1) * k])
         t = self.tally
         t.add("reward", total)
         for name, values in zip(self.rewards.names, per_fn):
@@ -108,7 +106,12 @@ class RLLossFn:
 
     def __init__(self, obj, spec: rl.RLLoss, rollout: Rollout, tally: Tally, value_head=None):
         self.obj, self.spec, self.rollout, self.tally, self.value_head = obj, spec, rollout, tally, value_head
-        self.train_tokens, self.last_pop = 0, time.perf_counter()
+        self.train_tokens, self._step_tokens, self.last_pop = 0, 0, time.perf_counter()
+
+    def step_tokens(self) -> int:
+        """The step's prompt and completion tokens over every rank (the loop's token count)."""
+        n, self._step_tokens = sum_scalar(self._step_tokens), 0
+        return int(n)
 
     def __call__(self, model, batch: dict):
         obj = self.obj
@@ -136,7 +139,9 @@ class RLLossFn:
         tokens = mask.sum()
         for key, value in metrics.items():
             self.tally.add(key, value, tokens)
-        self.train_tokens += int(batch["attention_mask"].sum())
+        tokens_in = int(batch["attention_mask"].sum())  # prompts and completions, no padding
+        self.train_tokens += tokens_in
+        self._step_tokens += tokens_in
         return self.spec.aggregate(token_loss, mask, obj.max_new_tokens), batch["units"]
 
     def pop_metrics(self) -> dict:
