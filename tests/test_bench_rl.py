@@ -1,0 +1,74 @@
+"""benchmarks/rl_vs_trl.py's like-for-like check: the TRL GRPOConfig it builds asks for the same run as
+its tunesmith config (after GRPOConfig resolves its own defaults), and the check names each way they
+could differ; and its TRL reward agrees with what a JSON-validity reward must say."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import rl_vs_trl as bench  # noqa: E402
+
+SHAPE = {"steps": 3, "batch": 2, "k": 4, "max_new_tokens": 32}
+
+
+@pytest.fixture(scope="module")
+def grpo_config():
+    from trl import GRPOConfig
+
+    return lambda tmp, **over: GRPOConfig(**bench.trl_settings(tmp, SHAPE, over))
+
+
+def settings(tmp):
+    return bench.tunesmith_settings("m", tmp / "d.jsonl", tmp, SHAPE)
+
+
+def test_the_benchmark_asks_both_sides_for_the_same_run(grpo_config, tmp_path):
+    args = grpo_config(tmp_path)
+    assert bench.same_settings(settings(tmp_path), args) == []
+    # GRPOConfig's own resolution: one generation of batch x k completions per optimizer step
+    assert (args.generation_batch_size, args.steps_per_generation) == (8, 1)
+    assert not args.bf16 and not args.gradient_checkpointing and args.beta == 0.04
+
+
+@pytest.mark.parametrize("trl, problem", [
+    ({"beta": 0.1}, "kl_coef"),
+    ({"temperature": 0.7}, "objective.temperature"),
+    ({"loss_type": "dapo"}, "rl_loss"),
+    ({"learning_rate": 2e-5}, "train.lr"),
+    ({"max_completion_length": 64}, "max_new_tokens"),
+    ({"per_device_train_batch_size": 4, "generation_batch_size": None, "gradient_accumulation_steps": 2},
+     "generates 8 completions every 2 micro-steps"),
+    ({"per_device_train_batch_size": 4}, "trains 4 completions per step"),
+    ({"num_iterations": 2}, "num_iterations 1"),
+    ({"gradient_checkpointing": True}, "gradient checkpointing off"),
+    ({"lr_scheduler_type": "cosine"}, "train.schedule"),
+])
+def test_same_settings_names_each_difference(grpo_config, tmp_path, trl, problem):
+    problems = bench.same_settings(settings(tmp_path), grpo_config(tmp_path, **trl))
+    assert any(problem in p for p in problems), problems
+
+
+def test_same_settings_sees_the_tunesmith_side_too(grpo_config, tmp_path):
+    ts = settings(tmp_path)
+    ts["objective"]["num_generations"] = 2
+    ts["objective"]["rewards"] = [{"function": "json_schema"}]
+    problems = bench.same_settings(ts, grpo_config(tmp_path))
+    assert any("objective.num_generations" in p for p in problems)
+    assert any("json reward" in p for p in problems)
+
+
+def test_json_valid_reward():
+    replies = ['{"a": 1}', ' ```json\n{"a": [1, 2]}\n``` ', "Sure! {\"a\": 1}", "[1, 2]", '{"a": 1', ""]
+    assert bench.json_valid([None] * 6, replies) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    chat = [[{"role": "assistant", "content": '{"x": "y"}'}]]
+    assert bench.json_valid([None], chat) == [1.0]
+
+
+def test_arguments():
+    assert bench.parse_args([]).shape == bench.DEFAULTS
+    assert bench.parse_args(["--tiny", "--k", "3"]).shape == {**bench.TINY, "k": 3}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--k", "1"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rows", "trl,peft"])
