@@ -12,6 +12,9 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+SHOWN = ("reward", "kl")  # per-step metrics a recipe may log that also go on the console line
+
+
 class MetricsLogger:
     """One JSON object per logged step in metrics.jsonl, plus a one-line progress report."""
 
@@ -55,7 +58,8 @@ class MetricsLogger:
         record = self.log(step, loss=round(loss, 6), lr=lr, tokens=self.tokens,
                           trained_tokens=self.trained_tokens, tokens_per_s=round(tps, 2), **extra)
         if self._file is not None:
-            print(f"step {step:>5}/{self.total_steps}  loss {loss:7.4f}  lr {lr:.2e}  "
+            shown = "".join(f"  {k} {extra[k]:.4f}" for k in SHOWN if k in extra)
+            print(f"step {step:>5}/{self.total_steps}  loss {loss:7.4f}  lr {lr:.2e}{shown}  "
                   f"{tps:7.1f} tok/s  ETA {_fmt_eta(eta)}", file=self.stream, flush=True)
         return record
 
@@ -86,7 +90,9 @@ def plot_loss(metrics_path: Path, out_png: Path) -> None:
         return [(r["step"], r[key]) for r in rows if key in r]
 
     preference = any("rewards/margins" in r or "val_preference_accuracy" in r for r in rows)
-    fig, axes = plt.subplots(4 if preference else 3, 1, figsize=(7, 10.5 if preference else 8), sharex=True)
+    online = any("val_reward" in r or "reward" in r for r in rows)  # online RL: reward and KL
+    fig, axes = plt.subplots(4 if preference or online else 3, 1, figsize=(7, 10.5 if preference or online else 8),
+                             sharex=True)
     panels = [(axes[0], [("loss", "train loss", "-"), ("val_loss", "validation loss", "o-")],
                "preference loss" if preference else "cross-entropy per trained token"),
               (axes[1], [("lr", "learning rate", "-")], "learning rate"),
@@ -98,6 +104,11 @@ def plot_loss(metrics_path: Path, out_png: Path) -> None:
                                   "s--"),
                                  ("rewards/margins", "train reward margin", ":")],
                        "accuracy / margin"))
+    if online:
+        panels[0] = (axes[0], [("loss", "train loss (PPO-clip + KL)", "-")], "RL loss")
+        panels.append((axes[3], [("reward", "train reward (sampled)", "-"), ("val_reward", "held-out reward (greedy)",
+                                                                               "o-"), ("kl", "KL to the reference", ":")],
+                       "reward / KL"))
     for ax, keys, ylabel in panels:
         for key, label, style in keys:
             pts = series(key)

@@ -201,7 +201,7 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
           val_examples: Items | None = None, run_dir: Path | None = None, resume: Path | None = None,
           placement: Placement | None = None, evaluator: Callable[[int], dict] | None = None,
           collate_fn: Callable = collate, per_forward: int | None = None,
-          strategy: Strategy | None = None) -> TrainResult:
+          strategy: Strategy | None = None, on_step: Callable[[int], None] | None = None) -> TrainResult:
     """`evaluator(step)` returns validation metrics; `select` (else `val_loss`), lower is better,
     drives early stopping and the best checkpoint; by default the loss of loss_fn over val_examples.
     A loss_fn with a `pop_metrics()` method adds its own per-step metrics (e.g. preference rewards)
@@ -210,7 +210,10 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
 
     Under several processes (`strategy`), train.batch_size x train.grad_accum stays the step's
     batch: every rank draws the same step and trains its own contiguous share of it, so N ranks
-    take the steps, see the examples in the order and log the losses of one process."""
+    take the steps, see the examples in the order and log the losses of one process.
+
+    `on_step(step)` is called before each step's batches are made (online RL seeds its sampling
+    with the step, so a resumed run samples what the uninterrupted one would have)."""
     steps = logger.total_steps
     placement = placement or choose_placement(tcfg.precision)
     reset_peak_memory(placement.device)  # what the plan's memory estimate is checked against
@@ -234,6 +237,8 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
     rank, size = world()
     for step in range(state.step + 1, steps + 1):
         interrupt.check()
+        if on_step is not None:
+            on_step(step)
         step_groups = [next(stream) for _ in range(tcfg.grad_accum)]  # every rank draws the same step
         groups, counted = _forwards(step_groups, rank, size, per_forward or tcfg.batch_size, bool(per_forward))
         loss_value, n_step = accumulate(module, [collate_fn(g, pad_id) for g in groups], call_module, placement,

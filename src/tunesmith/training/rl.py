@@ -10,8 +10,8 @@ the same batch in tests/test_rl_losses.py:
            no more than short ones per completion, so each token of a long one counts less);
 - dr_grpo: sum of per-token losses / (completions x max_new_tokens): no length bias (Liu et al. 2025);
 - dapo:    sum of per-token losses / all completion tokens of the step (token-level, Yu et al. 2025).
-Each returns (summed loss, units): the training loop divides the step's summed loss by the step's
-units counted over every micro-batch and rank, so accumulation and data parallelism give the
+Each gives a micro-batch's summed loss and its units: the training loop divides the step's summed
+loss by the step's units counted over every micro-batch and rank, so accumulation and data parallelism give the
 loss of one batch on one process (DESIGN principle 9).
 """
 from __future__ import annotations
@@ -111,29 +111,34 @@ def clipped_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages:
 
 
 def _grpo(token_loss, mask, max_new_tokens):
-    return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum(), token_loss.shape[0]
+    return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
 
 
 def _dr_grpo(token_loss, mask, max_new_tokens):
-    return (token_loss * mask).sum() / max_new_tokens, token_loss.shape[0]
+    return (token_loss * mask).sum() / max_new_tokens
 
 
 def _dapo(token_loss, mask, max_new_tokens):
-    return (token_loss * mask).sum(), int(mask.sum())
+    return (token_loss * mask).sum()
 
 
 @dataclass(frozen=True)
 class RLLoss:
-    """How per-token losses become the step's loss: aggregate(token_loss, mask, max_new_tokens) ->
-    (summed loss, units); the loop divides by the step's units over all micro-batches and ranks."""
-    aggregate: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, int]]
+    """How per-token losses become the step's loss: aggregate(token_loss, mask, max_new_tokens) is
+    the micro-batch's summed loss, and the loop divides the step's sum by its units over every
+    micro-batch and rank: completion tokens (per_token) or completions."""
+    aggregate: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+    per_token: bool
     summary: str
+
+    def units(self, mask: torch.Tensor) -> int:
+        return int(mask.sum()) if self.per_token else mask.shape[0]
 
 
 RL_LOSSES: dict[str, RLLoss] = {
-    "grpo": RLLoss(_grpo, "mean over completions of each one's mean token loss (GRPO; TRL loss_type=grpo)"),
-    "dr_grpo": RLLoss(_dr_grpo, "token losses summed / (completions x max_new_tokens) (Dr. GRPO)"),
-    "dapo": RLLoss(_dapo, "token losses summed / the step's completion tokens (DAPO)"),
+    "grpo": RLLoss(_grpo, False, "mean over completions of each one's mean token loss (GRPO; TRL loss_type=grpo)"),
+    "dr_grpo": RLLoss(_dr_grpo, False, "token losses summed / (completions x max_new_tokens) (Dr. GRPO)"),
+    "dapo": RLLoss(_dapo, True, "token losses summed / the step's completion tokens (DAPO)"),
 }
 
 

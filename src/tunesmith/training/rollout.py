@@ -1,0 +1,153 @@
+"""Rollouts for online RL: k seeded completions per prompt, scored, turned into a training batch.
+
+Sampling is a KV-cached decode loop of our own (not model.generate) for one reason: each
+completion draws its tokens from its own random stream, seeded by (train.seed, step, prompt,
+sample). Gumbel-max (argmax of log p - log E, E ~ Exp(1) from the completion's stream) draws
+exactly from softmax(logits / temperature) after top-p, and makes a completion independent of
+which other prompts share its batch, of how many processes split the step, and of where a
+resumed run restarts: the same step of the same prompt samples the same completion. Ended rows
+leave the batch and the cache, so a long completion costs only itself.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.prompts import PromptRow
+from tunesmith.models.load import decoder_and_head
+
+
+def row_seed(seed: int, step: int, index: int, sample: int) -> int:
+    """The random stream of one completion: a pure function of where it is in the run."""
+    return ((seed * 1_000_003 + step) * 1_000_033 + index) * 1_009 + sample & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits outside the smallest set of tokens whose probability reaches top_p set to -inf (the
+    most likely token always stays), as transformers' TopPLogitsWarper."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= 1 - top_p
+    drop[..., -1] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def _pick(logits: torch.Tensor, generators: list[torch.Generator] | None, temperature: float,
+          top_p: float) -> torch.Tensor:
+    """Next token of each row: argmax when greedy, else Gumbel-max with each row's own stream."""
+    if generators is None:
+        return logits.argmax(dim=-1)
+    logp = _top_p(logits.float() / temperature, top_p).log_softmax(dim=-1)
+    noise = torch.stack([torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=g)
+                         for g in generators])
+    return (logp - noise.log()).argmax(dim=-1)
+
+
+@dataclass
+class SampleStats:
+    tokens: int = 0      # completion tokens generated
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], seeds: list[int] | None, max_new_tokens: int, eos: set[int],
+           pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+           stats: SampleStats | None = None) -> list[list[int]]:
+    """Each prompt's completion tokens (up to and including its end-of-turn / EOS token, or
+    max_new_tokens long). seeds=None: greedy."""
+    from transformers import DynamicCache
+
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for r, p in enumerate(prompts):  # left-padded: every row's next token is at the same position
+        ids[r, width - len(p):] = torch.tensor(p, device=device)
+        mask[r, width - len(p):] = 1
+    gens = None
+    if seeds is not None:
+        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    out: list[list[int]] = [[] for _ in prompts]
+    rows = list(range(len(prompts)))
+    cache = DynamicCache()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    for _ in range(max_new_tokens):
+        nxt = _pick(logits, gens, temperature, top_p)
+        live = []
+        for k, r in enumerate(rows):
+            tok = int(nxt[k])
+            out[r].append(tok)
+            if tok not in eos and len(out[r]) < max_new_tokens:
+                live.append(k)
+        if not live:
+            break
+        if len(live) < len(rows):
+            keep = torch.tensor(live, dtype=torch.long, device=device)
+            cache.batch_select_indices(keep)
+            nxt, mask = nxt[keep], mask[keep]
+            rows = [rows[k] for k in live]
+            gens = [gens[k] for k in live] if gens is not None else None
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+    if stats is not None:
+        stats.tokens += sum(len(o) for o in out)
+        stats.seconds += time.perf_counter() - t0
+    return out
+
+
+def completion_batch(rows: list[PromptRow], completions: list[list[int]], k: int, pad_id: int) -> dict:
+    """Prompt + completion of each sample, right-padded: input_ids/attention_mask [B, L], `keep`
+    [B, L] (positions whose next token is a completion token), `mask` [B, C] (completion tokens,
+    from position 0), `targets` [N] (the completion tokens, row-major)."""
+    seqs = [rows[b // k].input_ids + c for b, c in enumerate(completions)]
+    width, c_width = max(map(len, seqs)), max(max(map(len, completions)), 1)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    cmask = torch.zeros((len(seqs), c_width), dtype=torch.bool)
+    for b, (s, c) in enumerate(zip(seqs, completions)):
+        ids[b, :len(s)], attn[b, :len(s)] = torch.tensor(s), 1
+        p = len(s) - len(c)
+        keep[b, p - 1:len(s) - 1] = True
+        cmask[b, :len(c)] = True
+    targets = torch.tensor([t for c in completions for t in c], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": attn, "keep": keep, "mask": cmask, "targets": targets}
+
+
+def completion_logps(model, batch: dict, temperature: float, value_head: torch.nn.Module | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [B, C] of the completion tokens under `model` at the sampling temperature (the
+    distribution they were drawn from, as TRL scores them), 0 on padding; and the value head's
+    estimate at the same positions (the state before each token) when given. Only completion
+    positions go through the LM head."""
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     use_cache=False).last_hidden_state
+    h = hidden[batch["keep"]]
+    token_logps = -F.cross_entropy(head(h).float() / temperature, batch["targets"], reduction="none")
+    mask = batch["mask"]
+    logps = torch.zeros(mask.shape, dtype=token_logps.dtype, device=token_logps.device)
+    logps = logps.masked_scatter(mask, token_logps)
+    values = None
+    if value_head is not None:
+        v = value_head(h.to(value_head.weight.dtype)).squeeze(-1).float()
+        values = torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
+    return logps, values
+
+
+def summed(rewards: list[list[float]], weights: list[float]) -> torch.Tensor:
+    """Each completion's weighted reward over the functions (NaN, i.e. not applicable, counts 0),
+    NaN when no function applies (unscorable: advantage 0, as TRL)."""
+    per = torch.tensor(rewards, dtype=torch.float32).T  # [B, functions]
+    total = (per * torch.tensor(weights)).nansum(dim=1)
+    return torch.where(torch.isnan(per).all(dim=1), torch.full_like(total, math.nan), total)
