@@ -35,15 +35,16 @@ What is the same for every row
 
 Tokens: each completion's prompt tokens plus its completion tokens (end-of-turn included), summed
 over the run: what both sides ran through the model per step. TRL counts it from what its `_generate`
-returned (prompt_ids, completion_ids); tunesmith from its per-step metrics (TUNESMITH_KEYS). Completion
+returned (prompt_ids, completion_ids); tunesmith from what each rollout told its loop (rl_step.Rollout,
+the manifest's tokens; checked equal). Completion
 lengths are sampled, so the two sides' completion tokens differ: tokens/s is per processed token, and
 each row prints its mean completion length.
 
 Timing: tokens/s = tokens / wall time of the training steps (generation + scoring + the optimisation
 passes; model loading, tokenisation and saving excluded): TRL trainer.train(), tunesmith its
 manifest's train_seconds. Generation seconds are shown apart: TRL's `_generate` timed (tokenising the
-prompts, transformers' generate with its KV cache, decoding), tunesmith its own per-step generation
-time; `train s` is the rest. `other CPU`: what other processes used meanwhile, in cores.
+prompts, transformers' generate with its KV cache, decoding), tunesmith its per-step generation_seconds
+(metrics.jsonl); `train s` is the rest (scoring the rewards included, on both sides). `other CPU`: what other processes used meanwhile, in cores.
 
 Last line: `ratio tokens_per_s=<x> peak_rss=<y>` (tunesmith / TRL's faster row).
 """
@@ -66,29 +67,32 @@ SEED, LR, BETA, EPSILON, TEMPERATURE, TOP_P = 0, 1e-5, 0.04, 0.2, 1.0, 1.0
 DEFAULTS = {"steps": 8, "batch": 2, "k": 4, "max_new_tokens": 64}
 TINY = {"steps": 2, "batch": 2, "k": 2, "max_new_tokens": 16}
 ROWS = ("trl", "trl+alloc", "tunesmith")
-# TRL's best here. bf16=False: on --tiny (2 steps, 2 prompts x k 2 x 16 tokens, this 2-core avx512_bf16 EPYC,
-# shared) bf16 autocast ran the steps in X s against fp32's Y s (see NOTES-rlbench.md); the CPU has no AMX,
-# so bf16 matmuls convert to and from fp32 around avx512_bf16 dot products. gradient_checkpointing off (TRL's
-# GRPO default is on; it re-runs forwards to save memory we have). One micro-batch of batch x k
-# completions: the step's whole generation batch trains in one forward/backward.
-TRL_BEST = {"bf16": False, "activation_checkpointing": False, "gradient_accumulation_steps": 1}
-# tunesmith's per-step metrics.jsonl keys (recipes/rl.py): seconds generating, and the tokens of the step.
-TUNESMITH_KEYS = {"generation_seconds": "generation_seconds", "prompt_tokens": "prompt_tokens",
-                  "completion_tokens": "completion_tokens", "reward": "reward"}
+# TRL's best here. bf16=True (bf16 autocast of the training forwards/backwards; generation runs outside
+# it, in fp32, either way): `--tiny` (2 steps, 2 prompts x k 2 x 16 tokens) run by trl_worker four times,
+# alternating, on this 2-core EPYC (avx512_bf16, no AMX) while other jobs held the load average at 4-7:
+# the time outside generation was fp32 27.6 / 22.0 s, bf16 11.4 / 16.7 s; generation (same in both) 17.8-51.6 s,
+# noise. To be re-checked idle on the embedded model: `--rows trl --trl bf16=false` against the default.
+# gradient checkpointing off (TRL's GRPO default is on: it re-runs forwards to save memory we have). One
+# micro-batch of batch x k completions: the step's whole generation batch trains in one forward/backward.
+TRL_BEST = {"bf16": True, "activation_checkpointing": False, "gradient_accumulation_steps": 1}
+# tunesmith's per-step metrics.jsonl keys (recipes/rl.py, training/rl_step.py RLLossFn.pop_metrics)
+TUNESMITH_KEYS = {"generation_seconds": "generation_seconds", "reward": "reward"}
 
 
 def json_valid(prompts, completions, **kwargs) -> list[float]:
-    """TRL reward function: 1.0 when the reply is one JSON object (surrounding whitespace and a
-    ```json fence allowed), else 0.0. Conversational completions are [{"role", "content"}] lists."""
+    """TRL reward function: 1.0 when the reply opens with one JSON object (a ```json fence allowed,
+    whatever follows the object ignored), else 0.0: tunesmith's `json` built-in reads a reply so too
+    (reward_builtins.reply_object). Conversational completions are [{"role", "content"}] lists."""
     out = []
     for c in completions:
         text = (c[-1]["content"] if isinstance(c, list) else c).strip()
         if text.startswith("```"):
-            text = text.split("\n", 1)[-1].rsplit("```", 1)[0]
+            text = text.split("\n", 1)[-1].lstrip()
         try:
-            out.append(1.0 if isinstance(json.loads(text), dict) else 0.0)
+            obj, _ = json.JSONDecoder().raw_decode(text)
         except ValueError:
-            out.append(0.0)
+            obj = None
+        out.append(float(isinstance(obj, dict)))
     return out
 
 
@@ -203,25 +207,54 @@ def same_settings(ts: dict, args) -> list[str]:
 
 # --- workers (each in its own process) -------------------------------------------------------------
 
+def record_run() -> dict:
+    """Record, in this process, the initial trainable weights' fingerprint (where run_rl hands the
+    built model to prepare_model, as _same_steps.follow_steps does for run_sft / run_dpo) and each
+    rollout's prompt and completion tokens (what rl_step.Rollout tells the loop it processed)."""
+    import tunesmith.recipes.sft as sft
+    import tunesmith.training.rl_step as rl_step
+
+    seen = {"prompt_tokens": 0, "completion_tokens": 0, "completions": 0}
+    prepare, rollout = sft.prepare_model, rl_step.Rollout.__call__
+
+    def recording_prepare(model, cfg, placement):
+        seen["fingerprint"] = fingerprint(model)
+        return prepare(model, cfg, placement)
+
+    def recording_rollout(self, group, pad_id):
+        batch = rollout(self, group, pad_id)
+        k = self.obj.num_generations
+        prompt = sum(k * len(r.input_ids) for r in group)
+        seen["prompt_tokens"] += prompt
+        seen["completion_tokens"] += sum(r.n_tokens for r in group) - prompt
+        seen["completions"] += k * len(group)
+        return batch
+
+    sft.prepare_model, rl_step.Rollout.__call__ = recording_prepare, recording_rollout
+    return seen
+
+
 def tunesmith_worker(model: str, data: Path, out: Path, shape: dict, overrides: dict) -> dict:
     from tunesmith.config import apply_overrides, parse_config
     from tunesmith.recipes.rl import run_rl
     from tunesmith.training.logging import read_metrics
 
+    seen = record_run()
     cfg = apply_overrides(tunesmith_settings(model, data, out, shape), [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     run = run_rl(parse_config(cfg))
     m = json.loads((run / "manifest.json").read_text())
-    rows = [r for r in read_metrics(run / "metrics.jsonl") if TUNESMITH_KEYS["completion_tokens"] in r]
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get("step", 0) > 0 and TUNESMITH_KEYS["reward"] in r]
     missing = [v for v in TUNESMITH_KEYS.values() if rows and v not in rows[0]]
-    if not rows or missing:
-        raise SystemExit(f"tunesmith's metrics.jsonl has no {missing or list(TUNESMITH_KEYS.values())}: align "
-                         "TUNESMITH_KEYS with recipes/rl.py")
-    total = {k: sum(r[v] for r in rows) for k, v in TUNESMITH_KEYS.items()}
-    return {"seconds": m["train_seconds"], "generation_seconds": total["generation_seconds"],
-            "prompt_tokens": total["prompt_tokens"], "completion_tokens": total["completion_tokens"],
-            "completions": len(rows) * shape["batch"] * shape["k"], "steps": m["steps"],
-            "rewards": [r[TUNESMITH_KEYS["reward"]] for r in rows], "fingerprint": m.get("fingerprint"),
-            "settings": overrides or {"defaults": True}}
+    if not rows or missing or len(rows) != m["steps"]:
+        raise SystemExit(f"tunesmith's metrics.jsonl has {len(rows)} step rows for {m['steps']} steps, or lacks "
+                         f"{missing or list(TUNESMITH_KEYS.values())}: align TUNESMITH_KEYS with recipes/rl.py "
+                         "(log_every 1 expected)")
+    tokens = seen["prompt_tokens"] + seen["completion_tokens"]
+    if m.get("tokens", tokens) != tokens:
+        raise SystemExit(f"tunesmith's manifest counts {m['tokens']} tokens, its rollouts {tokens}")
+    return {"seconds": m["train_seconds"], **seen,
+            "generation_seconds": sum(r[TUNESMITH_KEYS["generation_seconds"]] for r in rows), "steps": m["steps"],
+            "rewards": [r[TUNESMITH_KEYS["reward"]] for r in rows], "settings": overrides or {"defaults": True}}
 
 
 def trl_worker(model: str, data: Path, out: Path, shape: dict, overrides: dict) -> dict:

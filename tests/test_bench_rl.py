@@ -28,7 +28,7 @@ def test_the_benchmark_asks_both_sides_for_the_same_run(grpo_config, tmp_path):
     assert bench.same_settings(settings(tmp_path), args) == []
     # GRPOConfig's own resolution: one generation of batch x k completions per optimizer step
     assert (args.generation_batch_size, args.steps_per_generation) == (8, 1)
-    assert not args.bf16 and not args.gradient_checkpointing and args.beta == 0.04
+    assert args.bf16 and not args.gradient_checkpointing and args.beta == 0.04
 
 
 @pytest.mark.parametrize("trl, problem", [
@@ -37,16 +37,23 @@ def test_the_benchmark_asks_both_sides_for_the_same_run(grpo_config, tmp_path):
     ({"loss_type": "dapo"}, "rl_loss"),
     ({"learning_rate": 2e-5}, "train.lr"),
     ({"max_completion_length": 64}, "max_new_tokens"),
-    ({"per_device_train_batch_size": 4, "generation_batch_size": None, "gradient_accumulation_steps": 2},
-     "generates 8 completions every 2 micro-steps"),
+    ({"generation_batch_size": 16}, "generates 16 completions every 2 micro-steps"),
     ({"per_device_train_batch_size": 4}, "trains 4 completions per step"),
     ({"num_iterations": 2}, "num_iterations 1"),
-    ({"gradient_checkpointing": True}, "gradient checkpointing off"),
+    ({"activation_checkpointing": True}, "gradient checkpointing off"),
     ({"lr_scheduler_type": "cosine"}, "train.schedule"),
 ])
 def test_same_settings_names_each_difference(grpo_config, tmp_path, trl, problem):
     problems = bench.same_settings(settings(tmp_path), grpo_config(tmp_path, **trl))
     assert any(problem in p for p in problems), problems
+
+
+def test_accumulation_is_the_same_run(grpo_config, tmp_path):
+    """2 micro-batches of 4 completions, generated together once per optimizer step: the same run."""
+    args = grpo_config(tmp_path, per_device_train_batch_size=4, generation_batch_size=None,
+                       gradient_accumulation_steps=2)
+    assert (args.generation_batch_size, args.steps_per_generation) == (8, 2)
+    assert bench.same_settings(settings(tmp_path), args) == []
 
 
 def test_same_settings_sees_the_tunesmith_side_too(grpo_config, tmp_path):
@@ -59,8 +66,14 @@ def test_same_settings_sees_the_tunesmith_side_too(grpo_config, tmp_path):
 
 
 def test_json_valid_reward():
-    replies = ['{"a": 1}', ' ```json\n{"a": [1, 2]}\n``` ', "Sure! {\"a\": 1}", "[1, 2]", '{"a": 1', ""]
-    assert bench.json_valid([None] * 6, replies) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    """The same reading as tunesmith's json built-in (reward_builtins.json_valid without a column)."""
+    from tunesmith.training.reward_builtins import json_valid
+
+    replies = ['{"a": 1}', ' ```json\n{"a": [1, 2]}\n``` ', '{"a": 1} and more', "Sure! {\"a\": 1}", "[1, 2]",
+               '{"a": 1', "", '```\n{"b": "}"}\n```']
+    expected = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert bench.json_valid([None] * len(replies), replies) == expected
+    assert json_valid([None] * len(replies), replies) == expected
     chat = [[{"role": "assistant", "content": '{"x": "y"}'}]]
     assert bench.json_valid([None], chat) == [1.0]
 
