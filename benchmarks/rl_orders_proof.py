@@ -11,14 +11,18 @@ task metric.
    linear layers of the embedded SmolLM2-135M-Instruct; two rewards, summed:
      * json_schema: the reply validates against SCHEMA (the demo's six fields with their types);
      * json with the reference column: the share of the six fields matched;
-3. the held-out mean reward (the same two reward functions, greedy replies up to the training's
-   max_new_tokens) of the base (adapter disabled) and of the trained run: printed with the margin;
+3. the held-out mean reward (the same two reward functions, summed, on greedy replies up to the
+   training's max_new_tokens) of the base and of the trained run: the recipe measures it on
+   data.validation before the first step (the LoRA's B is 0 there: the base's replies) and after the
+   last (manifest.json heldout_reward start / end); printed with the margin;
 4. `tunesmith compare RUN` with the run's eval task `orders` (generation on the held-out split, the
    demo's json metric: field_accuracy, exact_match, json_valid).
 
 Budget: the defaults (16 steps x 4 prompts x k 4 completions of <= 80 tokens, 32 held-out prompts)
 are sized for <= 15 min on a 2-core CPU: about 35 s a step on an idle machine (generation of 16
-completions plus the policy, reference and backward passes), two held-out evaluations and compare.
+completions plus the policy, reference and backward passes, estimated from the SFT/DPO benchmarks'
+tokens/s and the demo's generation speed, not yet measured), two held-out evaluations in the run and
+compare's two generation passes. A second run needs a new --out (train refuses an existing run).
 --tiny: a random shrunk SmolLM2 (benchmarks/rl_vs_trl.py's), 2 steps: a smoke test of the plumbing.
 
 Last line: `heldout_reward base=<b> tuned=<t> margin=<t - b>`.
@@ -59,8 +63,8 @@ def write_data(directory: Path, n_train: int, n_heldout: int) -> dict[str, Path]
     paths = {}
     for split, rows in splits.items():
         paths[split] = directory / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps({"prompt": r["messages"][:2], "reference": r["messages"][2]["content"]})
-                                        + "\n" for r in rows))
+        paths[split].write_text("".join(json.dumps({"prompt": r["messages"][:2],
+                                                    "reference": r["messages"][2]["content"]}) + "\n" for r in rows))
     paths["heldout_messages"] = directory / "heldout-messages.jsonl"  # the demo's form, for compare's eval task
     paths["heldout_messages"].write_text("".join(json.dumps(r) + "\n" for r in splits["heldout"]))
     return paths
@@ -81,24 +85,6 @@ def proof_config(model: str, paths: dict[str, Path], out: Path, shape: dict, lr:
                                 "metrics": ["json"], "json_fields": list(FIELDS), "max_new_tokens": budget,
                                 "batch_size": 16}]},
             "run": {"name": "rl-orders", "output_dir": str(out)}}
-
-
-def heldout_reward(spec, cfg, rows: list[dict], adapter: bool) -> tuple[float, list[float], list[str]]:
-    """Mean summed reward of greedy replies on the held-out prompts (and each function's mean)."""
-    import math
-
-    from tunesmith.generation import generate, load_for_inference
-    from tunesmith.training.rewards import build_rewards
-
-    rewards = build_rewards(cfg.objective.rewards, cfg.objective.reward_model, set(rows[0]))
-    im = load_for_inference(spec, adapter=adapter)
-    replies = generate(im, [r["prompt"] for r in rows], max_new_tokens=cfg.objective.max_new_tokens,
-                       batch_size=len(rows))
-    per_fn = rewards([r["prompt"] for r in rows], replies, {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"})
-    # an unscorable completion (NaN) counts 0: the held-out figure is what the policy earns
-    clean = [[0.0 if math.isnan(x) else x for x in fn] for fn in per_fn]
-    total = [sum(w * fn[i] for w, fn in zip(rewards.weights, clean)) for i in range(len(rows))]
-    return sum(total) / len(total), [sum(fn) / len(fn) for fn in clean], replies
 
 
 def tunesmith(*args: str) -> None:
@@ -142,18 +128,16 @@ def main(argv=None) -> None:
     print(f"RL proof: {shape['steps']} steps x {shape['batch']} prompts x k {shape['k']}, lr {args.lr}, "
           f"{shape['heldout']} held-out prompts; config {cfg_path}", flush=True)
 
-    base, base_fns, _ = heldout_reward(model, cfg, heldout, adapter=False)
-    print(f"base held-out reward {base:.3f} (per function {[round(x, 3) for x in base_fns]})", flush=True)
     t1 = time.perf_counter()
     tunesmith("train", str(cfg_path))
     run = args.out / cfg.run.name
     print(f"trained in {time.perf_counter() - t1:.0f} s: {run}", flush=True)
-    tuned, tuned_fns, replies = heldout_reward(run, cfg, heldout, adapter=True)
-    print(f"tuned held-out reward {tuned:.3f} (per function {[round(x, 3) for x in tuned_fns]}); "
-          f"example: {replies[0][:160]!r}", flush=True)
+    held = json.loads((run / "manifest.json").read_text())["heldout_reward"]
+    base, tuned = held["start"]["val_reward"], held["end"]["val_reward"]
+    for side in ("start", "end"):
+        print(f"held-out reward at the {side}: " + ", ".join(f"{k} {v:.3f}" for k, v in held[side].items()), flush=True)
     tunesmith("compare", str(run))
-    (args.out / "proof.json").write_text(json.dumps({"shape": shape, "lr": args.lr, "base": base, "tuned": tuned,
-                                                      "base_per_function": base_fns, "tuned_per_function": tuned_fns,
+    (args.out / "proof.json").write_text(json.dumps({"shape": shape, "lr": args.lr, "heldout_reward": held,
                                                       "seconds": time.perf_counter() - t0}, indent=2))
     print(f"proof took {time.perf_counter() - t0:.0f} s")
     print(f"heldout_reward base={base:.3f} tuned={tuned:.3f} margin={tuned - base:+.3f}")

@@ -12,7 +12,7 @@ is against the faster TRL row (named).
 
 What is the same for every row
   * model: the embedded SmolLM2-135M-Instruct (--model another; --tiny: SmolLM2's config shrunk to 4
-    layers of width 256 with random weights and its real tokenizer, a smoke test in under a minute);
+    layers of width 256 with random weights and its real tokenizer: a smoke test, about 30-50 s a row);
     LoRA r=16, alpha=32, dropout 0 on all linear layers, built by tunesmith's LoRA builder after
     torch.manual_seed(0) and handed to TRL as a PeftModel (each row reports a fingerprint of it);
     the reference is the base with the adapter disabled on both sides;
@@ -28,8 +28,12 @@ What is the same for every row
   * the objective: GRPO (group-relative advantages scaled by the group's std; PPO-clip epsilon 0.2;
     TRL's loss_type "grpo" = tunesmith's rl_loss grpo), KL penalty beta 0.04 (TRL beta = tunesmith
     objective.kl_coef); AdamW lr 1e-5, constant, no warmup, clipping at 1.0, no weight decay, seed 0;
-  * the reward: JSON validity, 1 when the reply is one JSON object and 0 otherwise (TRL: json_valid
-    below, a plain reward function with TRL's signature; tunesmith: objective.rewards=[{function: json}]).
+  * the reward: JSON validity, 1 when the reply opens with one JSON object (a ```json fence allowed,
+    what follows the object ignored) and 0 otherwise (TRL: json_valid below, a plain reward function
+    with TRL's signature; tunesmith: objective.rewards=[{function: json}], which reads a reply so).
+  Not the same: precision, each side at its best here: TRL bf16 autocast (TRL_BEST, measured), tunesmith
+  fp32 (train.precision auto on a CPU); TRL generates with transformers' generate, tunesmith with its
+  own KV-cached sampler.
   `same_settings` checks the TRL config (after GRPOConfig resolves its defaults) against the tunesmith
   config, field by field, before any row runs.
 
@@ -44,7 +48,8 @@ Timing: tokens/s = tokens / wall time of the training steps (generation + scorin
 passes; model loading, tokenisation and saving excluded): TRL trainer.train(), tunesmith its
 manifest's train_seconds. Generation seconds are shown apart: TRL's `_generate` timed (tokenising the
 prompts, transformers' generate with its KV cache, decoding), tunesmith its per-step generation_seconds
-(metrics.jsonl); `train s` is the rest (scoring the rewards included, on both sides). `other CPU`: what other processes used meanwhile, in cores.
+(metrics.jsonl); `train s` is the rest (scoring the rewards included, on both sides). `other CPU`: what
+other processes used meanwhile, in cores.
 
 Last line: `ratio tokens_per_s=<x> peak_rss=<y>` (tunesmith / TRL's faster row).
 """
@@ -240,7 +245,8 @@ def tunesmith_worker(model: str, data: Path, out: Path, shape: dict, overrides: 
     from tunesmith.training.logging import read_metrics
 
     seen = record_run()
-    cfg = apply_overrides(tunesmith_settings(model, data, out, shape), [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    cfg = apply_overrides(tunesmith_settings(model, data, out, shape),
+                          [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     run = run_rl(parse_config(cfg))
     m = json.loads((run / "manifest.json").read_text())
     rows = [r for r in read_metrics(run / "metrics.jsonl") if r.get("step", 0) > 0 and TUNESMITH_KEYS["reward"] in r]
@@ -392,7 +398,8 @@ def main(argv=None) -> None:
         trl_row = max(trl_rows, key=lambda k: res[k]["tps"])
         ours, trl = res["tunesmith"], res[trl_row]
         print(f"TRL row: {trl_row}")
-        print(f"ratio tokens_per_s={ours['tps'] / trl['tps']:.2f} peak_rss={ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+        print(f"ratio tokens_per_s={ours['tps'] / trl['tps']:.2f} "
+              f"peak_rss={ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
     if problems:
         raise SystemExit("the rows did not run the same thing, so their speeds are not comparable:\n  "
                          + "\n  ".join(problems))

@@ -85,3 +85,44 @@ def test_arguments():
         bench.parse_args(["--k", "1"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--rows", "trl,peft"])
+
+
+def test_both_configs_are_valid_rl_configs(tmp_path):
+    """The benchmark's and the proof's tunesmith configs load (reward specs, schema, eval task), and the
+    proof's held-out prompts are not training prompts."""
+    import json
+
+    import rl_orders_proof as proof
+
+    from tunesmith.config import parse_config
+
+    cfg = parse_config(bench.tunesmith_settings("m", tmp_path / "d.jsonl", tmp_path, SHAPE), "bench")
+    assert [r.function for r in cfg.objective.rewards] == ["json"] and cfg.objective.kl_coef == 0.04
+    paths = proof.write_data(tmp_path / "data", 8, 4)
+    cfg = parse_config(proof.proof_config("m", paths, tmp_path, proof.TINY, 1e-4, 64), "proof")
+    assert [(r.function, r.column) for r in cfg.objective.rewards] == [("json_schema", None), ("json", "reference")]
+    assert cfg.eval.tasks[0].metrics == ["json"] and cfg.data.validation == str(paths["heldout"])
+    notes = {split: [json.loads(line)["prompt"][1]["content"] for line in paths[split].read_text().splitlines()]
+             for split in ("train", "heldout")}
+    assert len(notes["train"]) == 8 and len(notes["heldout"]) == 4 and not set(notes["train"]) & set(notes["heldout"])
+
+
+def test_the_proof_rewards_give_the_reference_full_marks(tmp_path):
+    """The schema fits the demo's answers, and the field match counts fields: a reference reply scores 1
+    on both, one wrong field 5/6 on the match and still 1 on the schema, prose 0."""
+    import json
+
+    import rl_orders_proof as proof
+
+    from tunesmith.config import parse_config
+    from tunesmith.training.rewards import build_rewards
+
+    paths = proof.write_data(tmp_path / "data", 6, 2)
+    rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    cfg = parse_config(proof.proof_config("m", paths, tmp_path, proof.TINY, 1e-4, 64), "proof")
+    rewards = build_rewards(cfg.objective.rewards, None, {"reference"})
+    wrong = {**json.loads(rows[1]["reference"]), "city": "Atlantis"}
+    replies = [rows[0]["reference"], json.dumps(wrong), "Here is the order: " + rows[2]["reference"]]
+    schema, match = rewards([r["prompt"] for r in rows[:3]], replies, {"reference": [r["reference"] for r in rows[:3]]})
+    assert schema == [1.0, 1.0, 0.0]
+    assert match == pytest.approx([1.0, 5 / 6, 0.0])
