@@ -91,11 +91,27 @@ def _cross_field_errors(cfg: Config) -> list[str]:
         errors.append("data.validation with objective.name=dpo and train.distributed.strategy=fsdp: the held-out "
                       "preference accuracy is computed on the whole model, and under fsdp every rank holds only a "
                       "shard of it; remove data.validation or use strategy ddp")
-    errors += _deepspeed_errors(t)
+    errors += _deepspeed_errors(t) + _rl_errors(cfg)
     if d.sources and d.train and d.train != DataSection.model_fields["train"].default:
         errors.append(f"data.train={d.train!r} and data.sources are both set: data.sources replaces data.train; "
                       "keep one")
     return errors
+
+
+_GAE_ONLY = ("gamma", "lam", "vf_coef")
+_GROUP_ONLY = ("scale_rewards",)
+
+
+def _rl_errors(cfg: Config) -> list[str]:
+    """objective rl options that only one kind of advantage reads."""
+    o = cfg.objective
+    if o.name != "rl":
+        return []
+    fields = type(o).model_fields
+    unread = _GROUP_ONLY if o.advantage == "gae" else _GAE_ONLY
+    return [f"objective.{k}={getattr(o, k)!r} does nothing with objective.advantage={o.advantage} (only "
+            f"objective.advantage={'group' if o.advantage == 'gae' else 'gae'} reads it); remove it"
+            for k in unread if getattr(o, k) != fields[k].default]
 
 
 def _deepspeed_errors(t: TrainSection) -> list[str]:

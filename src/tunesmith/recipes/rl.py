@@ -76,7 +76,10 @@ def run_rl(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     prompts = encode_prompts(tokenizer, load_prompts(d.train, d.columns, d.system_prompt), d.max_length, d.train)
     val = encode_prompts(tokenizer, load_prompts(d.validation, d.columns, d.system_prompt, len(prompts)),
                          d.max_length, d.validation) if d.validation else None
-    rewards = build_rewards(obj.rewards, obj.reward_model, set(prompts[0].columns))
+    try:
+        rewards = build_rewards(obj.rewards, obj.reward_model, set(prompts[0].columns))
+    except ValueError as exc:  # no reward function, a column the data lacks, an import that fails
+        raise ConfigError(str(exc)) from None
     print(f"data: {len(prompts)} prompts" + (f", {len(val)} held out" if val else "") +
           f"; {obj.num_generations} completions each, up to {obj.max_new_tokens} tokens; rewards: "
           f"{', '.join(f'{n} x{w:g}' for n, w in zip(rewards.names, rewards.weights))}; chat template: {template}",

@@ -15,7 +15,7 @@ from tunesmith.data.prompts import PromptRow
 from tunesmith.training import rl
 from tunesmith.training.distributed import sum_scalar
 from tunesmith.training.distributed.group import map_shared, world
-from tunesmith.training.rollout import SampleStats, completion_batch, completion_logps, row_seed, sample, summed
+from tunesmith.training.rollout import SampleStats, completion_batch, completion_logps, row_seed, sample
 
 
 class Tally:
@@ -77,9 +77,10 @@ class Rollout:
         t0 = time.perf_counter()
         per_fn = self.rewards([r.given for r in group for _ in range(k)],
                               self.tokenizer.batch_decode(completions, skip_special_tokens=True),
-                              {c: [r.columns[c] for r in group for _ in range(k)] for c in group[0].columns})
+                              {c: [r.columns[c] for r in group for _ in range(k)] for c in group[0].columns},
+                              completion_ids=completions)
         self.reward_seconds += time.perf_counter() - t0
-        total = summed(per_fn, self.rewards.weights)
+        total = torch.tensor(self.rewards.total(per_fn), dtype=torch.float32)
         batch = completion_batch(group, completions, k, pad_id)
         batch["scores"] = torch.nan_to_num(total, nan=0.0)
         batch["advantages"] = rl.group_advantages(total, k, obj.scale_rewards == "group")
@@ -167,8 +168,8 @@ def heldout_reward(model, tokenizer, rows: list[PromptRow], rewards, eos: set[in
         completions = sample(model, [r.input_ids for r in group], None, max_new_tokens, eos,
                              tokenizer.pad_token_id)
         per_fn = rewards([r.given for r in group], tokenizer.batch_decode(completions, skip_special_tokens=True),
-                         {c: [r.columns[c] for r in group] for c in group[0].columns})
-        total = summed(per_fn, rewards.weights)
+                         {c: [r.columns[c] for r in group] for c in group[0].columns}, completion_ids=completions)
+        total = torch.tensor(rewards.total(per_fn), dtype=torch.float64)
         return [[float(total[i]), *(float(v[i]) for v in per_fn)] for i in range(len(group))]
 
     ordered = sorted(rows, key=lambda r: len(r.input_ids))

@@ -10,7 +10,6 @@ leave the batch and the cache, so a long completion costs only itself.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -140,14 +139,9 @@ def completion_logps(model, batch: dict, temperature: float, value_head: torch.n
     logps = logps.masked_scatter(mask, token_logps)
     values = None
     if value_head is not None:
-        v = value_head(h.to(value_head.weight.dtype)).squeeze(-1).float()
+        # the head reads the policy's features without moving them: a shared trunk trained on the
+        # value loss too would let the regression's gradient (large while the head is new) drown
+        # the policy's; PPO implementations keep a separate value model for the same reason
+        v = value_head(h.detach().to(value_head.weight.dtype)).squeeze(-1).float()
         values = torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
     return logps, values
-
-
-def summed(rewards: list[list[float]], weights: list[float]) -> torch.Tensor:
-    """Each completion's weighted reward over the functions (NaN, i.e. not applicable, counts 0),
-    NaN when no function applies (unscorable: advantage 0, as TRL)."""
-    per = torch.tensor(rewards, dtype=torch.float32).T  # [B, functions]
-    total = (per * torch.tensor(weights)).nansum(dim=1)
-    return torch.where(torch.isnan(per).all(dim=1), torch.full_like(total, math.nan), total)

@@ -1,0 +1,128 @@
+"""The online RL recipe on a tiny model: the reward it is given rises (group and GAE advantages),
+sampling is a pure function of (seed, step, prompt, sample), an interrupted run resumes to the
+uninterrupted result (the sampler's streams included), and what it cannot do is refused."""
+import json
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from tunesmith.config import load_config
+from tunesmith.errors import ConfigError, DataError
+from tunesmith.recipes.rl import run_rl
+from tunesmith.training.logging import read_metrics
+from tunesmith.training.rollout import row_seed, sample
+
+WORDS = ["cats", "dogs", "fish", "birds", "rain", "sun", "tea", "maps", "snow", "wind", "rocks", "milk"]
+REWARD = "rl_reward_fns:low_ids"  # tests/rl_reward_fns.py: the share of completion tokens with a low id
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    rows = [{"prompt": f"Write about {w}.", "topic": w} for w in WORDS]
+    return {"train": write_jsonl(tmp_path / "train.jsonl", rows[:8]),
+            "validation": write_jsonl(tmp_path / "val.jsonl", rows[8:])}
+
+
+def cfg(model_dir, data, out, *extra):
+    return load_config(None, [f"model.name={model_dir}", f"data.train={data['train']}",
+                              f"data.validation={data['validation']}", f"run.output_dir={out}", "run.name=r",
+                              "objective.name=rl", f"objective.rewards=[{{function: '{REWARD}'}}]",
+                              "objective.num_generations=4", "objective.max_new_tokens=8", "train.batch_size=2",
+                              "method.r=8", "train.log_every=1", *extra])
+
+
+def rewards_of(run):
+    return [r["reward"] for r in read_metrics(run / "metrics.jsonl") if "reward" in r]
+
+
+@pytest.mark.parametrize("advantage", ["group", "gae"])
+def test_rl_raises_the_reward(advantage, tiny_model_dir, prompts, tmp_path):
+    run = run_rl(cfg(tiny_model_dir, prompts, tmp_path, "train.max_steps=12", "train.lr=1e-2", "train.batch_size=4", "objective.num_generations=8",
+                     f"objective.advantage={advantage}", "objective.kl_coef=0.01"))
+    got = rewards_of(run)
+    assert len(got) == 12
+    assert sum(got[-4:]) / 4 > sum(got[:4]) / 4 + 0.03, got  # sampled at temperature 1: noisy, but up
+    manifest = json.loads((run / "manifest.json").read_text())
+    start, end = manifest["heldout_reward"]["start"], manifest["heldout_reward"]["end"]
+    assert end["val_reward"] > start["val_reward"] + 0.2, (start, end)  # greedy replies to unseen prompts
+    logged = read_metrics(run / "metrics.jsonl")[-2]
+    for key in ("rewards/low_ids", "rewards/low_ids_std", "kl", "clip_fraction", "completion_length",
+                "generation_tokens_per_s", "train_tokens_per_s", *(["value_loss"] if advantage == "gae" else [])):
+        assert key in logged, key
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "loss.png").is_file()
+
+
+def test_a_completion_samples_the_same_tokens_whatever_shares_its_batch(tiny_model_dir, tiny_tokenizer):
+    from tunesmith.models.load import load_model
+
+    model = load_model(tiny_model_dir).eval()
+    a, b = tiny_tokenizer("Write about cats.")["input_ids"], tiny_tokenizer("Hi")["input_ids"]
+    seeds = [row_seed(0, 3, 7, j) for j in range(3)]
+    together = sample(model, [a, a, a, b], [*seeds, row_seed(0, 3, 8, 0)], 10, set(), tiny_tokenizer.pad_token_id)
+    alone = sample(model, [a, a, a], seeds, 10, set(), tiny_tokenizer.pad_token_id)
+    assert together[:3] == alone
+    assert len({tuple(c) for c in alone}) == 3  # different streams, different samples
+    other_step = sample(model, [a], [row_seed(0, 4, 7, 0)], 10, set(), tiny_tokenizer.pad_token_id)
+    assert other_step[0] != alone[0]
+
+
+def test_sampling_draws_from_the_temperature_softmax(tiny_model_dir, tiny_tokenizer):
+    """Gumbel-max with a row's stream is a draw from softmax(logits / T): the first token's
+    frequencies over many streams match the model's probabilities."""
+    from tunesmith.models.load import load_model
+
+    model = load_model(tiny_model_dir).eval()
+    ids = tiny_tokenizer("Write about cats.")["input_ids"]
+    n, temperature = 3000, 0.7
+    firsts = sample(model, [ids] * n, [row_seed(1, 0, 0, j) for j in range(n)], 1, set(),
+                    tiny_tokenizer.pad_token_id, temperature=temperature)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([ids])).logits[0, -1] / temperature, -1)
+    top = probs.topk(3).indices.tolist()
+    for t in top:
+        seen = sum(f[0] == t for f in firsts) / n
+        assert abs(seen - float(probs[t])) < 4 * (float(probs[t]) / n) ** 0.5 + 0.01, (t, seen, float(probs[t]))
+
+
+def test_interrupted_rl_resumes_to_the_uninterrupted_result(tiny_model_dir, prompts, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from tunesmith.training import rl_step
+
+    args = ("train.max_steps=4", "train.lr=1e-2", "train.save_every=2", "objective.advantage=gae")
+    whole = run_rl(cfg(tiny_model_dir, prompts, tmp_path / "a", *args))
+    calls, real = {"n": 0}, rl_step.RLLossFn.__call__
+
+    def interrupt_in_step_3(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, model, batch)
+    monkeypatch.setattr(rl_step.RLLossFn, "__call__", interrupt_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_rl(cfg(tiny_model_dir, prompts, tmp_path / "b", *args))
+    monkeypatch.setattr(rl_step.RLLossFn, "__call__", real)
+    staging = next((tmp_path / "b").glob(".r.incomplete-*"))
+    staging.rename(staging.with_name(".r.incomplete-999999"))  # as if left by a process that has exited
+    resumed = run_rl(cfg(tiny_model_dir, prompts, tmp_path / "b", *args), resume=True)
+    a, b = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (whole, resumed))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert rewards_of(whole) == rewards_of(resumed)  # the same completions were sampled after the resume
+
+
+def test_what_rl_cannot_do_is_refused(tiny_model_dir, prompts, tmp_path):
+    with pytest.raises(ConfigError, match="objective.kl_coef"):
+        run_rl(cfg(tiny_model_dir, prompts, tmp_path, "method.name=full", "method.r=16"))
+    with pytest.raises(ConfigError, match="method.name=prefix"):
+        run_rl(cfg(tiny_model_dir, prompts, tmp_path, "method.name=prefix", "method.r=16"))
+    with pytest.raises(ConfigError, match="objective.gamma"):
+        cfg(tiny_model_dir, prompts, tmp_path, "objective.gamma=0.9")  # read by gae only
+    with pytest.raises(ConfigError, match="objective.scale_rewards"):
+        cfg(tiny_model_dir, prompts, tmp_path, "objective.advantage=gae", "objective.scale_rewards=none")
+    with pytest.raises(ConfigError, match="objective.rewards"):
+        load_config(None, ["objective.name=rl"]).objective.name and run_rl(load_config(None, [
+            f"model.name={tiny_model_dir}", f"data.train={prompts['train']}", "objective.name=rl"]))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "hi"}])
+    with pytest.raises(DataError, match="bad.jsonl:1.*'prompt'.*data.columns.prompt"):
+        run_rl(cfg(tiny_model_dir, {"train": bad, "validation": prompts["validation"]}, tmp_path))
