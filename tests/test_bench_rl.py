@@ -1,0 +1,128 @@
+"""benchmarks/rl_vs_trl.py's like-for-like check: the TRL GRPOConfig it builds asks for the same run as
+its tunesmith config (after GRPOConfig resolves its own defaults), and the check names each way they
+could differ; and its TRL reward agrees with what a JSON-validity reward must say."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import rl_vs_trl as bench  # noqa: E402
+
+SHAPE = {"steps": 3, "batch": 2, "k": 4, "max_new_tokens": 32}
+
+
+@pytest.fixture(scope="module")
+def grpo_config():
+    from trl import GRPOConfig
+
+    return lambda tmp, **over: GRPOConfig(**bench.trl_settings(tmp, SHAPE, over))
+
+
+def settings(tmp):
+    return bench.tunesmith_settings("m", tmp / "d.jsonl", tmp, SHAPE)
+
+
+def test_the_benchmark_asks_both_sides_for_the_same_run(grpo_config, tmp_path):
+    args = grpo_config(tmp_path)
+    assert bench.same_settings(settings(tmp_path), args) == []
+    # GRPOConfig's own resolution: one generation of batch x k completions per optimizer step
+    assert (args.generation_batch_size, args.steps_per_generation) == (8, 1)
+    assert args.bf16 and not args.gradient_checkpointing and args.beta == 0.04
+
+
+@pytest.mark.parametrize("trl, problem", [
+    ({"beta": 0.1}, "kl_coef"),
+    ({"temperature": 0.7}, "objective.temperature"),
+    ({"loss_type": "dapo"}, "rl_loss"),
+    ({"learning_rate": 2e-5}, "train.lr"),
+    ({"max_completion_length": 64}, "max_new_tokens"),
+    ({"generation_batch_size": 16}, "generates 16 completions every 2 micro-steps"),
+    ({"per_device_train_batch_size": 4}, "trains 4 completions per step"),
+    ({"num_iterations": 2}, "num_iterations 1"),
+    ({"activation_checkpointing": True}, "gradient checkpointing off"),
+    ({"lr_scheduler_type": "cosine"}, "train.schedule"),
+])
+def test_same_settings_names_each_difference(grpo_config, tmp_path, trl, problem):
+    problems = bench.same_settings(settings(tmp_path), grpo_config(tmp_path, **trl))
+    assert any(problem in p for p in problems), problems
+
+
+def test_accumulation_is_the_same_run(grpo_config, tmp_path):
+    """2 micro-batches of 4 completions, generated together once per optimizer step: the same run."""
+    args = grpo_config(tmp_path, per_device_train_batch_size=4, generation_batch_size=None,
+                       gradient_accumulation_steps=2)
+    assert (args.generation_batch_size, args.steps_per_generation) == (8, 2)
+    assert bench.same_settings(settings(tmp_path), args) == []
+
+
+def test_same_settings_sees_the_tunesmith_side_too(grpo_config, tmp_path):
+    ts = settings(tmp_path)
+    ts["objective"]["num_generations"] = 2
+    ts["objective"]["rewards"] = [{"function": "json_schema"}]
+    problems = bench.same_settings(ts, grpo_config(tmp_path))
+    assert any("objective.num_generations" in p for p in problems)
+    assert any("json reward" in p for p in problems)
+
+
+def test_json_valid_reward():
+    """The same reading as tunesmith's json built-in (reward_builtins.json_valid without a column)."""
+    from tunesmith.training.reward_builtins import json_valid
+
+    replies = ['{"a": 1}', ' ```json\n{"a": [1, 2]}\n``` ', '{"a": 1} and more', "Sure! {\"a\": 1}", "[1, 2]",
+               '{"a": 1', "", '```\n{"b": "}"}\n```']
+    expected = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert bench.json_valid([None] * len(replies), replies) == expected
+    assert json_valid([None] * len(replies), replies) == expected
+    chat = [[{"role": "assistant", "content": '{"x": "y"}'}]]
+    assert bench.json_valid([None], chat) == [1.0]
+
+
+def test_arguments():
+    assert bench.parse_args([]).shape == bench.DEFAULTS
+    assert bench.parse_args(["--tiny", "--k", "3"]).shape == {**bench.TINY, "k": 3}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--k", "1"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rows", "trl,peft"])
+
+
+def test_both_configs_are_valid_rl_configs(tmp_path):
+    """The benchmark's and the proof's tunesmith configs load (reward specs, schema, eval task), and the
+    proof's held-out prompts are not training prompts."""
+    import json
+
+    import rl_orders_proof as proof
+
+    from tunesmith.config import parse_config
+
+    cfg = parse_config(bench.tunesmith_settings("m", tmp_path / "d.jsonl", tmp_path, SHAPE), "bench")
+    assert [r.function for r in cfg.objective.rewards] == ["json"] and cfg.objective.kl_coef == 0.04
+    paths = proof.write_data(tmp_path / "data", 8, 4)
+    cfg = parse_config(proof.proof_config("m", paths, tmp_path, proof.TINY, 1e-4, 64), "proof")
+    assert [(r.function, r.column) for r in cfg.objective.rewards] == [("json_schema", None), ("json", "reference")]
+    assert cfg.eval.tasks[0].metrics == ["json"] and cfg.data.validation == str(paths["heldout"])
+    notes = {split: [json.loads(line)["prompt"][1]["content"] for line in paths[split].read_text().splitlines()]
+             for split in ("train", "heldout")}
+    assert len(notes["train"]) == 8 and len(notes["heldout"]) == 4 and not set(notes["train"]) & set(notes["heldout"])
+
+
+def test_the_proof_rewards_give_the_reference_full_marks(tmp_path):
+    """The schema fits the demo's answers, and the field match counts fields: a reference reply scores 1
+    on both, one wrong field 5/6 on the match and still 1 on the schema, prose 0."""
+    import json
+
+    import rl_orders_proof as proof
+
+    from tunesmith.config import parse_config
+    from tunesmith.training.rewards import build_rewards
+
+    paths = proof.write_data(tmp_path / "data", 6, 2)
+    rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    cfg = parse_config(proof.proof_config("m", paths, tmp_path, proof.TINY, 1e-4, 64), "proof")
+    rewards = build_rewards(cfg.objective.rewards, None, {"reference"})
+    wrong = {**json.loads(rows[1]["reference"]), "city": "Atlantis"}
+    replies = [rows[0]["reference"], json.dumps(wrong), "Here is the order: " + rows[2]["reference"]]
+    schema, match = rewards([r["prompt"] for r in rows[:3]], replies, {"reference": [r["reference"] for r in rows[:3]]})
+    assert schema == [1.0, 1.0, 0.0]
+    assert match == pytest.approx([1.0, 5 / 6, 0.0])
