@@ -126,3 +126,10 @@ def test_what_rl_cannot_do_is_refused(tiny_model_dir, prompts, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "hi"}])
     with pytest.raises(DataError, match="bad.jsonl:1.*'prompt'.*data.columns.prompt"):
         run_rl(cfg(tiny_model_dir, {"train": bad, "validation": prompts["validation"]}, tmp_path))
+
+
+def test_plan_says_it_does_not_model_rl(tiny_model_dir, prompts, tmp_path):
+    from tunesmith.plan.workload import resolve_workload
+
+    with pytest.raises(ConfigError, match="objective.name=rl"):
+        resolve_workload(cfg(tiny_model_dir, prompts, tmp_path), device=None)

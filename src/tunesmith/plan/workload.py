@@ -82,6 +82,12 @@ def resolve_workload(cfg, device: Device, world: int = 1, full_training_bytes: i
     does); seq_len: the longest sequence, when the data is known (else data.max_length);
     model_config: the transformers config (resolves LoRA's all-linear targets from the family table);
     trained_len / data_tokens: the longest sequence's trained tokens and the data's tokens, when known."""
+    if cfg.objective.name == "rl":  # its time is mostly sampling, which the model here does not cover
+        from tunesmith.errors import ConfigError
+
+        raise ConfigError("tunesmith plan does not estimate objective.name=rl yet: its steps are mostly sampling "
+                          "(objective.num_generations x objective.max_new_tokens decoded per prompt), which the "
+                          "plan's throughput model does not cover; time a few steps instead (train.max_steps)")
     t, dist = cfg.train, cfg.train.distributed
     precision = precision_for(t.precision, device)
     quantized = cfg.method.name == "qlora"
