@@ -205,6 +205,7 @@ def run_reward(cfg: Config, resume: bool = False, force: bool = False) -> Path:
                      "files_sha256": {str(p): sha256_file(p) for p in data_files_of(cfg)}},
             "reward_model": {"pad_token_id": pad_id, "scored_at": "the last token of the reply's turn"},
             "preference_accuracy": {"start": start, "end": end},
+            "val_loss": result.val_loss,  # the held-out pair loss (`tunesmith runs` lists it)
         })
         write_json(run.dir / "manifest.json", manifest)
     return run.final
