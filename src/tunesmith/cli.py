@@ -259,6 +259,13 @@ def cmd_eval(model: str, config: str | None, task: list[str], metrics: list[str]
     return 0
 
 
+def cmd_score(model: str, data: str, limit: int | None, batch_size: int) -> int:
+    from tunesmith.eval.reward import run_score
+
+    run_score(model, data, limit=limit, batch_size=batch_size)
+    return 0
+
+
 def _eval_commands(sub) -> None:
     from tunesmith.config import registered_names
 
@@ -282,6 +289,13 @@ def _eval_commands(sub) -> None:
                    help="lm-eval harness tasks, comma-separated (e.g. arc_easy,hellaswag)")
     s.add_argument("--harness-limit", type=int, default=None, help="examples per harness task")
     s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("score", help="a reward model's pair accuracy: tunesmith score RM --data pairs.jsonl")
+    s.add_argument("model", metavar="RM", help="reward model run directory (trained with objective.name=reward)")
+    s.add_argument("--data", required=True, help="preference pairs (prompt/chosen/rejected or hh-rlhf transcripts)")
+    s.add_argument("--limit", type=int, default=None, help="score only the first N pairs")
+    s.add_argument("--batch-size", type=int, default=8, help="conversations per forward")
+    s.set_defaults(fn=cmd_score)
 
 
 def cmd_export(run: str, format: str, out: str | None, quant: str, dtype: str, check: bool, force: bool) -> int:

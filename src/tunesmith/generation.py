@@ -51,9 +51,20 @@ def load_run_base(run: Path, dtype: torch.dtype = torch.float32):
     return load_model(run_base_path(run), dtype=dtype, **get_method(cfg.method.name).load_kwargs(cfg.method)), cfg
 
 
+def refuse_reward_run(run: str | Path) -> None:
+    """A reward model run (objective.name=reward) has a score head and no LM head: nothing to generate
+    or evaluate as a language model; the error says what measures it."""
+    from tunesmith.training.reward_model import is_reward_run
+
+    if isinstance(run, (str, Path)) and is_reward_run(run):
+        raise ModelError(f"{run} is a reward model (objective.name=reward): it scores replies and does not generate; "
+                         f"measure it on preference pairs with `tunesmith score {run} --data PAIRS.jsonl`")
+
+
 def _load_run(run: Path, adapter: bool):
     """Base model loaded the way it was trained (QLoRA: 4-bit) plus the run's adapter, or the run's
     whole model for methods that train the weights themselves."""
+    refuse_reward_run(run)
     tokenizer = load_tokenizer(run / "tokenizer")
     if adapter and (run / "model" / "config.json").is_file():
         return load_model(run / "model"), tokenizer, run.name

@@ -16,7 +16,7 @@ from tunesmith.config import EvalTaskSection
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.eval import EVALUATORS
 from tunesmith.eval.results import TaskResult, speed_text, write_result
-from tunesmith.generation import InferenceModel, is_run_dir, load_for_inference
+from tunesmith.generation import InferenceModel, is_run_dir, load_for_inference, refuse_reward_run
 from tunesmith.training.distributed.group import is_main
 
 
@@ -167,6 +167,7 @@ def run_eval(spec, config: str | Path | None = None, task_flags: list[str] = (),
              harness: str | None = None, harness_limit: int | None = None) -> dict[str, TaskResult]:
     """`tunesmith eval`: the config's and the flags' tasks, then any lm-eval harness tasks
     (comma-separated), all on one loaded model; everything is checked before the model loads."""
+    refuse_reward_run(spec)  # before "nothing to evaluate": a reward run's own config has no eval.tasks to run
     tasks = select_tasks(spec, config, list(task_flags), metrics, limit)
     harness_tasks = [t.strip() for t in (harness or "").split(",") if t.strip()]
     if not tasks and not harness_tasks:

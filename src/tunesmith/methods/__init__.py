@@ -16,7 +16,7 @@ from tunesmith.errors import ConfigError
 @dataclass(frozen=True)
 class Method:
     name: str
-    build: Callable            # (model, method_cfg) -> model to train
+    build: Callable            # (model, method_cfg, task_type="CAUSAL_LM" | "SEQ_CLS") -> model to train
     load_kwargs: Callable      # (method_cfg) -> extra from_pretrained kwargs for the base model
     saves: str                 # "adapter" (PEFT format) or "model" (whole HF directory)
     summary: str

@@ -8,11 +8,20 @@ from tunesmith.methods import register_method
 from tunesmith.models.families import family_of
 
 
+# the task types a builder takes (`task_type`): what the model's head does. SEQ_CLS: a sequence
+# classifier (transformers' *ForSequenceClassification, a reward model) whose new `score` head PEFT
+# trains whole and saves next to the adapter (modules_to_save)
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
+SCORE_HEAD = "score"  # transformers' GenericForSequenceClassification head
+
+
 def _linear_names(model) -> list[str]:
-    """Leaf names of the model's linear layers but the output head: what PEFT's all-linear takes
-    (bitsandbytes' 4-bit layers are nn.Linear subclasses)."""
-    head = model.get_output_embeddings()
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    """Leaf names of the model's linear layers but the output head (the LM head, or a sequence
+    classifier's score head, trained whole): what PEFT's all-linear takes (bitsandbytes' 4-bit
+    layers are nn.Linear subclasses)."""
+    heads = (model.get_output_embeddings(), getattr(model, SCORE_HEAD, None))
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and not any(m is h for h in heads)}
     return sorted(names)
 
 
@@ -40,13 +49,19 @@ def all_linear_targets(model, requested, method: str, family_modules: str = "lin
     return list(targets)
 
 
-def _lora_config(model, cfg, use_dora: bool, method: str):
+def _lora_config(model, cfg, use_dora: bool, method: str, task_type: str):
     from peft import LoraConfig
 
     # bias="none": the base model's biases (Qwen2's q/k/v) stay frozen, as every other base weight
     targets = all_linear_targets(model, cfg.target_modules, method)
     return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
-                      use_dora=use_dora, target_modules=targets, task_type="CAUSAL_LM", bias="none")
+                      use_dora=use_dora, target_modules=targets, task_type=_task(task_type), bias="none")
+
+
+def _task(task_type: str) -> str:
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task_type {task_type!r} is not one of {TASK_TYPES}")
+    return task_type
 
 
 def _wrap(model, peft_cfg):
@@ -59,15 +74,15 @@ LORA_OPTIONS = ("r", "alpha", "dropout", "rslora", "target_modules")
 
 
 @register_method("lora", options=LORA_OPTIONS)
-def build_lora(model, cfg):
+def build_lora(model, cfg, task_type: str = "CAUSAL_LM"):
     """LoRA: low-rank updates on the target linear layers."""
-    return _wrap(model, _lora_config(model, cfg, use_dora=False, method="lora"))
+    return _wrap(model, _lora_config(model, cfg, use_dora=False, method="lora", task_type=task_type))
 
 
 @register_method("dora", options=LORA_OPTIONS)
-def build_dora(model, cfg):
+def build_dora(model, cfg, task_type: str = "CAUSAL_LM"):
     """DoRA: LoRA with a learned magnitude per output feature."""
-    return _wrap(model, _lora_config(model, cfg, use_dora=True, method="dora"))
+    return _wrap(model, _lora_config(model, cfg, use_dora=True, method="dora", task_type=task_type))
 
 
 def compute_dtype(cfg) -> torch.dtype:
@@ -93,17 +108,17 @@ def qlora_load_kwargs(cfg) -> dict:
 
 @register_method("qlora", load_kwargs=qlora_load_kwargs,
                  options=(*LORA_OPTIONS, "quant_compute_dtype", "double_quant"))
-def build_qlora(model, cfg):
+def build_qlora(model, cfg, task_type: str = "CAUSAL_LM"):
     """QLoRA: LoRA over a base model quantized to 4-bit NF4 (bitsandbytes; CPU and CUDA)."""
     from peft import prepare_model_for_kbit_training
 
     # Gradient checkpointing stays a training option, not a side effect of choosing QLoRA.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return _wrap(model, _lora_config(model, cfg, use_dora=False, method="qlora"))
+    return _wrap(model, _lora_config(model, cfg, use_dora=False, method="qlora", task_type=task_type))
 
 
 @register_method("ia3", options=("target_modules",))
-def build_ia3(model, cfg):
+def build_ia3(model, cfg, task_type: str = "CAUSAL_LM"):
     """IA3: learned rescaling of attention keys/values and feed-forward activations."""
     from peft import IA3Config
 
@@ -115,20 +130,25 @@ def build_ia3(model, cfg):
         ff = [t for t in targets if t in family.feedforward_modules]
     else:  # an explicit list: its feed-forward layers, by the usual names
         ff = [t for t in targets if any(k in t for k in ("down", "fc2", "mlp", "ffn"))]
-    return _wrap(model, IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=ff))
+    return _wrap(model, IA3Config(task_type=_task(task_type), target_modules=targets, feedforward_modules=ff))
 
 
 @register_method("prefix", options=("num_virtual_tokens",))
-def build_prefix(model, cfg):
+def build_prefix(model, cfg, task_type: str = "CAUSAL_LM"):
     """Prefix tuning: learned key/value prefixes in every attention layer."""
     from peft import PrefixTuningConfig
 
-    return _wrap(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens))
+    return _wrap(model, PrefixTuningConfig(task_type=_task(task_type), num_virtual_tokens=cfg.num_virtual_tokens))
 
 
 @register_method("prompt", options=("num_virtual_tokens",))
-def build_prompt(model, cfg):
+def build_prompt(model, cfg, task_type: str = "CAUSAL_LM"):
     """Prompt tuning: learned virtual token embeddings before the input."""
     from peft import PromptTuningConfig
 
-    return _wrap(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens))
+    if _task(task_type) == "SEQ_CLS":
+        # PEFT feeds a sequence classifier input embeddings then, from which transformers cannot find
+        # each row's last non-pad token: every padded row would be scored at its padding
+        raise ConfigError("method.name=prompt cannot train a sequence scorer (a reward model): its virtual tokens "
+                          "hide where each padded row ends; use method.name=lora (or prefix, ia3, full)")
+    return _wrap(model, PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens))

@@ -32,6 +32,27 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remot
     return model
 
 
+def load_score_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                     attention: str | None = None, **kwargs):
+    """A sequence scorer: transformers' AutoModelForSequenceClassification with one label (a reward
+    model), i.e. the decoder and a bias-free linear `score` head read at each row's last non-pad
+    token. From a causal LM's directory the head is new and random (transformers' load report says
+    so); from a saved scorer it is the saved one."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=1, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+            attn_implementation=attention, **kwargs)
+    except ValueError as exc:
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        raise ModelError(f"{path}: transformers has no sequence-classification model for this architecture, so it "
+                         f"cannot be a reward model ({str(exc).splitlines()[0][:160]})") from None
+    model.config.use_cache = False
+    return model
+
+
 def causal_lm_class(path: str | Path, trust_remote_code: bool = False):
     """The class load_model builds for `path`, without loading weights (its attention support decides
     model.attn_implementation=auto); None when its code ships with the weights and may not run."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from tunesmith.plan.devices import Device
 
-PAIRED_OBJECTIVES = ("dpo",)  # each example is a chosen and a rejected sequence (KTO's unpaired rows: one)
+PAIRED_OBJECTIVES = ("dpo", "reward")  # each example is a chosen and a rejected sequence (KTO's unpaired rows: one)
 
 
 @dataclass(frozen=True)

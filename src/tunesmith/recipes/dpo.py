@@ -203,7 +203,7 @@ def encode_pairs(tokenizer, examples, max_length: int, source: str, first_index:
     precomputed reference log-probs are keyed by them)."""
     pairs = [ex for ex in examples if ex.kind == "preference"]
     if len(pairs) != len(examples):
-        raise DataError(f"{source}: objective dpo needs preference rows (prompt/chosen/rejected); "
+        raise DataError(f"{source}: this objective needs preference rows (prompt/chosen/rejected); "
                         f"{len(examples) - len(pairs)} of {len(examples)} rows are not")
     items = []
     for i, ex in enumerate(pairs):
