@@ -43,7 +43,7 @@ from rl_vs_trl import LORA, MODEL, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
-FULL = {"train": 64, "heldout": 32, "steps": 16, "batch": 4, "k": 4, "max_new_tokens": 80}
+FULL = {"train": 64, "heldout": 24, "steps": 12, "batch": 2, "k": 8, "max_new_tokens": 64}
 TINY = {"train": 4, "heldout": 4, "steps": 2, "batch": 2, "k": 2, "max_new_tokens": 16}
 SCHEMA = {"type": "object", "additionalProperties": False,
           "required": ["customer", "item", "quantity", "color", "city", "shipping"],
@@ -55,10 +55,25 @@ REWARDS = [{"function": "json_schema", "options": {"schema": SCHEMA}},
            {"function": "json", "column": "reference"}]
 
 
+def one_shot_system() -> str:
+    """The demo's instruction plus one example reply (an order of another seed, in no split). The
+    bare instruction gives a reward too sparse for a short run (measured on 12 notes: greedy replies
+    0% schema-valid, 0% fields; sampled at 0.8, 8% valid JSON and no field right), so a group of
+    completions rarely differs and teaches nothing; with the example, greedy replies are 33%
+    schema-valid with 6% of fields right: a task the base gets partly right, as issue 19 asks."""
+    from tunesmith.demo.orders import SYSTEM, make_splits
+
+    example = make_splits(SEED + 1000, {"train": 1})["train"][0]["messages"][2]["content"]
+    return f"{SYSTEM} Example reply: {example}"
+
+
 def write_data(directory: Path, n_train: int, n_heldout: int) -> dict[str, Path]:
     from tunesmith.demo.orders import make_splits
 
     splits = make_splits(SEED, {"train": n_train, "heldout": n_heldout})
+    for rows in splits.values():  # the one-shot system prompt (see ONE_SHOT) in every split
+        for r in rows:
+            r["messages"][0] = {"role": "system", "content": one_shot_system()}
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, rows in splits.items():
@@ -77,7 +92,7 @@ def proof_config(model: str, paths: dict[str, Path], out: Path, shape: dict, lr:
             "data": {"train": str(paths["train"]), "validation": str(paths["heldout"]), "max_length": 512},
             "method": {"name": "lora", **LORA, "target_modules": "all-linear"},
             "objective": {"name": "rl", "advantage": "group", "rl_loss": "grpo", "num_generations": shape["k"],
-                          "max_new_tokens": shape["max_new_tokens"], "temperature": 0.8, "kl_coef": 0.04,
+                          "max_new_tokens": shape["max_new_tokens"], "temperature": 0.7, "kl_coef": 0.04,
                           "rewards": REWARDS},
             "train": {"max_steps": shape["steps"], "batch_size": shape["batch"], "lr": lr, "schedule": "constant",
                       "warmup_steps": 0, "seed": SEED, "log_every": 1},
@@ -103,7 +118,7 @@ def main(argv=None) -> None:
     for key in FULL:
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
                         help=f"default {FULL[key]} ({TINY[key]} with --tiny)")
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=2e-4)
     args = ap.parse_args(argv)
     shape = {k: getattr(args, k) or (TINY if args.tiny else FULL)[k] for k in FULL}
     if shape["train"] < shape["steps"] * shape["batch"]:

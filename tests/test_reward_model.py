@@ -164,6 +164,9 @@ def test_score_prints_pair_accuracy(runs, space, capsys):
     assert "pairs                   5" in out
     assert f"accuracy                {sum(d > 0 for d in diffs) / 5:.4f}" in out
     assert f"mean margin             {sum(diffs) / 5:.4f}" in out
+    # `tunesmith eval RM` measures the same on the run's own held-out pairs (data.validation)
+    assert main(["eval", str(runs["lora"]), "--limit", "5"]) == 0
+    assert f"accuracy                {sum(d > 0 for d in diffs) / 5:.4f}" in capsys.readouterr().out
 
 
 def test_bad_inputs_are_named(runs, space, tmp_path, capsys):
@@ -184,6 +187,8 @@ def test_bad_inputs_are_named(runs, space, tmp_path, capsys):
     # `tunesmith eval` (and generate) on a reward run: what measures it instead
     assert main(["eval", str(runs["full"]), "--task", f"p=perplexity:{space['val']}", "--out", str(tmp_path)]) == 2
     assert f"tunesmith score {runs['full']} --data" in capsys.readouterr().err
+    assert main(["export", str(runs["lora"]), "--format", "merged", "--out", str(tmp_path / "m")]) == 2
+    assert "is a reward model" in capsys.readouterr().err and not (tmp_path / "m").exists()
 
 
 def test_margin_column_is_read_from_the_raw_rows_and_a_missing_one_is_named(space, tiny_tokenizer, tiny_model_dir,

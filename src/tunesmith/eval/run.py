@@ -167,7 +167,11 @@ def run_eval(spec, config: str | Path | None = None, task_flags: list[str] = (),
              harness: str | None = None, harness_limit: int | None = None) -> dict[str, TaskResult]:
     """`tunesmith eval`: the config's and the flags' tasks, then any lm-eval harness tasks
     (comma-separated), all on one loaded model; everything is checked before the model loads."""
-    refuse_reward_run(spec)  # before "nothing to evaluate": a reward run's own config has no eval.tasks to run
+    from tunesmith.training.reward_model import is_reward_run
+
+    if isinstance(spec, (str, Path)) and is_reward_run(spec) and not (task_flags or harness):
+        return {"preference": _reward_run_accuracy(Path(spec), config, limit)}
+    refuse_reward_run(spec)  # a reward run asked for language-model tasks: the error says what measures it
     tasks = select_tasks(spec, config, list(task_flags), metrics, limit)
     harness_tasks = [t.strip() for t in (harness or "").split(",") if t.strip()]
     if not tasks and not harness_tasks:
@@ -183,3 +187,22 @@ def run_eval(spec, config: str | Path | None = None, task_flags: list[str] = (),
         if isinstance(extra, dict):
             results.update(extra)
     return results
+
+
+def _reward_run_accuracy(run: Path, config: str | Path | None, limit: int | None) -> TaskResult:
+    """`tunesmith eval RM`: a reward model's pair accuracy on its run's held-out pairs (the
+    data.validation it trained with, or --config's), through `tunesmith score`'s code."""
+    import time
+
+    from tunesmith.config import load_config
+    from tunesmith.eval.reward import run_score
+    from tunesmith.generation import run_config
+
+    cfg = load_config(config) if config else run_config(run)
+    if not cfg.data.validation:
+        refuse_reward_run(run)  # no held-out pairs to measure it on: the error points at `tunesmith score`
+    t0 = time.perf_counter()
+    scored = run_score(str(run), cfg.data.validation, limit=limit)
+    return TaskResult("preference", "reward", run.name, {k: float(scored[k]) for k in ("accuracy", "margin")},
+                      "accuracy", scored["pairs"], settings={"path": cfg.data.validation, "limit": limit},
+                      seconds=time.perf_counter() - t0)

@@ -96,11 +96,12 @@ def _manifest(run: Path, fmt: str, out: Path, options: dict) -> dict:
 
 
 def export_run(run: str | Path, fmt: str, out: str | Path, force: bool = False, **options) -> Path:
-    from tunesmith.generation import is_run_dir
+    from tunesmith.generation import is_run_dir, refuse_reward_run
 
     run, out = Path(run), Path(out)
     if not is_run_dir(run):
         raise ModelError(f"{run} is not a finished run directory (manifest.json with adapter/ or model/)")
+    refuse_reward_run(run)  # a score head, no LM head: nothing a GGUF or merged LM export could hold
     if fmt not in FORMATS:
         raise ModelError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
     with staged_dir(out, force) as tmp:

@@ -109,7 +109,9 @@ def run_rl(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     evaluated: dict = {}
 
     def evaluator(step: int | None = None) -> dict:
-        metrics = heldout_reward(model, tokenizer, val, rewards, eos, obj.max_new_tokens, tcfg.batch_size)
+        # as many rows a batch as a training rollout samples: the memory is known to fit
+        metrics = heldout_reward(model, tokenizer, val, rewards, eos, obj.max_new_tokens,
+                                 tcfg.batch_size * obj.num_generations)
         evaluated.update(step=step, metrics=dict(metrics))
         return {**metrics, "select": -metrics["val_reward"]}  # the best checkpoint: the highest reward
 
