@@ -2,13 +2,14 @@
 order-note -> JSON task on the embedded model, within a CPU budget, and `tunesmith compare` shows the
 task metric.
 
-    python benchmarks/rl_orders_proof.py [--out runs/rl-orders-proof] [--tiny] [--steps 16] [--lr 1e-4]
+    python benchmarks/rl_orders_proof.py [--out runs/rl-orders-proof] [--tiny] [--steps 8] [--lr 2e-4]
 
 1. prompts: the demo's order notes (src/tunesmith/demo/orders.py, seed 0) as conversational prompts
-   [demo SYSTEM, note] with the reference JSON in a `reference` column: --train for training, --heldout
-   disjoint ones for evaluation (also written in the demo's `messages` form for compare's eval task);
+   [demo SYSTEM + one example reply (one_shot_system), note] with the reference JSON in a `reference`
+   column: --train for training, --heldout disjoint ones for evaluation (also written in the demo's
+   `messages` form for compare's eval task);
 2. `tunesmith train` (a subprocess) with objective.name=rl: group advantages (GRPO), LoRA r=16 on all
-   linear layers of the embedded SmolLM2-135M-Instruct; two rewards, summed:
+   linear layers of the embedded SmolLM2-135M-Instruct, temperature 0.7, KL 0.04; two rewards, summed:
      * json_schema: the reply validates against SCHEMA (the demo's six fields with their types);
      * json with the reference column: the share of the six fields matched;
 3. the held-out mean reward (the same two reward functions, summed, on greedy replies up to the
@@ -18,12 +19,11 @@ task metric.
 4. `tunesmith compare RUN` with the run's eval task `orders` (generation on the held-out split, the
    demo's json metric: field_accuracy, exact_match, json_valid).
 
-Budget: the defaults (16 steps x 4 prompts x k 4 completions of <= 80 tokens, 32 held-out prompts)
-are sized for <= 15 min on a 2-core CPU: about 35 s a step on an idle machine (generation of 16
-completions plus the policy, reference and backward passes, estimated from the SFT/DPO benchmarks'
-tokens/s and the demo's generation speed, not yet measured), two held-out evaluations in the run and
+Budget: the defaults (8 steps x 2 prompts x k 8 completions of <= 64 tokens, 24 held-out prompts) fit
+15 min on a 2-core CPU: measured about 70 s a step (20 s sampling, 50 s the policy, reference and
+backward passes) with nothing else running, two held-out evaluations of ~35 s in the run, and
 compare's two generation passes. A second run needs a new --out (train refuses an existing run).
---tiny: a random shrunk SmolLM2 (benchmarks/rl_vs_trl.py's), 2 steps: a smoke test of the plumbing.
+--tiny: a random shrunk SmolLM2 (benchmarks/compile_effect.py's), 2 steps: a smoke test of the plumbing.
 
 Last line: `heldout_reward base=<b> tuned=<t> margin=<t - b>`.
 """
@@ -39,11 +39,12 @@ from pathlib import Path
 
 import yaml
 
+from _machine import machine_line
 from rl_vs_trl import LORA, MODEL, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
-FULL = {"train": 64, "heldout": 24, "steps": 12, "batch": 2, "k": 8, "max_new_tokens": 64}
+FULL = {"train": 64, "heldout": 24, "steps": 8, "batch": 2, "k": 8, "max_new_tokens": 64}
 TINY = {"train": 4, "heldout": 4, "steps": 2, "batch": 2, "k": 2, "max_new_tokens": 16}
 SCHEMA = {"type": "object", "additionalProperties": False,
           "required": ["customer", "item", "quantity", "color", "city", "shipping"],
@@ -155,6 +156,7 @@ def main(argv=None) -> None:
     (args.out / "proof.json").write_text(json.dumps({"shape": shape, "lr": args.lr, "heldout_reward": held,
                                                       "seconds": time.perf_counter() - t0}, indent=2))
     print(f"proof took {time.perf_counter() - t0:.0f} s")
+    print(machine_line())  # measured after the run: the matmul probe must not share the cores with it
     print(f"heldout_reward base={base:.3f} tuned={tuned:.3f} margin={tuned - base:+.3f}")
 
 

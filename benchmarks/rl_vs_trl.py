@@ -39,8 +39,8 @@ What is the same for every row
 
 Tokens: each completion's prompt tokens plus its completion tokens (end-of-turn included), summed
 over the run: what both sides ran through the model per step. TRL counts it from what its `_generate`
-returned (prompt_ids, completion_ids); tunesmith from what each rollout told its loop (rl_step.Rollout,
-the manifest's tokens; checked equal). Completion
+returned (prompt_ids, completion_ids); tunesmith from what its loss ran through the model each step
+(rl_step.RLLossFn.step_tokens, the manifest's tokens; checked equal). Completion
 lengths are sampled, so the two sides' completion tokens differ: tokens/s is per processed token, and
 each row prints its mean completion length.
 
@@ -62,6 +62,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from compile_effect import tiny_model  # noqa: F401 (rl_orders_proof imports it from here)
 from _machine import describe, machine_info
 from _same_steps import fingerprint
 from _workers import allocator_env, busy_flag, parse_overrides, resolved_allocator, run_worker, worker_main
@@ -125,23 +126,6 @@ def model_path(model: str) -> str:
     from tunesmith.models.registry import resolve_model
 
     return str(resolve_model(model).path) if not Path(model).is_dir() else model
-
-
-def tiny_model(out: Path) -> Path:
-    """SmolLM2's config shrunk (its tokenizer and chat template), random weights (compile_effect.py's)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tunesmith.models.load import load_tokenizer
-
-    base = model_path(MODEL)
-    config = AutoConfig.from_pretrained(base)
-    config.update({"num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 768,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64})
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    load_tokenizer(base).save_pretrained(out)
-    return out
 
 
 # --- the two configurations, and the check that they ask for the same run -----------------------------

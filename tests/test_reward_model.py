@@ -268,3 +268,21 @@ def test_each_family_scores_at_its_end_of_turn_in_padded_batches(name):
         at_end = [model.score(model.model(torch.tensor([encode_scored(tok, c, 512, name).input_ids]))
                               .last_hidden_state[0, -1])[0] for c in convs]
     torch.testing.assert_close(batched, torch.stack(at_end), rtol=1e-5, atol=1e-5)
+
+
+def test_rl_scores_completions_with_a_trained_reward_model(runs, space, tiny_model_dir, tmp_path):
+    """objective.reward_model: the RL recipe loads the reward run and logs its scores as the
+    reward_model function, the same numbers `load_reward_model(...).score` gives those replies."""
+    from tunesmith.recipes.rl import run_rl
+    from tunesmith.training.logging import read_metrics
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ("Say hi.", "Name a fruit.")])
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"data.train={prompts}", f"data.validation={prompts}",
+                             "objective.name=rl", f"objective.reward_model={runs['lora']}",
+                             "objective.num_generations=2", "objective.max_new_tokens=4", "train.batch_size=2",
+                             "train.max_steps=1", f"run.output_dir={tmp_path}", "run.name=rl"])
+    run = run_rl(cfg)
+    logged = [r for r in read_metrics(run / "metrics.jsonl") if "val_reward" in r]
+    assert logged and all("val_rewards/reward_model" in r for r in logged)
+    assert logged[0]["val_reward"] == pytest.approx(logged[0]["val_rewards/reward_model"])
+    assert logged[0]["val_reward"] != 0  # a real score, not a missing one counted as 0

@@ -120,9 +120,11 @@ def test_what_rl_cannot_do_is_refused(tiny_model_dir, prompts, tmp_path):
         cfg(tiny_model_dir, prompts, tmp_path, "objective.gamma=0.9")  # read by gae only
     with pytest.raises(ConfigError, match="objective.scale_rewards"):
         cfg(tiny_model_dir, prompts, tmp_path, "objective.advantage=gae", "objective.scale_rewards=none")
+    with pytest.raises(ConfigError, match="strategy=fsdp"):
+        cfg(tiny_model_dir, prompts, tmp_path, "train.distributed.strategy=fsdp")
     with pytest.raises(ConfigError, match="objective.rewards"):
-        load_config(None, ["objective.name=rl"]).objective.name and run_rl(load_config(None, [
-            f"model.name={tiny_model_dir}", f"data.train={prompts['train']}", "objective.name=rl"]))
+        run_rl(load_config(None, [f"model.name={tiny_model_dir}", f"data.train={prompts['train']}",
+                                  "objective.name=rl"]))  # no reward function at all
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "hi"}])
     with pytest.raises(DataError, match="bad.jsonl:1.*'prompt'.*data.columns.prompt"):
         run_rl(cfg(tiny_model_dir, {"train": bad, "validation": prompts["validation"]}, tmp_path))
@@ -133,3 +135,23 @@ def test_plan_says_it_does_not_model_rl(tiny_model_dir, prompts, tmp_path):
 
     with pytest.raises(ConfigError, match="objective.name=rl"):
         resolve_workload(cfg(tiny_model_dir, prompts, tmp_path), device=None)
+
+
+def test_the_gsm8k_example_config_loads_and_its_rewards_read_the_data(tiny_tokenizer):
+    """examples/rl-gsm8k.yaml validates, its prompts come from GSM8K's question column, and a reply
+    ending with the right '#### n' scores 1 on the numeric reward (the wrong number 0)."""
+    from conftest import ROOT
+    from tunesmith.data.prompts import load_prompts
+    from tunesmith.training.rewards import build_rewards
+
+    cfg = load_config(ROOT / "examples" / "rl-gsm8k.yaml")
+    path = ROOT / cfg.data.train  # relative to the repository root, where the README runs it
+    if not path.is_file():
+        pytest.skip("../shared/data/gsm8k is not next to this checkout")
+    rows = load_prompts(str(path), cfg.data.columns, cfg.data.system_prompt)[:2]
+    assert rows[0].messages[0]["role"] == "system" and rows[0].messages[1]["content"] == rows[0].given
+    rewards = build_rewards(cfg.objective.rewards, None, set(rows[0].columns))
+    answer = rows[0].columns["answer"].split("####")[-1].strip()
+    per_fn = rewards([rows[0].given] * 2, [f"so #### {answer}", "so #### 99999"],
+                     {"answer": [rows[0].columns["answer"]] * 2})
+    assert per_fn[0] == [1.0, 0.0] and per_fn[1] == [1.0, 1.0]

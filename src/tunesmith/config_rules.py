@@ -109,9 +109,15 @@ def _rl_errors(cfg: Config) -> list[str]:
         return []
     fields = type(o).model_fields
     unread = _GROUP_ONLY if o.advantage == "gae" else _GAE_ONLY
-    return [f"objective.{k}={getattr(o, k)!r} does nothing with objective.advantage={o.advantage} (only "
-            f"objective.advantage={'group' if o.advantage == 'gae' else 'gae'} reads it); remove it"
-            for k in unread if getattr(o, k) != fields[k].default]
+    errors = [f"objective.{k}={getattr(o, k)!r} does nothing with objective.advantage={o.advantage} (only "
+              f"objective.advantage={'group' if o.advantage == 'gae' else 'gae'} reads it); remove it"
+              for k in unread if getattr(o, k) != fields[k].default]
+    strategy = cfg.train.distributed.strategy
+    if strategy in ("fsdp", "deepspeed"):
+        errors.append(f"objective.name=rl with train.distributed.strategy={strategy}: every rank samples its own "
+                      "prompts with the whole model, which a sharding strategy splits over the ranks; use strategy "
+                      "ddp (or auto)")
+    return errors
 
 
 def _deepspeed_errors(t: TrainSection) -> list[str]:

@@ -105,9 +105,11 @@ RECIPES: dict[str, Recipe] = {
     "rl": Recipe(
         "rl", "tunesmith.recipes.rl:run_rl",
         "online RL: sample k completions per prompt, score them with reward functions, PPO-clip with a KL penalty",
-        uses=(*_COMMON, *(f"objective.{k}" for k in _RL_KEYS)),
+        uses=(*(k for k in _COMMON if k != "train.spike_factor"), *(f"objective.{k}" for k in _RL_KEYS)),
         refuses={
             **_objective_refusals("rl"), **_NO_PACKING,
+            "train.spike_factor": Refused("the RL loss is about 0 at every step (advantages are centred), so no "
+                                          "ratio to its mean is watched; the reward is"),
             "train.micro_batch": Refused("each forward holds the k completions of train.batch_size prompts",
                                         ("batch",)),
             "eval.best_metric": Refused("the best checkpoint is picked by the held-out mean reward"),

@@ -60,3 +60,14 @@ def check_plan(cfg, force: bool, lengths: list[int], longest: int | None = None,
             f"{first.description} ({' '.join(first.overrides)})" if first else "")
     raise ConfigError(f"this run will not fit: it {short}{hint}. `tunesmith plan CONFIG` shows the whole "
                       "estimate and every change; pass --force to start it anyway")
+
+
+def refuse_sharded_validation(strategy, validation, measured: str) -> None:
+    """A held-out measure computed on the whole model cannot run where every rank holds a shard of
+    it (strategy auto may pick one; config_rules refuses an explicit fsdp before any work)."""
+    from tunesmith.errors import ConfigError
+
+    if strategy.shards and validation:
+        raise ConfigError(f"data.validation cannot be evaluated under {strategy.describe()}: the held-out {measured} "
+                          "is computed on the whole model, and every rank holds only a shard of it; remove "
+                          "data.validation or set train.distributed.strategy=ddp")

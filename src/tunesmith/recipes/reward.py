@@ -112,7 +112,7 @@ def run_reward(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     from tunesmith.methods import count_parameters, get_method
     from tunesmith.models.load import load_score_model, load_tokenizer
     from tunesmith.models.registry import resolve_model, sha256_file
-    from tunesmith.recipes.preflight import check_plan
+    from tunesmith.recipes.preflight import check_plan, refuse_sharded_validation
     from tunesmith.recipes.sft import (apply_process_settings, check_context, data_files_of, load_split,
                                        load_training_examples, metrics_logger, model_attention, prepare_model)
     from tunesmith.training.device import choose_placement
@@ -164,10 +164,7 @@ def run_reward(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     collate = collate_reward(margins)
     strategy = choose_strategy(tcfg.distributed, method, model, placement)
     print(strategy.describe(), flush=True)
-    if strategy.shards and val:  # auto chose a sharding strategy (config_rules: explicit)
-        raise ConfigError(f"data.validation cannot be evaluated under {strategy.describe()}: the held-out pair "
-                          "accuracy is computed on the whole model, and every rank holds only a shard of it; remove "
-                          "data.validation or set train.distributed.strategy=ddp")
+    refuse_sharded_validation(strategy, val, "pair accuracy")
 
     evaluated: dict = {}  # the last evaluation's step and numbers: the same on every process
 

@@ -163,7 +163,9 @@ def evaluate_loss(model, examples: Items, loss_fn: LossFn, pad_id: int, batch_si
 class LossWatch:
     """Stops on a non-finite loss; warns on a spike above `factor` x the recent mean."""
 
-    def __init__(self, factor: float, window: int = 20):
+    def __init__(self, factor: float | None, window: int = 20):
+        """factor None: only non-finite losses stop training (a loss that is no quality measure:
+        online RL's is about 0 whatever the policy, so ratios to its mean mean nothing)."""
         self.factor, self.window, self.recent = factor, window, []
 
     def check(self, step: int, loss: float, last_good: Callable[[], Path | None]) -> bool:
@@ -172,7 +174,8 @@ class LossWatch:
             where = f"the last good checkpoint is {last_good}; resume from it with --resume after lowering " \
                     "train.lr" if last_good else "no checkpoint was saved (set train.save_every)"
             raise TrainingDiverged(f"step {step}: the loss is {loss}; training stopped ({where})")
-        spike = len(self.recent) >= 5 and loss > self.factor * (sum(self.recent) / len(self.recent))
+        spike = (self.factor is not None and len(self.recent) >= 5
+                 and loss > self.factor * (sum(self.recent) / len(self.recent)))
         if spike:
             print(f"warning: step {step}: loss {loss:.4f} is over {self.factor:g}x the recent mean "
                   f"{sum(self.recent) / len(self.recent):.4f}", flush=True)
@@ -230,7 +233,7 @@ def train(model, examples: Items, tcfg, loss_fn: LossFn, pad_id: int, logger: Me
         print(f"resumed from {resume} (step {state.step})", flush=True)
     ckpt_root = run_dir / "checkpoints" if run_dir is not None and tcfg.save_every else None
     stream = micro_batches(examples, tcfg, skip=state.micro_batches)
-    watch = LossWatch(tcfg.spike_factor)
+    watch = LossWatch(tcfg.spike_factor if getattr(loss_fn, "loss_is_quality", True) else None)
     stopper = EarlyStopping(tcfg.patience, state.best_metric, state.best_step, state.bad_evals)
     resumed_tokens = state.tokens
     loss_value, val_loss, stopped = float("nan"), None, False

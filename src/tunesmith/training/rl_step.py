@@ -104,6 +104,10 @@ def _whiten_groups(adv: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tenso
 class RLLossFn:
     """loss_fn of the loop: the PPO-clip loss of a rollout batch, (summed loss, units)."""
 
+    # about 0 at every step (advantages are centred per group): the loop's spike warning, a ratio
+    # to the recent mean, would fire on noise; the reward is what to watch
+    loss_is_quality = False
+
     def __init__(self, obj, spec: rl.RLLoss, rollout: Rollout, tally: Tally, value_head=None):
         self.obj, self.spec, self.rollout, self.tally, self.value_head = obj, spec, rollout, tally, value_head
         self.train_tokens, self._step_tokens, self.last_pop = 0, 0, time.perf_counter()
