@@ -232,7 +232,7 @@ def run_dpo(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     from tunesmith.training.loop import total_steps, train
     from tunesmith.atomic import write_json
     from tunesmith.training.manifest import now_iso
-    from tunesmith.training.run import manifest_base, open_run, save_run_outputs
+    from tunesmith.training.run import final_evaluation, manifest_base, open_run, save_run_outputs
     from tunesmith.training.distributed import is_main
     from tunesmith.training.distributed.strategy import choose_strategy
 
@@ -307,10 +307,8 @@ def run_dpo(cfg: Config, resume: bool = False, force: bool = False) -> Path:
             logger.close()
         save_run_outputs(run, model, tokenizer, strategy)
         end = None
-        if val:  # the loop's evaluation of the last step is the end value; evaluate (every process: the
-            # evaluation is shared) only if it did not run here (resumed at the end) or the best weights came back
-            ran = evaluated.get("step") == result.steps and result.steps > 0 and not tcfg.restore_best
-            end = evaluated["metrics"] if ran else evaluator()
+        if val:
+            end = final_evaluation(evaluated, result, tcfg, evaluator)
         if not is_main():
             return run.final
         manifest = manifest_base("dpo", run, resolved, (trainable, total), started, result, placement,

@@ -121,7 +121,7 @@ def run_reward(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     from tunesmith.training.loop import total_steps, train
     from tunesmith.training.manifest import now_iso
     from tunesmith.training.reward_model import use_reward_pad
-    from tunesmith.training.run import manifest_base, open_run, save_run_outputs
+    from tunesmith.training.run import final_evaluation, manifest_base, open_run, save_run_outputs
 
     started, tcfg, obj = now_iso(), cfg.train, cfg.objective
     method = get_method(cfg.method.name)
@@ -188,9 +188,8 @@ def run_reward(cfg: Config, resume: bool = False, force: bool = False) -> Path:
             logger.close()
         save_run_outputs(run, model, tokenizer, strategy)  # the tokenizer carries the pad token scored with
         end = None
-        if val:  # as recipes/dpo.py: the loop's last evaluation, unless it did not run or best weights came back
-            ran = evaluated.get("step") == result.steps and result.steps > 0 and not tcfg.restore_best
-            end = evaluated["metrics"] if ran else evaluator()
+        if val:
+            end = final_evaluation(evaluated, result, tcfg, evaluator)
         if not is_main():
             return run.final
         manifest = manifest_base("reward", run, resolved, (trainable, total), started, result, placement,

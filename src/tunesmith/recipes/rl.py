@@ -61,7 +61,7 @@ def run_rl(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     from tunesmith.training.manifest import now_iso
     from tunesmith.training.rewards import build_rewards
     from tunesmith.training.rl_step import RLLossFn, Rollout, Tally, heldout_reward
-    from tunesmith.training.run import manifest_base, open_run, save_run_outputs
+    from tunesmith.training.run import final_evaluation, manifest_base, open_run, save_run_outputs
 
     started, tcfg, obj, d = now_iso(), cfg.train, cfg.objective, cfg.data
     spec = rl.get_rl_loss(obj.rl_loss)
@@ -131,8 +131,8 @@ def run_rl(cfg: Config, resume: bool = False, force: bool = False) -> Path:
         save_run_outputs(run, model, tokenizer, strategy)
         end = None
         if val:
-            ran = evaluated.get("step") == result.steps and result.steps > 0 and not tcfg.restore_best
-            end = evaluated["metrics"] if ran else {k: v for k, v in evaluator().items() if k != "select"}
+            end = final_evaluation(evaluated, result, tcfg,
+                                   lambda: {k: v for k, v in evaluator().items() if k != "select"})
         if not is_main():
             return run.final
         manifest = manifest_base("rl", run, resolved, (trainable, total), started, result, placement)

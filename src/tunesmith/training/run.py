@@ -138,3 +138,11 @@ def manifest_base(kind: str, run: OpenRun, resolved_model, parameters: tuple[int
         "measured": {"peak_memory_bytes": peak, "peak_memory_source": peak_source,
                      "tokens_per_s": round(result.tokens_per_s, 2), "seconds": round(result.seconds, 2)},
     }
+
+
+def final_evaluation(evaluated: dict, result, tcfg, evaluate) -> dict:
+    """The held-out numbers at the end of a run: the loop's evaluation of the last step (`evaluated`:
+    the step and metrics the recipe's evaluator last recorded), or `evaluate()` (on every process:
+    evaluations are shared) when it did not run here (resumed at the end) or the best weights came back."""
+    ran = evaluated.get("step") == result.steps and result.steps > 0 and not tcfg.restore_best
+    return evaluated["metrics"] if ran else evaluate()
