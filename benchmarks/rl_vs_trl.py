@@ -38,7 +38,9 @@ What is the same for every row
   config, field by field, before any row runs.
 
 Tokens: each completion's prompt tokens plus its completion tokens (end-of-turn included), summed
-over the run: what both sides ran through the model per step. TRL counts it from what its `_generate`
+over the run: the work both sides are asked for per step (TRL runs every copy of a prompt through the
+model; tunesmith reads a group's prompt once and its k completions behind the copied KV cache, when
+sampling and when training). TRL counts it from what its `_generate`
 returned (prompt_ids, completion_ids); tunesmith from what its loss ran through the model each step
 (rl_step.RLLossFn.step_tokens, the manifest's tokens; checked equal). Completion
 lengths are sampled, so the two sides' completion tokens differ: tokens/s is per processed token, and
@@ -215,7 +217,7 @@ def record_run() -> dict:
         k = self.obj.num_generations
         prompt = sum(k * len(r.input_ids) for r in group)
         seen["prompt_tokens"] += prompt
-        seen["completion_tokens"] += sum(r.n_tokens for r in group) - prompt
+        seen["completion_tokens"] += int(batch["mask"].sum())
         seen["completions"] += k * len(group)
         return batch
 

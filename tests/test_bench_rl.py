@@ -126,3 +126,19 @@ def test_the_proof_rewards_give_the_reference_full_marks(tmp_path):
     schema, match = rewards([r["prompt"] for r in rows[:3]], replies, {"reference": [r["reference"] for r in rows[:3]]})
     assert schema == [1.0, 1.0, 0.0]
     assert match == pytest.approx([1.0, 5 / 6, 0.0])
+
+
+def test_the_benchmark_runs_end_to_end():
+    """Both rows on a tiny random model, one step: the workers' token counts agree with what each side
+    reports (tunesmith's manifest, TRL's _generate) and the last line is the ratio. The plumbing of a
+    benchmark nobody runs in CI rots quietly otherwise (its tunesmith recorder once read a field the
+    rollout no longer had)."""
+    import subprocess
+
+    script = Path(bench.__file__)
+    out = subprocess.run([sys.executable, str(script), "--tiny", "--steps", "1", "--k", "2", "--max-new-tokens", "8",
+                          "--rows", "trl,tunesmith"], capture_output=True, text=True, cwd=script.parent.parent)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1].startswith("ratio tokens_per_s=") and " peak_rss=" in lines[-1], lines[-5:]
+    assert any(line.startswith("tunesmith ") for line in lines) and any(line.startswith("trl ") for line in lines)

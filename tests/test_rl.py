@@ -67,6 +67,58 @@ def test_a_completion_samples_the_same_tokens_whatever_shares_its_batch(tiny_mod
     assert other_step[0] != alone[0]
 
 
+def test_repeats_sample_what_the_repeated_prompts_do(tiny_model_dir, tiny_tokenizer):
+    """The rollout reads each prompt once (repeats=k, its KV cache copied to the k completions): the
+    same completions as sampling the k copies of each prompt."""
+    from tunesmith.models.load import load_model
+
+    model = load_model(tiny_model_dir).eval()
+    a, b = tiny_tokenizer("Write about cats.")["input_ids"], tiny_tokenizer("Hi")["input_ids"]
+    seeds = [row_seed(0, 3, i, j) for i in (7, 8) for j in range(3)]
+    shared = sample(model, [a, b], seeds, 10, set(), tiny_tokenizer.pad_token_id, temperature=0.9, repeats=3)
+    assert shared == sample(model, [a, a, a, b, b, b], seeds, 10, set(), tiny_tokenizer.pad_token_id, temperature=0.9)
+
+
+def test_the_shared_prompt_forward_equals_the_whole_rows(tiny_model_dir, tiny_tokenizer):
+    """completion_logps reads each group's prompt once and its completions behind the copied cache:
+    the log-probs, value estimates and gradients of reading every whole row (to float rounding)."""
+    from tunesmith.config import MethodSection
+    from tunesmith.data.prompts import PromptRow
+    from tunesmith.methods import get_method
+    from tunesmith.models.load import load_model
+    from tunesmith.training.rollout import completion_batch, completion_logps
+
+    torch.manual_seed(0)
+    model = get_method("lora").build(load_model(tiny_model_dir), MethodSection(name="lora", r=4))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)  # a trained adapter: its path carries gradient
+    rows = [PromptRow(i, f"p:{i}", [], None, {}, tiny_tokenizer(t)["input_ids"])
+            for i, t in enumerate(["Write about cats.", "Hi there, tell me about the weather today"])]
+    completions = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19], [20, 21, 22, 23, 24, 25]]
+    batch = completion_batch(rows, completions, 3, tiny_tokenizer.pad_token_id)
+    from tunesmith.models.load import decoder_and_head
+    from tunesmith.training.rollout import _shared_prompt_hidden
+    with torch.no_grad():
+        assert _shared_prompt_hidden(decoder_and_head(model)[0], batch).shape == (len(batch["targets"]), model.config.hidden_size)
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    results = []
+    for shared in (True, False):
+        b = batch if shared else {k: v for k, v in batch.items() if k != "group_size"}
+        model.zero_grad()
+        logps, values = completion_logps(model, b, 0.8, head)
+        (logps * torch.arange(1.0, logps.shape[1] + 1)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logps.detach(), values.detach(), grads))
+    (lp1, v1, g1), (lp2, v2, g2) = results
+    assert lp1.shape == lp2.shape == batch["mask"].shape and (lp1[~batch["mask"]] == 0).all()
+    torch.testing.assert_close(lp1, lp2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for n in g1:
+        assert (g1[n] - g2[n]).norm() <= 1e-5 * g2[n].norm() + 1e-7, n  # float rounding, summed in another order
+
+
 def test_sampling_draws_from_the_temperature_softmax(tiny_model_dir, tiny_tokenizer):
     """Gumbel-max with a row's stream is a draw from softmax(logits / T): the first token's
     frequencies over many streams match the model's probabilities."""

@@ -69,9 +69,9 @@ class Rollout:
         was = self.model.training
         self.model.eval()  # no dropout while sampling
         try:
-            completions = sample(self.model, [r.input_ids for r in group for _ in range(k)],
+            completions = sample(self.model, [r.input_ids for r in group],
                                  [row_seed(self.seed, self.step, r.index, j) for r in group for j in range(k)],
-                                 obj.max_new_tokens, self.eos, pad_id, obj.temperature, obj.top_p, self.gen)
+                                 obj.max_new_tokens, self.eos, pad_id, obj.temperature, obj.top_p, self.gen, repeats=k)
         finally:
             self.model.train(was)
         t0 = time.perf_counter()
@@ -143,7 +143,9 @@ class RLLossFn:
         tokens = mask.sum()
         for key, value in metrics.items():
             self.tally.add(key, value, tokens)
-        tokens_in = int(batch["attention_mask"].sum())  # prompts and completions, no padding
+        # each completion with its prompt, no padding (as TRL counts them; a group's prompt is read
+        # once, so this is the work the step stands for, not the tokens it ran)
+        tokens_in = int(batch["attention_mask"].sum())
         self.train_tokens += tokens_in
         self._step_tokens += tokens_in
         return self.spec.aggregate(token_loss, mask, obj.max_new_tokens), batch["units"]

@@ -57,9 +57,11 @@ class SampleStats:
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], seeds: list[int] | None, max_new_tokens: int, eos: set[int],
            pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-           stats: SampleStats | None = None) -> list[list[int]]:
+           stats: SampleStats | None = None, repeats: int = 1) -> list[list[int]]:
     """Each prompt's completion tokens (up to and including its end-of-turn / EOS token, or
-    max_new_tokens long). seeds=None: greedy."""
+    max_new_tokens long), `repeats` completions of each prompt in a row (seeds: one per
+    completion); each prompt is read once and its KV cache copied to its completions. seeds=None:
+    greedy."""
     from transformers import DynamicCache
 
     t0 = time.perf_counter()
@@ -73,12 +75,15 @@ def sample(model, prompts: list[list[int]], seeds: list[int] | None, max_new_tok
     gens = None
     if seeds is not None:
         gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    out: list[list[int]] = [[] for _ in prompts]
-    rows = list(range(len(prompts)))
+    out: list[list[int]] = [[] for _ in range(len(prompts) * repeats)]
+    rows = list(range(len(out)))
     cache = DynamicCache()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+        logits, mask = logits.repeat_interleave(repeats, dim=0), mask.repeat_interleave(repeats, dim=0)
     for _ in range(max_new_tokens):
         nxt = _pick(logits, gens, temperature, top_p)
         live = []
@@ -107,7 +112,8 @@ def sample(model, prompts: list[list[int]], seeds: list[int] | None, max_new_tok
 def completion_batch(rows: list[PromptRow], completions: list[list[int]], k: int, pad_id: int) -> dict:
     """Prompt + completion of each sample, right-padded: input_ids/attention_mask [B, L], `keep`
     [B, L] (positions whose next token is a completion token), `mask` [B, C] (completion tokens,
-    from position 0), `targets` [N] (the completion tokens, row-major)."""
+    from position 0), `targets` [N] (the completion tokens, row-major), `prompt_lens` [B] and
+    `group_size` k (rows g k .. g k + k - 1 share their prompt)."""
     seqs = [rows[b // k].input_ids + c for b, c in enumerate(completions)]
     width, c_width = max(map(len, seqs)), max(max(map(len, completions)), 1)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -120,7 +126,36 @@ def completion_batch(rows: list[PromptRow], completions: list[list[int]], k: int
         keep[b, p - 1:len(s) - 1] = True
         cmask[b, :len(c)] = True
     targets = torch.tensor([t for c in completions for t in c], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": attn, "keep": keep, "mask": cmask, "targets": targets}
+    prompt_lens = torch.tensor([len(rows[b // k].input_ids) for b in range(len(completions))], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": attn, "keep": keep, "mask": cmask, "targets": targets,
+            "prompt_lens": prompt_lens, "group_size": k}
+
+
+def _shared_prompt_hidden(decoder, batch: dict) -> torch.Tensor | None:
+    """The hidden states before each completion token ([N, H], row-major, as `targets`), reading
+    each group's prompt once: the prompt's forward fills a KV cache (gradients flow through it),
+    copied to the group's k completions, which are then read behind it. The same states as the
+    whole rows' forward (tests/test_rl.py), for (P + k C) tokens of work instead of k (P + C).
+    None where the decoder fills no cache in training (activation checkpointing turns it off):
+    the caller then reads the whole rows."""
+    from transformers import DynamicCache
+
+    k, ids, plens = batch.get("group_size"), batch["input_ids"], batch.get("prompt_lens")
+    if not k or k < 2 or plens is None:
+        return None
+    clens, out = batch["mask"].sum(dim=1), []
+    for g in range(0, ids.shape[0], k):
+        p, c = int(plens[g]), int(clens[g:g + k].max())
+        cache = DynamicCache()
+        prompt = decoder(input_ids=ids[g:g + 1, :p], past_key_values=cache, use_cache=True).last_hidden_state
+        if cache.get_seq_length() != p:
+            return None
+        cache.batch_repeat_interleave(k)
+        # right-padded completions: a completion's tokens never attend to the padding after it
+        rest = decoder(input_ids=ids[g:g + k, p:p + c], past_key_values=cache, use_cache=True).last_hidden_state
+        h = torch.cat([prompt[:, -1:].expand(k, 1, prompt.shape[-1]), rest[:, :-1]], dim=1)
+        out.append(h[batch["mask"][g:g + k, :c]])
+    return torch.cat(out)
 
 
 def completion_logps(model, batch: dict, temperature: float, value_head: torch.nn.Module | None = None,
@@ -130,9 +165,11 @@ def completion_logps(model, batch: dict, temperature: float, value_head: torch.n
     estimate at the same positions (the state before each token) when given. Only completion
     positions go through the LM head."""
     decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     use_cache=False).last_hidden_state
-    h = hidden[batch["keep"]]
+    h = _shared_prompt_hidden(decoder, batch)
+    if h is None:
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         use_cache=False).last_hidden_state
+        h = hidden[batch["keep"]]
     token_logps = -F.cross_entropy(head(h).float() / temperature, batch["targets"], reduction="none")
     mask = batch["mask"]
     logps = torch.zeros(mask.shape, dtype=token_logps.dtype, device=token_logps.device)
