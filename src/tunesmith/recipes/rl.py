@@ -108,18 +108,22 @@ def run_rl(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     loss_fn = RLLossFn(obj, spec, rollout, tally, value_head)
     evaluated: dict = {}
 
-    def evaluator(step: int | None = None) -> dict:
+    def measure(step: int | None = None) -> dict:
         # as many rows a batch as a training rollout samples: the memory is known to fit
         metrics = heldout_reward(model, tokenizer, val, rewards, eos, obj.max_new_tokens,
                                  tcfg.batch_size * obj.num_generations)
         evaluated.update(step=step, metrics=dict(metrics))
-        return {**metrics, "select": -metrics["val_reward"]}  # the best checkpoint: the highest reward
+        return metrics
+
+    def evaluator(step: int) -> dict:  # the loop's: the best checkpoint is the highest reward
+        metrics = measure(step)
+        return {**metrics, "select": -metrics["val_reward"]}
 
     with open_run(cfg, resume, prefix="rl") as run:
         logger = metrics_logger(run, tcfg, total_steps(len(prompts), tcfg))
         start = None
         if val and run.checkpoint is None:
-            start = {k: v for k, v in evaluator().items() if k != "select"}
+            start = measure()
             logger.log(0, **{k: round(v, 6) for k, v in start.items()})
             print(f"step     0  held-out reward {start['val_reward']:.4f}", flush=True)
         try:
@@ -131,8 +135,7 @@ def run_rl(cfg: Config, resume: bool = False, force: bool = False) -> Path:
         save_run_outputs(run, model, tokenizer, strategy)
         end = None
         if val:
-            end = final_evaluation(evaluated, result, tcfg,
-                                   lambda: {k: v for k, v in evaluator().items() if k != "select"})
+            end = final_evaluation(evaluated, result, tcfg, measure)
         if not is_main():
             return run.final
         manifest = manifest_base("rl", run, resolved, (trainable, total), started, result, placement)
