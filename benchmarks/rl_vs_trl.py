@@ -31,9 +31,12 @@ What is the same for every row
   * the reward: JSON validity, 1 when the reply opens with one JSON object (a ```json fence allowed,
     what follows the object ignored) and 0 otherwise (TRL: json_valid below, a plain reward function
     with TRL's signature; tunesmith: objective.rewards=[{function: json}], which reads a reply so).
-  Not the same: precision, each side at its best here: TRL bf16 autocast (TRL_BEST, measured), tunesmith
-  fp32 (train.precision auto on a CPU); TRL generates with transformers' generate, tunesmith with its
-  own KV-cached sampler.
+  * precision (PRECISION): where the CPU has native bf16 (avx512_bf16 or AMX), bf16 on both sides: the
+    frozen base loaded in bf16 (TRL: the dtype its model_init_kwargs would load with, applied to the model
+    handed to it; tunesmith: train.precision=bf16, whose adapters keep the frozen base in bf16,
+    Placement.frozen_dtype) with fp32 adapters, the training passes under bf16 autocast (TRL bf16=True);
+    elsewhere fp32 on both sides (bf16 is emulated there, 8-13x slower).
+  Not the same: TRL generates with transformers' generate, tunesmith with its own KV-cached sampler.
   `same_settings` checks the TRL config (after GRPOConfig resolves its defaults) against the tunesmith
   config, field by field, before any row runs.
 
@@ -75,14 +78,27 @@ SEED, LR, BETA, EPSILON, TEMPERATURE, TOP_P = 0, 1e-5, 0.04, 0.2, 1.0, 1.0
 DEFAULTS = {"steps": 8, "batch": 2, "k": 4, "max_new_tokens": 64}
 TINY = {"steps": 2, "batch": 2, "k": 2, "max_new_tokens": 16}
 ROWS = ("trl", "trl+alloc", "tunesmith")
-# TRL's best here. bf16=True (bf16 autocast of the training forwards/backwards; generation runs outside
-# it, in fp32, either way): `--tiny` (2 steps, 2 prompts x k 2 x 16 tokens) run by trl_worker four times,
-# alternating, on this 2-core EPYC (avx512_bf16, no AMX) while other jobs held the load average at 4-7:
-# the time outside generation was fp32 27.6 / 22.0 s, bf16 11.4 / 16.7 s; generation (same in both) 17.8-51.6 s,
-# noise. To be re-checked idle on the embedded model: `--rows trl --trl bf16=false` against the default.
-# gradient checkpointing off (TRL's GRPO default is on: it re-runs forwards to save memory we have). One
-# micro-batch of batch x k completions: the step's whole generation batch trains in one forward/backward.
-TRL_BEST = {"bf16": True, "activation_checkpointing": False, "gradient_accumulation_steps": 1}
+# TRL's best here, besides the precision both sides share (PRECISION in the docstring; bf16 autocast was
+# measured faster than fp32 for TRL's training passes on this 2-core EPYC with avx512_bf16, and a bf16 base
+# halves the weights its generate reads per token): gradient checkpointing off (TRL's GRPO default is on: it
+# re-runs forwards to save memory we have). One micro-batch of batch x k completions: the step's whole
+# generation batch trains in one forward/backward.
+TRL_BEST = {"activation_checkpointing": False, "gradient_accumulation_steps": 1}
+
+
+def precision() -> str:
+    """bf16 where the CPU computes it natively, else fp32: the same on both sides (see the docstring)."""
+    from tunesmith.training.device import cpu_has_native_bf16
+
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def precision_settings(name: str) -> dict:
+    """GRPOConfig's part of `name`: autocast, and the base's dtype (model_init_kwargs: what TRL would load a
+    model path with; trl_worker loads the model it hands over so, as TRL's own loading would)."""
+    return {"bf16": name == "bf16", "model_init_kwargs": {"dtype": "bfloat16" if name == "bf16" else "float32"}}
+
+
 # tunesmith's per-step metrics.jsonl keys (recipes/rl.py, training/rl_step.py RLLossFn.pop_metrics)
 TUNESMITH_KEYS = {"generation_seconds": "generation_seconds", "reward": "reward"}
 
@@ -132,7 +148,7 @@ def model_path(model: str) -> str:
 
 # --- the two configurations, and the check that they ask for the same run -----------------------------
 
-def tunesmith_settings(model: str, data: Path, out: Path, shape: dict) -> dict:
+def tunesmith_settings(model: str, data: Path, out: Path, shape: dict, precision_name: str = "fp32") -> dict:
     return {"model": {"name": model}, "data": {"train": str(data), "max_length": 512},
             "method": {"name": "lora", **LORA, "target_modules": "all-linear"},
             "objective": {"name": "rl", "advantage": "group", "rl_loss": "grpo", "num_generations": shape["k"],
@@ -141,11 +157,11 @@ def tunesmith_settings(model: str, data: Path, out: Path, shape: dict) -> dict:
                           "rewards": [{"function": "json"}]},
             "train": {"max_steps": shape["steps"], "batch_size": shape["batch"], "grad_accum": 1, "lr": LR,
                       "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
-                      "seed": SEED, "log_every": 1, "precision": "auto"},
+                      "seed": SEED, "log_every": 1, "precision": precision_name},
             "run": {"name": "bench", "output_dir": str(out)}}
 
 
-def trl_settings(out: Path, shape: dict, overrides: dict | None = None) -> dict:
+def trl_settings(out: Path, shape: dict, overrides: dict | None = None, precision_name: str = "fp32") -> dict:
     completions = shape["batch"] * shape["k"]
     return {**dict(
         output_dir=str(out / "trl"), learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
@@ -154,7 +170,7 @@ def trl_settings(out: Path, shape: dict, overrides: dict | None = None) -> dict:
         temperature=TEMPERATURE, top_p=TOP_P, top_k=0, beta=BETA, epsilon=EPSILON, loss_type="grpo",
         scale_rewards="group", max_grad_norm=1.0, weight_decay=0.0, seed=SEED, use_cpu=True, use_vllm=False,
         shuffle_dataset=False, disable_dropout=True, logging_steps=1, save_strategy="no", report_to=[],
-        dataloader_num_workers=0), **TRL_BEST, **(overrides or {})}
+        dataloader_num_workers=0), **TRL_BEST, **precision_settings(precision_name), **(overrides or {})}
 
 
 # (tunesmith dotted key, GRPOConfig attribute, how to compare) — what "the same run" means here
@@ -191,6 +207,10 @@ def same_settings(ts: dict, args) -> list[str]:
                         f"micro-steps: not one batch of {batch * k} per optimizer step")
     if args.num_iterations != 1 or args.use_vllm or args.gradient_checkpointing or args.top_k not in (0, None):
         problems.append("TRL: num_iterations 1, use_vllm off, gradient checkpointing off and no top-k expected")
+    base_dtype = (args.model_init_kwargs or {}).get("dtype", "float32")
+    if (ts["train"]["precision"] == "bf16") != bool(args.bf16) or \
+            (ts["train"]["precision"] == "bf16") != (base_dtype == "bfloat16"):
+        problems.append(f"train.precision={ts['train']['precision']} but TRL bf16={args.bf16}, base dtype {base_dtype}")
     if ts["objective"]["advantage"] != "group" or [r["function"] for r in ts["objective"]["rewards"]] != ["json"]:
         problems.append("tunesmith: group advantages and the json reward expected")
     return problems
@@ -231,7 +251,7 @@ def tunesmith_worker(model: str, data: Path, out: Path, shape: dict, overrides: 
     from tunesmith.training.logging import read_metrics
 
     seen = record_run()
-    cfg = apply_overrides(tunesmith_settings(model, data, out, shape),
+    cfg = apply_overrides(tunesmith_settings(model, data, out, shape, precision()),
                           [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     run = run_rl(parse_config(cfg))
     m = json.loads((run / "manifest.json").read_text())
@@ -273,10 +293,11 @@ def trl_worker(model: str, data: Path, out: Path, shape: dict, overrides: dict) 
 
     path = model_path(model)
     torch.manual_seed(SEED)  # then load and build as the tunesmith recipe does: the same initial adapter
-    base = load_model(path)
+    args = GRPOConfig(**trl_settings(out, shape, overrides, precision()))
+    base = load_model(path, dtype=getattr(torch, args.model_init_kwargs["dtype"]))
+    args.model_init_kwargs = None  # applied above (TRL warns that it ignores them for a built model)
     base.config.use_cache = True  # load_model turns it off for training; a TRL user's model has it on for generate
     peft_model = get_method("lora").build(base, MethodSection(name="lora", **LORA, target_modules="all-linear"))
-    args = GRPOConfig(**trl_settings(out, shape, overrides))
     ds = load_dataset("json", data_files=str(data), split="train")
     trainer = Timed(model=peft_model, reward_funcs=[json_valid], args=args, train_dataset=ds,
                     processing_class=load_tokenizer(path))
@@ -287,7 +308,7 @@ def trl_worker(model: str, data: Path, out: Path, shape: dict, overrides: dict) 
     return {"seconds": seconds, **seen, "steps": trainer.state.global_step, "fingerprint": start,
             "rewards": [r["reward"] for r in trainer.state.log_history if "reward" in r],
             "step_seconds": [r["step_time"] for r in trainer.state.log_history if "step_time" in r],
-            "settings": {**TRL_BEST, **overrides}}
+            "settings": {**TRL_BEST, **precision_settings(precision()), **overrides}}
 
 
 # --- the parent --------------------------------------------------------------------------------------
@@ -348,14 +369,16 @@ def main(argv=None) -> None:
         model = str(tiny_model(tmp / "tiny-model")) if args.tiny else args.model
         model_path(model)  # convert an embedded model once, outside every row's timing
         data = write_prompts(tmp / "prompts.jsonl", shape["steps"] * shape["batch"])
-        ts = tunesmith_settings(model, data, tmp, shape)
+        ts = tunesmith_settings(model, data, tmp, shape, precision())
         from tunesmith.config import apply_overrides
 
         ts = apply_overrides(ts, [f"{k}={json.dumps(v)}" for k, v in parse_overrides(args.tunesmith).items()])
-        problems = same_settings(ts, GRPOConfig(**trl_settings(tmp, shape, parse_overrides(args.trl))))
+        problems = same_settings(ts, GRPOConfig(**trl_settings(tmp, shape, parse_overrides(args.trl), precision())))
         if problems:
             raise SystemExit("TRL and tunesmith are set up for different runs:\n  " + "\n  ".join(problems))
         prompts = prompt_tokens(model, data)
+        print(f"precision: {precision()} on both sides (train.precision={ts['train']['precision']}; TRL bf16="
+              f"{precision() == 'bf16'}, base {precision_settings(precision())['model_init_kwargs']['dtype']})")
         print(f"GRPO on {'a tiny random SmolLM2' if args.tiny else model}: {shape['steps']} steps x {shape['batch']} "
               f"demo order-note prompts x k {shape['k']} completions of <= {shape['max_new_tokens']} tokens; "
               f"{sum(prompts)} prompt tokens ({sum(prompts) * shape['k']} with each completion's copy)", flush=True)

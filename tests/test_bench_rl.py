@@ -16,19 +16,29 @@ SHAPE = {"steps": 3, "batch": 2, "k": 4, "max_new_tokens": 32}
 def grpo_config():
     from trl import GRPOConfig
 
-    return lambda tmp, **over: GRPOConfig(**bench.trl_settings(tmp, SHAPE, over))
+    return lambda tmp, precision="bf16", **over: GRPOConfig(**bench.trl_settings(tmp, SHAPE, over, precision))
 
 
-def settings(tmp):
-    return bench.tunesmith_settings("m", tmp / "d.jsonl", tmp, SHAPE)
+def settings(tmp, precision="bf16"):
+    return bench.tunesmith_settings("m", tmp / "d.jsonl", tmp, SHAPE, precision)
 
 
-def test_the_benchmark_asks_both_sides_for_the_same_run(grpo_config, tmp_path):
-    args = grpo_config(tmp_path)
-    assert bench.same_settings(settings(tmp_path), args) == []
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_the_benchmark_asks_both_sides_for_the_same_run(grpo_config, tmp_path, precision):
+    args = grpo_config(tmp_path, precision)
+    assert bench.same_settings(settings(tmp_path, precision), args) == []
     # GRPOConfig's own resolution: one generation of batch x k completions per optimizer step
     assert (args.generation_batch_size, args.steps_per_generation) == (8, 1)
-    assert args.bf16 and not args.gradient_checkpointing and args.beta == 0.04
+    assert not args.gradient_checkpointing and args.beta == 0.04
+    # the same precision on both sides: TRL's autocast and the dtype its model is loaded in
+    assert args.bf16 == (precision == "bf16")
+    assert args.model_init_kwargs["dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[precision]
+
+
+def test_a_precision_mismatch_is_named(grpo_config, tmp_path):
+    assert any("train.precision=fp32" in p for p in bench.same_settings(settings(tmp_path, "fp32"), grpo_config(tmp_path)))
+    args = grpo_config(tmp_path, model_init_kwargs={"dtype": "float32"})  # autocast, but an fp32 base
+    assert any("base dtype float32" in p for p in bench.same_settings(settings(tmp_path), args))
 
 
 @pytest.mark.parametrize("trl, problem", [

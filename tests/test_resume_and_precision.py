@@ -147,12 +147,15 @@ def trainable_state_of(ckpt):
 
 @pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled")
 @pytest.mark.parametrize("method", ["lora", "prompt"])
-def test_adapters_on_a_half_precision_gpu_keep_the_frozen_base_in_it_and_train_in_fp32(method):
+def test_adapters_in_half_precision_keep_the_frozen_base_in_it_and_train_in_fp32(method):
     gpu = Placement(torch.device("cuda"), "bf16", "a bf16 GPU, described")
     assert gpu.frozen_dtype(get_method(method)) == torch.bfloat16
     assert Placement(torch.device("cuda"), "fp16", "").frozen_dtype(get_method(method)) == torch.float16
     assert gpu.frozen_dtype(get_method("full")) == torch.float32  # every weight trains: fp32 master weights
-    assert Placement(CPU, "bf16", "").frozen_dtype(get_method(method)) == torch.float32
+    # a CPU in bf16 too (weights are read from memory for every token: half the bytes); fp32 stays fp32
+    assert Placement(CPU, "bf16", "").frozen_dtype(get_method(method)) == torch.bfloat16
+    assert Placement(CPU, "fp32", "").frozen_dtype(get_method(method)) == torch.float32
+    assert Placement(CPU, "bf16", "").frozen_dtype(get_method("full")) == torch.float32
     assert gpu.grad_scaler() is None and Placement(torch.device("cuda"), "fp16", "").grad_scaler() is not None
 
     base = tiny_llama(256).to(torch.bfloat16)

@@ -94,7 +94,7 @@ def resolve_workload(cfg, device: Device, world: int = 1, full_training_bytes: i
     from tunesmith.methods import get_method
 
     adapter = get_method(cfg.method.name).saves == "adapter"
-    frozen_bytes = 2.0 if (device.kind == "cuda" and precision != "fp32" and adapter) else 4.0
+    frozen_bytes = 2.0 if (precision != "fp32" and adapter) else 4.0  # Placement.frozen_dtype
     strategy, reason = _strategy(dist, adapter, world, device, full_training_bytes)
     per_forward, parallel = _forward_shape(cfg, device, world, strategy)
     ds = dist.deepspeed

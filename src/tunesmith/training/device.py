@@ -40,11 +40,12 @@ class Placement:
         return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
     def frozen_dtype(self, method) -> torch.dtype:
-        """The dtype to load the base model in for `method`. Adapters on a GPU training in bf16/fp16
-        keep the frozen base in that precision: autocast would cast its fp32 weights down on every
-        matmul anyway, so fp32 copies only cost twice the memory. Trained weights stay fp32 (see
+        """The dtype to load the base model in for `method`. Adapters training in bf16/fp16 keep the
+        frozen base in that precision, on a GPU and on a CPU alike: autocast would cast its fp32
+        weights down on every matmul anyway (on a CPU, where weights are read from memory for every
+        token, twice the bytes cost time as well as memory). Trained weights stay fp32 (see
         trainable_in_fp32); full fine-tuning trains every weight, so its model loads in fp32."""
-        if self.device.type == "cuda" and self.precision != "fp32" and method.saves == "adapter":
+        if self.precision != "fp32" and method.saves == "adapter":
             return self.dtype
         return torch.float32
 
