@@ -122,7 +122,7 @@ def test_the_shared_prompt_forward_equals_the_whole_rows(tiny_model_dir, tiny_to
 
 
 def test_sampling_draws_from_the_temperature_softmax(tiny_model_dir, tiny_tokenizer):
-    """Gumbel-max with a row's stream is a draw from softmax(logits / T): the first token's
+    """Inverse-CDF sampling with a row's stream is a draw from softmax(logits / T): the first token's
     frequencies over many streams match the model's probabilities."""
     from tunesmith.models.load import load_model
 
