@@ -3,12 +3,15 @@ model, prompts, k, lengths, steps, initial adapter, loss and reward.
 
     python benchmarks/rl_vs_trl.py [--model smollm2-135m-instruct|DIR] [--tiny] [--steps 8] [--batch 2]
         [--k 4] [--max-new-tokens 64] [--rows trl,trl+alloc,tunesmith] [--trl KEY=VALUE ...]
-        [--tunesmith a.b=VALUE ...]
+        [--tunesmith a.b=VALUE ...] [--repeat N]
 
 Rows (each its own fresh process, one after the other, so peak RSS is its own): `trl`, GRPOTrainer at
 its best configuration here (TRL_BEST) with glibc's allocator; `trl+<allocator>`, the same with the
 allocator `tunesmith train` preloads; `tunesmith`, its RL recipe (recipes/rl.py). The headline ratio
-is against the faster TRL row (named).
+is against the faster TRL row (named). --repeat N runs every row N times, round by round (rows
+interleaved, so a slow spell of the machine hits each side), prints each round's table and ratio,
+and ends with the median of the rounds' ratios: on a shared 2-core VM one round's ratio moved by
++-20% from run to run.
 
 What is the same for every row
   * model: the embedded SmolLM2-135M-Instruct (--model another; --tiny: SmolLM2's config shrunk to 4
@@ -56,7 +59,8 @@ prompts, transformers' generate with its KV cache, decoding), tunesmith its per-
 (metrics.jsonl); `train s` is the rest (scoring the rewards included, on both sides). `other CPU`: what
 other processes used meanwhile, in cores.
 
-Last line: `ratio tokens_per_s=<x> peak_rss=<y>` (tunesmith / TRL's faster row).
+Last line: `ratio tokens_per_s=<x> peak_rss=<y>` (tunesmith / TRL's faster row; with --repeat, the
+medians over the rounds, each round's ratio against that round's faster TRL row).
 """
 from __future__ import annotations
 
@@ -66,6 +70,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 from compile_effect import tiny_model  # noqa: F401 (rl_orders_proof imports it from here)
 from _machine import describe, machine_info
@@ -334,6 +339,8 @@ def parse_args(argv=None):
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
                         help=f"default {DEFAULTS[key]} ({TINY[key]} with --tiny)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of every row (interleaved); the last line is the median of the rounds' ratios")
     ap.add_argument("--trl", action="append", default=[], metavar="KEY=VALUE", help="GRPOConfig override")
     ap.add_argument("--tunesmith", action="append", default=[], metavar="a.b=VALUE", help="config override")
     ap.add_argument("--worker", choices=["tunesmith", "trl"])
@@ -344,8 +351,10 @@ def parse_args(argv=None):
     if not args.worker:
         base = TINY if args.tiny else DEFAULTS
         args.shape = {k: getattr(args, k) or base[k] for k in DEFAULTS}
-        if set(args.rows.split(",")) - set(ROWS) or min(args.shape.values()) <= 0 or args.shape["k"] < 2:
-            raise SystemExit(f"--rows takes {', '.join(ROWS)}; --steps, --batch, --max-new-tokens positive, --k >= 2")
+        if set(args.rows.split(",")) - set(ROWS) or min(args.shape.values()) <= 0 or args.shape["k"] < 2 \
+                or args.repeat < 1:
+            raise SystemExit(f"--rows takes {', '.join(ROWS)}; --steps, --batch, --max-new-tokens, --repeat positive, "
+                             "--k >= 2")
     return args
 
 
@@ -382,14 +391,32 @@ def main(argv=None) -> None:
         print(f"GRPO on {'a tiny random SmolLM2' if args.tiny else model}: {shape['steps']} steps x {shape['batch']} "
               f"demo order-note prompts x k {shape['k']} completions of <= {shape['max_new_tokens']} tokens; "
               f"{sum(prompts)} prompt tokens ({sum(prompts) * shape['k']} with each completion's copy)", flush=True)
-        res = {}
-        for row in rows:
-            env = allocator_env("system" if row == "trl" else alloc_choice)
-            name = f"trl+{env['TUNESMITH_ALLOCATOR']}" if row == "trl+alloc" else row
-            res[name] = run_row(name, args, tmp, model, data, shape, env)
-    for row, r in res.items():
+        rounds = []
+        for n in range(args.repeat):
+            res = {}
+            for row in rows:
+                env = allocator_env("system" if row == "trl" else alloc_choice)
+                name = f"trl+{env['TUNESMITH_ALLOCATOR']}" if row == "trl+alloc" else row
+                res[name] = run_row(name, args, tmp, model, data, shape, env)
+            rounds.append(res)
+            if args.repeat > 1:
+                print(f"round {n + 1} of {args.repeat} done", flush=True)
+    for row, r in rounds[0].items():
         print(f"  {row}: {json.dumps(r['settings'])}; allocator {r['allocator']}; initial weights {r['fingerprint']}")
-    print(f"{'row':<16}{'steps':>6}{'tokens':>7}{'compl len':>10}{'gen s':>7}{'train s':>8}{'tok/s':>7}"
+    ratios = [report(res, shape, prompts, f"round {n + 1}: " if args.repeat > 1 else "")
+              for n, res in enumerate(rounds)]
+    if None in ratios:
+        return
+    if len(rounds) > 1:
+        print("per round: " + "; ".join(f"tokens_per_s={t:.2f} peak_rss={m:.2f}" for t, m in ratios))
+    print(f"ratio tokens_per_s={median(t for t, _ in ratios):.2f} peak_rss={median(m for _, m in ratios):.2f}"
+          + (f" (median of {len(ratios)} rounds)" if len(ratios) > 1 else ""))
+
+
+def report(res: dict, shape: dict, prompts: list[int], title: str) -> tuple[float, float] | None:
+    """One round's table and checks; its (tokens/s, peak RSS) ratios, tunesmith / TRL's faster row
+    (None without both). Stops the benchmark where the rows did not run the same thing."""
+    print(f"{title + 'row':<16}{'steps':>6}{'tokens':>7}{'compl len':>10}{'gen s':>7}{'train s':>8}{'tok/s':>7}"
           f"{'peak MB':>8}{'reward':>7}{'process s':>10}{'other CPU':>10}")
     for row, r in res.items():
         print(f"{row:<16}{r['steps']:>6}{r['tokens']:>7}{r['completion_tokens'] / max(r['completions'], 1):>10.1f}"
@@ -402,17 +429,17 @@ def main(argv=None) -> None:
     prints = {r["fingerprint"] for r in res.values() if r["fingerprint"]}
     if len(prints) > 1:
         problems.append("initial weights differ: " + ", ".join(f"{row} {r['fingerprint']}" for row, r in res.items()))
-    trl_rows = [k for k in res if k.startswith("trl")]
-    if not problems and trl_rows and "tunesmith" in res:
-        trl_row = max(trl_rows, key=lambda k: res[k]["tps"])
-        ours, trl = res["tunesmith"], res[trl_row]
-        print(f"TRL row: {trl_row}")
-        print(f"ratio tokens_per_s={ours['tps'] / trl['tps']:.2f} "
-              f"peak_rss={ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
     if problems:
         raise SystemExit("the rows did not run the same thing, so their speeds are not comparable:\n  "
                          + "\n  ".join(problems))
-
+    trl_rows = [k for k in res if k.startswith("trl")]
+    if not trl_rows or "tunesmith" not in res:
+        return None  # no ratio without both sides (e.g. --rows tunesmith)
+    trl_row = max(trl_rows, key=lambda k: res[k]["tps"])
+    ours, trl = res["tunesmith"], res[trl_row]
+    print(f"TRL row: {trl_row}; ratio tokens_per_s={ours['tps'] / trl['tps']:.2f} "
+          f"peak_rss={ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+    return ours["tps"] / trl["tps"], ours["peak_rss_mb"] / trl["peak_rss_mb"]
 
 if __name__ == "__main__":
     sys.exit(main())

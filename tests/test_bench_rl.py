@@ -95,6 +95,9 @@ def test_arguments():
         bench.parse_args(["--k", "1"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--rows", "trl,peft"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeat", "0"])
+    assert bench.parse_args(["--repeat", "3"]).repeat == 3
 
 
 def test_both_configs_are_valid_rl_configs(tmp_path):
@@ -151,4 +154,36 @@ def test_the_benchmark_runs_end_to_end():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith("ratio tokens_per_s=") and " peak_rss=" in lines[-1], lines[-5:]
+    assert any(line.startswith("TRL row: trl; ratio") for line in lines)
     assert any(line.startswith("tunesmith ") for line in lines) and any(line.startswith("trl ") for line in lines)
+
+
+def test_repeat_reports_each_round_and_the_median_ratio(monkeypatch, capsys):
+    """--repeat 3: every row runs in each round (interleaved), each round's ratio is against that
+    round's faster TRL row, and the last line is the median of the rounds' ratios."""
+    speeds = iter([("trl", 50), ("trl+alloc", 60), ("tunesmith", 90),   # round 1: 1.50 vs trl+alloc
+                   ("trl", 70), ("trl+alloc", 40), ("tunesmith", 84),   # round 2: 1.20 vs trl
+                   ("trl", 50), ("trl+alloc", 50), ("tunesmith", 100)])  # round 3: 2.00
+    order = []
+
+    def fake_row(name, args, tmp, model, data, shape, env):
+        row, tps = next(speeds)
+        assert name.startswith(row.removesuffix("alloc"))
+        order.append(row)
+        mem = 2000 if row == "tunesmith" else 4000
+        return {"steps": shape["steps"], "prompt_tokens": 20 * shape["k"], "completion_tokens": 40, "completions": 4,
+                "tokens": 100, "tps": float(tps), "seconds": 100 / tps, "generation_seconds": 1.0,
+                "train_seconds": 1.0, "peak_rss_mb": mem, "mean_reward": 0.0, "process_seconds": 1.0,
+                "other_cores": 0.0, "fingerprint": "f", "settings": {}, "allocator": "x"}
+
+    monkeypatch.setattr(bench, "run_row", fake_row)
+    monkeypatch.setattr(bench, "prompt_tokens", lambda model, data: [10, 10])
+    monkeypatch.setattr(bench, "resolved_allocator", lambda choice: "mimalloc")
+    bench.main(["--tiny", "--steps", "1", "--k", "2", "--repeat", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert order == ["trl", "trl+alloc", "tunesmith"] * 3
+    rounds = [line for line in lines if line.startswith("TRL row:")]
+    assert [r.split(";")[0] for r in rounds] == ["TRL row: trl+mimalloc", "TRL row: trl", "TRL row: trl"]
+    assert lines[-2] == "per round: tokens_per_s=1.50 peak_rss=0.50; tokens_per_s=1.20 peak_rss=0.50; " \
+                        "tokens_per_s=2.00 peak_rss=0.50"
+    assert lines[-1] == "ratio tokens_per_s=1.50 peak_rss=0.50 (median of 3 rounds)"

@@ -259,3 +259,30 @@ def test_rl_in_bf16_keeps_the_base_in_bf16_and_trains_fp32_adapters(tiny_model_d
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["precision"] == "bf16"
     assert all(v == v for v in rewards_of(run))  # finite rewards logged each step
+
+
+def test_the_two_level_pick_lands_where_one_running_sum_over_the_vocabulary_does(monkeypatch):
+    """_pick searches blocks, then one block: the token it draws for a uniform number is the one the
+    plain inverse CDF over the whole vocabulary (float64) gives, across block edges, with whole blocks of
+    zero probability, a vocabulary that is not a multiple of the block, and u at the ends of [0, 1)."""
+    from tunesmith.training import rollout
+
+    monkeypatch.setattr(rollout, "_BLOCK", 16)
+    torch.manual_seed(0)
+    vocab, n = 203, 4000
+    logits = torch.randn(n, vocab) * 3
+    logits[:, 32:64] = float("-inf")  # two whole blocks without probability
+    logits[: n // 2, 190:] = float("-inf")  # the last, partial block empty for half the rows
+    gens = [torch.Generator().manual_seed(row_seed(1, 2, 3, j)) for j in range(n)]
+    u = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(row_seed(1, 2, 3, j)), dtype=torch.float64)
+                   for j in range(n)])
+    picks = rollout._pick(logits, gens, 1.0, 1.0)
+    cdf = logits.softmax(-1).double().cumsum(-1)
+    want = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    assert (picks == want).float().mean() > 0.999  # float64 sums in another order: ties at an edge at most
+    assert bool(torch.isfinite(logits.gather(1, picks[:, None])).all())
+    probs = logits.softmax(-1)
+    for end in (0.0, 1.0 - 2 ** -53):  # the smallest and the largest uniform number
+        monkeypatch.setattr(rollout.torch, "rand", lambda *a, value=end, **k: torch.tensor([value], dtype=torch.float64))
+        p = rollout._pick(logits[:50], [None] * 50, 1.0, 1.0)
+        assert bool((probs[:50].gather(1, p[:, None]) > 0).all()), end

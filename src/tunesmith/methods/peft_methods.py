@@ -186,7 +186,7 @@ def _lean_lora_forward(module, lora_linear):
         if args or kwargs or module.merged or module.disable_adapters or module.active_adapters != [name] \
                 or dropout.training:
             return peft_forward(module, x, *args, **kwargs)
-        result = F.linear(x, base.weight, base.bias)
+        result = base.forward(x)  # F.linear, or the packed weight's (models/packed.py) while sampling
         a = x.to(lora_a.weight.dtype) if cast and x.dtype != lora_a.weight.dtype else x
         return (result + F.linear(F.linear(a, lora_a.weight, lora_a.bias), lora_b.weight, lora_b.bias)
                 * scaling).to(result.dtype)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tunesmith.data.prompts import PromptRow
 from tunesmith.methods.peft_methods import lean_lora_inference
 from tunesmith.models.load import decoder_and_head
+from tunesmith.models.packed import packed_linears
 
 
 def row_seed(seed: int, step: int, index: int, sample: int) -> int:
@@ -40,18 +41,37 @@ def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
+_BLOCK = 256  # vocabulary entries a block of the two-level search in _pick
+
+
 def _pick(logits: torch.Tensor, generators: list[torch.Generator] | None, temperature: float,
           top_p: float) -> torch.Tensor:
     """Next token of each row: argmax when greedy, else the first token whose cumulative probability
     (float64) passes u x total, u ~ U[0, 1) from the row's own stream: token i is drawn with
-    probability p_i (a token of probability 0 adds no width, so it is never drawn)."""
+    probability p_i (a token of probability 0 adds no width, so it is never drawn). The search runs
+    in two levels, over blocks of _BLOCK tokens and then within the one block it lands in: a running
+    sum over the whole vocabulary is a sequential pass that cost ~3 ms a step at 8 rows x 49k (more
+    than the rest of the pick), block sums are not."""
     if generators is None:
         return logits.argmax(dim=-1)
-    probs = _top_p(logits.float() / temperature, top_p).softmax(dim=-1)
-    cdf = probs.double().cumsum(dim=-1)
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+    probs = _top_p(logits, top_p).softmax(dim=-1).double()
+    rows, vocab = probs.shape
+    blocks = -(-vocab // _BLOCK)
+    if blocks * _BLOCK != vocab:
+        probs = F.pad(probs, (0, blocks * _BLOCK - vocab))
+    probs = probs.view(rows, blocks, _BLOCK)
+    block_cdf = probs.sum(dim=-1).cumsum(dim=-1)  # [rows, blocks]
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=logits.device) for g in generators])
-    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-    return picked.clamp(max=logits.shape[-1] - 1)
+    target = (u * block_cdf[:, -1])[:, None]
+    # u x total can round up to the total: never past the last block (token) that has probability
+    last = torch.searchsorted(block_cdf, block_cdf[:, -1:], right=False)
+    block = torch.minimum(torch.searchsorted(block_cdf, target, right=True), last)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
+    within = probs[torch.arange(rows, device=probs.device), block[:, 0]].cumsum(dim=-1)  # [rows, _BLOCK]
+    last_in = torch.searchsorted(within, within[:, -1:], right=False)
+    picked = torch.minimum(torch.searchsorted(within, target - before, right=True), last_in)
+    return (block * _BLOCK + picked)[:, 0]
 
 
 @dataclass
@@ -68,9 +88,10 @@ def sample(model, prompts: list[list[int]], seeds: list[int] | None, max_new_tok
     max_new_tokens long), `repeats` completions of each prompt in a row (seeds: one per
     completion); each prompt is read once and its KV cache copied to its completions. seeds=None:
     greedy. LoRA layers run lean (methods/peft_methods.lean_lora_inference: PEFT's arithmetic,
-    less of its per-call work)."""
+    less of its per-call work), and a frozen bf16 base's linear layers on weights reordered once
+    for oneDNN (models/packed.py; the same outputs)."""
     t0 = time.perf_counter()
-    with lean_lora_inference(model):
+    with packed_linears(model, len(prompts) * repeats), lean_lora_inference(model):
         out = _sample(model, prompts, seeds, max_new_tokens, eos, pad_id, temperature, top_p, repeats)
     if stats is not None:
         stats.tokens += sum(len(o) for o in out)
@@ -183,7 +204,10 @@ def completion_logps(model, batch: dict, temperature: float, value_head: torch.n
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          use_cache=False).last_hidden_state
         h = hidden[batch["keep"]]
-    token_logps = -F.cross_entropy(head(h).float() / temperature, batch["targets"], reduction="none")
+    logits = head(h).float()
+    if temperature != 1.0:  # x / 1 is x: skip a pass (and its backward) over [N, vocabulary]
+        logits = logits / temperature
+    token_logps = -F.cross_entropy(logits, batch["targets"], reduction="none")
     mask = batch["mask"]
     logps = torch.zeros(mask.shape, dtype=token_logps.dtype, device=token_logps.device)
     logps = logps.masked_scatter(mask, token_logps)
