@@ -397,7 +397,7 @@ def main(argv=None) -> None:
             for row in rows:
                 env = allocator_env("system" if row == "trl" else alloc_choice)
                 name = f"trl+{env['TUNESMITH_ALLOCATOR']}" if row == "trl+alloc" else row
-                res[name] = run_row(name, args, tmp, model, data, shape, env)
+                res[name] = run_row(name, args, tmp / f"round{n + 1}", model, data, shape, env)
             rounds.append(res)
             if args.repeat > 1:
                 print(f"round {n + 1} of {args.repeat} done", flush=True)

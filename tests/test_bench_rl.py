@@ -164,12 +164,13 @@ def test_repeat_reports_each_round_and_the_median_ratio(monkeypatch, capsys):
     speeds = iter([("trl", 50), ("trl+alloc", 60), ("tunesmith", 90),   # round 1: 1.50 vs trl+alloc
                    ("trl", 70), ("trl+alloc", 40), ("tunesmith", 84),   # round 2: 1.20 vs trl
                    ("trl", 50), ("trl+alloc", 50), ("tunesmith", 100)])  # round 3: 2.00
-    order = []
+    order, dirs = [], set()
 
     def fake_row(name, args, tmp, model, data, shape, env):
         row, tps = next(speeds)
         assert name.startswith(row.removesuffix("alloc"))
         order.append(row)
+        dirs.add(tmp)  # each round's runs in their own directories (a run directory is never reused)
         mem = 2000 if row == "tunesmith" else 4000
         return {"steps": shape["steps"], "prompt_tokens": 20 * shape["k"], "completion_tokens": 40, "completions": 4,
                 "tokens": 100, "tps": float(tps), "seconds": 100 / tps, "generation_seconds": 1.0,
@@ -181,7 +182,7 @@ def test_repeat_reports_each_round_and_the_median_ratio(monkeypatch, capsys):
     monkeypatch.setattr(bench, "resolved_allocator", lambda choice: "mimalloc")
     bench.main(["--tiny", "--steps", "1", "--k", "2", "--repeat", "3"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert order == ["trl", "trl+alloc", "tunesmith"] * 3
+    assert order == ["trl", "trl+alloc", "tunesmith"] * 3 and len(dirs) == 3
     rounds = [line for line in lines if line.startswith("TRL row:")]
     assert [r.split(";")[0] for r in rounds] == ["TRL row: trl+mimalloc", "TRL row: trl", "TRL row: trl"]
     assert lines[-2] == "per round: tokens_per_s=1.50 peak_rss=0.50; tokens_per_s=1.20 peak_rss=0.50; " \
