@@ -441,5 +441,6 @@ def report(res: dict, shape: dict, prompts: list[int], title: str) -> tuple[floa
           f"peak_rss={ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
     return ours["tps"] / trl["tps"], ours["peak_rss_mb"] / trl["peak_rss_mb"]
 
+
 if __name__ == "__main__":
     sys.exit(main())

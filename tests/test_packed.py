@@ -69,6 +69,9 @@ def test_a_bias_is_applied_as_f_linear_does():
     with packed_linears(layer) as n, torch.no_grad():
         assert n == 1
         assert torch.equal(layer(x), want)
+        layer.bias.add_(1)  # changed in place (a merge that folds a bias in): F.linear with the new one
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        assert not torch.equal(layer(x), want)
 
 
 def test_it_falls_back_wherever_the_packed_weight_could_be_wrong():

@@ -11,7 +11,7 @@ The one place that calls oneDNN's private linear ops (`torch.ops.mkldnn._reorder
 `_linear_pointwise`, what torch.compile's CPU backend uses for the same purpose). A layer is packed
 only where it is a plain `nn.Linear` on the CPU with a bf16, contiguous, frozen weight that is an
 ordinary tensor (not FSDP's DTensor, not quantised) and no hooks; a call under autograd or
-autocast, with another dtype, or after the weight was replaced or changed goes to `F.linear`.
+autocast, with another dtype, or after the weight or bias was replaced or changed goes to `F.linear`.
 Memory: a packed copy of those weights while the context is open (the model's bf16 linear weights,
 ~210 MB for SmolLM2-135M), freed on exit.
 """
@@ -41,13 +41,14 @@ def _packable(module: torch.nn.Module) -> bool:
 
 
 def _packed_forward(module: torch.nn.Linear, rows: int):
-    weight, version, bias = module.weight, module.weight._version, module.bias
+    weight, bias = module.weight, module.bias
+    versions = (weight._version, None if bias is None else bias._version)
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
     def forward(x):
         if (torch.is_grad_enabled() or x.dtype != torch.bfloat16 or x.device.type != "cpu"
-                or torch.is_autocast_enabled("cpu") or module.weight is not weight or weight._version != version
-                or module.bias is not bias):
+                or torch.is_autocast_enabled("cpu") or module.weight is not weight or module.bias is not bias
+                or (weight._version, None if bias is None else bias._version) != versions):
             return F.linear(x, module.weight, module.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return forward

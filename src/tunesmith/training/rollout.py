@@ -44,6 +44,13 @@ def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 _BLOCK = 256  # vocabulary entries a block of the two-level search in _pick
 
 
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature in float32; at 1.0 no division (x / 1 is x: a pass over [rows,
+    vocabulary] saved, and its backward when training)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def _pick(logits: torch.Tensor, generators: list[torch.Generator] | None, temperature: float,
           top_p: float) -> torch.Tensor:
     """Next token of each row: argmax when greedy, else the first token whose cumulative probability
@@ -54,8 +61,7 @@ def _pick(logits: torch.Tensor, generators: list[torch.Generator] | None, temper
     than the rest of the pick), block sums are not."""
     if generators is None:
         return logits.argmax(dim=-1)
-    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
-    probs = _top_p(logits, top_p).softmax(dim=-1).double()
+    probs = _top_p(_tempered(logits, temperature), top_p).softmax(dim=-1).double()
     rows, vocab = probs.shape
     blocks = -(-vocab // _BLOCK)
     if blocks * _BLOCK != vocab:
@@ -204,10 +210,7 @@ def completion_logps(model, batch: dict, temperature: float, value_head: torch.n
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          use_cache=False).last_hidden_state
         h = hidden[batch["keep"]]
-    logits = head(h).float()
-    if temperature != 1.0:  # x / 1 is x: skip a pass (and its backward) over [N, vocabulary]
-        logits = logits / temperature
-    token_logps = -F.cross_entropy(logits, batch["targets"], reduction="none")
+    token_logps = -F.cross_entropy(_tempered(head(h), temperature), batch["targets"], reduction="none")
     mask = batch["mask"]
     logps = torch.zeros(mask.shape, dtype=token_logps.dtype, device=token_logps.device)
     logps = logps.masked_scatter(mask, token_logps)
